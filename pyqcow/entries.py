@@ -1,0 +1,180 @@
+"""Pure encode/decode of L1, L2 and refcount entries (qcow2.rst "Cluster mapping").
+
+Bulk tables use ``array`` + ``byteswap``; tests prove they agree with the
+construct declarations in layout.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from array import array
+
+from . import spec
+
+_LITTLE = sys.byteorder == "little"
+
+
+class ClusterType(enum.IntEnum):
+    """QEMU's QCow2SubclusterType, for one (sub)cluster."""
+
+    UNALLOCATED = 0  # reads from the backing file (or zeros)
+    ZERO_PLAIN = 1  # reads as zeros, no host cluster
+    ZERO_ALLOC = 2  # reads as zeros, host cluster preallocated
+    NORMAL = 3  # data at host offset
+    COMPRESSED = 4
+    UNALLOCATED_ALLOC = 5  # extended L2: subcluster not allocated in an allocated cluster
+
+
+def decode_u64_table(data: bytes | bytearray | memoryview) -> array:
+    """Big-endian u64 table -> array('Q') in native order."""
+    a = array("Q")
+    a.frombytes(data)
+    if _LITTLE:
+        a.byteswap()
+    return a
+
+
+def encode_u64_table(table: array) -> bytes:
+    if _LITTLE:
+        b = array("Q", table)
+        b.byteswap()
+        return b.tobytes()
+    return table.tobytes()
+
+
+# -- L1 ------------------------------------------------------------------------
+def l1_l2_offset(entry: int) -> int:
+    return entry & spec.L1E_OFFSET_MASK
+
+
+def l1_copied(entry: int) -> bool:
+    return bool(entry & spec.QCOW_OFLAG_COPIED)
+
+
+# -- compressed descriptors ----------------------------------------------------
+def compressed_shift(cluster_bits: int) -> int:
+    return 62 - (cluster_bits - 8)
+
+
+def decode_compressed(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """-> (host byte offset, number of bytes to read) of a compressed cluster."""
+    shift = compressed_shift(cluster_bits)
+    offset = entry & ((1 << shift) - 1)
+    nb_sectors = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return offset, nb_sectors * 512 - (offset & 511)
+
+
+def encode_compressed(host_offset: int, length: int, cluster_bits: int) -> int:
+    """L2 entry for ``length`` compressed bytes stored at ``host_offset``."""
+    shift = compressed_shift(cluster_bits)
+    if host_offset >> shift:
+        raise ValueError("compressed host offset too large for this cluster size")
+    end = host_offset + length
+    nb_sectors = ((end + 511) >> 9) - (host_offset >> 9)
+    extra = nb_sectors - 1
+    if extra >> (cluster_bits - 8):
+        raise ValueError("compressed data too large")
+    return spec.QCOW_OFLAG_COMPRESSED | (extra << shift) | host_offset
+
+
+# -- L2 ------------------------------------------------------------------------
+def l2_type(entry: int, has_data_file: bool = False) -> ClusterType:
+    """Type of a standard (non-extended) L2 entry."""
+    if entry & spec.QCOW_OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    offset = entry & spec.L2E_OFFSET_MASK
+    if entry & spec.QCOW_OFLAG_ZERO:
+        return ClusterType.ZERO_ALLOC if offset else ClusterType.ZERO_PLAIN
+    if offset or (has_data_file and entry & spec.QCOW_OFLAG_COPIED):
+        return ClusterType.NORMAL
+    return ClusterType.UNALLOCATED
+
+
+def subcluster_type(entry: int, bitmap: int, sc_index: int, has_data_file: bool = False) -> ClusterType:
+    """Type of subcluster ``sc_index`` of an extended L2 entry."""
+    if entry & spec.QCOW_OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    allocated = entry & spec.L2E_OFFSET_MASK or (has_data_file and entry & spec.QCOW_OFLAG_COPIED)
+    if (bitmap >> (32 + sc_index)) & 1:
+        return ClusterType.ZERO_ALLOC if allocated else ClusterType.ZERO_PLAIN
+    if (bitmap >> sc_index) & 1:
+        return ClusterType.NORMAL if allocated else ClusterType.UNALLOCATED  # invalid, caught by caller
+    return ClusterType.UNALLOCATED_ALLOC if allocated else ClusterType.UNALLOCATED
+
+
+def extended_bitmap_valid(entry: int, bitmap: int, has_data_file: bool = False) -> bool:
+    if entry & spec.QCOW_OFLAG_COMPRESSED:
+        return True  # reserved, QEMU ignores
+    if (bitmap >> 32) & bitmap & 0xFFFFFFFF:
+        return False
+    allocated = entry & spec.L2E_OFFSET_MASK or (has_data_file and entry & spec.QCOW_OFLAG_COPIED)
+    if not allocated and bitmap & 0xFFFFFFFF:
+        return False
+    return True
+
+
+# -- refcount blocks -----------------------------------------------------------
+class RefcountBlock:
+    """One refcount block, any refcount_order 0..6, edited in place."""
+
+    __slots__ = ("data", "order", "bits", "count", "_typed")
+
+    _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+    def __init__(self, data: bytes | bytearray, order: int) -> None:
+        self.order = order
+        self.bits = 1 << order
+        self.count = len(data) * 8 // self.bits
+        code = self._TYPECODES.get(order)
+        if code is not None and array(code).itemsize == self.bits // 8:
+            t = array(code)
+            t.frombytes(data)
+            if _LITTLE and self.bits > 8:
+                t.byteswap()
+            self._typed = t
+            self.data = None
+        else:
+            self._typed = None
+            self.data = bytearray(data)
+
+    def get(self, index: int) -> int:
+        if self._typed is not None:
+            return self._typed[index]
+        bits = self.bits
+        byte, shift = divmod(index * bits, 8)
+        return (self.data[byte] >> shift) & ((1 << bits) - 1)
+
+    def set(self, index: int, value: int) -> None:
+        if value < 0 or value >> self.bits:
+            raise OverflowError(f"refcount {value} does not fit in {self.bits} bits")
+        if self._typed is not None:
+            self._typed[index] = value
+            return
+        bits = self.bits
+        byte, shift = divmod(index * bits, 8)
+        mask = ((1 << bits) - 1) << shift
+        self.data[byte] = (self.data[byte] & ~mask) | (value << shift)
+
+    def values(self) -> list[int]:
+        if self._typed is not None:
+            return self._typed.tolist()
+        return [self.get(i) for i in range(self.count)]
+
+    def first_nonzero(self) -> bool:
+        if self._typed is not None:
+            return any(self._typed)
+        return any(self.data)
+
+    def tobytes(self) -> bytes:
+        if self._typed is not None:
+            if _LITTLE and self.bits > 8:
+                t = array(self._typed.typecode, self._typed)
+                t.byteswap()
+                return t.tobytes()
+            return self._typed.tobytes()
+        return bytes(self.data)
+
+
+def refcount_max(order: int) -> int:
+    return (1 << (1 << order)) - 1

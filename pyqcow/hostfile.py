@@ -1,0 +1,236 @@
+"""Host files: positional I/O, durability, holes and QEMU-compatible locks.
+
+Locking follows QEMU's block/file-posix.c: a process holds a shared OFD lock on
+byte ``100 + i`` while it *uses* permission ``i`` and on byte ``200 + i`` while it
+*refuses to share* permission ``i``.  Permission bits: 0 consistent read,
+1 write, 2 write-unchanged, 3 resize.  Before taking a permission we test that
+nobody refuses to share it, and before refusing to share one we test that
+nobody uses it (F_OFD_GETLK with a write lock).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+from . import spec
+from .errors import ImageLockedError, OperationError, QcowError
+
+_PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
+
+# Lock profiles: (permissions used, permissions not shared)
+LOCK_READ = ((spec.PERM_CONSISTENT_READ,), (spec.PERM_WRITE, spec.PERM_RESIZE))
+LOCK_WRITE = (
+    (spec.PERM_CONSISTENT_READ, spec.PERM_WRITE, spec.PERM_RESIZE),
+    (spec.PERM_WRITE, spec.PERM_RESIZE),
+)
+
+_FLOCK_FMT = "hhqqi4x"  # struct flock on Linux (x86_64, aarch64): 32 bytes
+
+
+def _flock(lock_type: int, start: int, length: int) -> bytes:
+    return struct.pack(_FLOCK_FMT, lock_type, os.SEEK_SET, start, length, 0)
+
+
+class HostFile:
+    """One open host file (image, data file or raw backing)."""
+
+    def __init__(self, path: str | os.PathLike, writable: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise QcowError(self.path, "no such file") from None
+        except PermissionError:
+            raise QcowError(self.path, "permission denied") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise QcowError(self.path, "is a directory, not an image file")
+        try:
+            self.fd = os.open(self.path, flags)
+        except PermissionError:
+            raise QcowError(
+                self.path, "permission denied" + (" (opening for writing)" if writable else "")
+            ) from None
+        except OSError as e:
+            raise QcowError(self.path, f"cannot open: {e.strerror}") from e
+        self._locked: list[int] = []
+
+    # -- positional I/O -----------------------------------------------------
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Read exactly ``length`` bytes; bytes past the end of file read as zeros."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length:
+            return data
+        chunks = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got)
+            if not more:
+                chunks.append(bytes(length - got))
+                break
+            chunks.append(more)
+            got += len(more)
+        return b"".join(chunks)
+
+    def pread_strict(self, length: int, offset: int, what: str) -> bytes:
+        """Read exactly ``length`` bytes that must lie inside the file."""
+        if offset < 0 or offset + length > self.size():
+            raise QcowError(
+                self.path,
+                f"{what} at offset {offset:#x} (+{length} bytes) lies beyond the end of the file",
+            )
+        return self.pread(length, offset)
+
+    def preadinto(self, buf, offset: int) -> None:
+        """Fill ``buf`` (writable buffer) from ``offset``; zeros past the end of file."""
+        mv = memoryview(buf).cast("B")
+        total = len(mv)
+        got = 0
+        while got < total:
+            n = os.preadv(self.fd, [mv[got:]], offset + got)
+            if n <= 0:
+                mv[got:] = bytes(total - got)
+                return
+            got += n
+
+    def pwrite(self, data, offset: int) -> None:
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < len(mv):
+            n = os.pwrite(self.fd, mv[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write to {self.path}")
+            done += n
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a byte range (reads as zeros afterwards). False if unsupported."""
+        try:
+            fallocate = getattr(os, "fallocate", None)
+            if fallocate is None:
+                return False
+            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            fallocate(self.fd, 0x02 | 0x01, offset, length)
+            return True
+        except OSError:
+            return False
+
+    def data_extents(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_data) runs from SEEK_DATA/SEEK_HOLE over [start, end)."""
+        runs: list[tuple[int, int, bool]] = []
+        pos = start
+        fsize = self.size()
+        while pos < end:
+            if pos >= fsize:
+                runs.append((pos, end - pos, False))
+                break
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    runs.append((pos, end - pos, False))
+                    break
+                runs.append((pos, end - pos, True))
+                break
+            if data > pos:
+                stop = min(data, end)
+                runs.append((pos, stop - pos, False))
+                pos = stop
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            stop = min(hole, end)
+            runs.append((pos, stop - pos, True))
+            pos = stop
+        return runs
+
+    # -- locks ----------------------------------------------------------------
+    def _held_by_other(self, byte: int) -> bool:
+        probe = _flock(fcntl.F_WRLCK, byte, 1)
+        res = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, probe)
+        lock_type = struct.unpack(_FLOCK_FMT, res)[0]
+        return lock_type != fcntl.F_UNLCK
+
+    def lock(self, profile: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        """Take QEMU-style permission locks, refusing if another process conflicts."""
+        used, unshared = profile
+        for perm in used:
+            if self._held_by_other(spec.RAW_LOCK_SHARED_BASE + perm):
+                raise ImageLockedError(
+                    self.path,
+                    f'image is in use: another process (qemu?) does not share the "{_PERM_NAMES[perm]}"'
+                    " permission; is a VM or qemu-io using it?",
+                )
+        for perm in unshared:
+            if self._held_by_other(spec.RAW_LOCK_PERM_BASE + perm):
+                raise ImageLockedError(
+                    self.path,
+                    f'image is in use: another process (qemu?) holds the "{_PERM_NAMES[perm]}"'
+                    " permission; stop it first, or use -U/force_share to read it anyway",
+                )
+        bytes_ = [spec.RAW_LOCK_PERM_BASE + p for p in used]
+        bytes_ += [spec.RAW_LOCK_SHARED_BASE + p for p in unshared]
+        for b in bytes_:
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, b, 1))
+            except OSError as e:
+                self.unlock()
+                raise ImageLockedError(self.path, f"cannot lock byte {b}: {e.strerror}") from e
+            self._locked.append(b)
+        # Re-check after locking: a racing process may have locked in between.
+        for perm in used:
+            if self._held_by_other(spec.RAW_LOCK_SHARED_BASE + perm):
+                self.unlock()
+                raise ImageLockedError(self.path, "image is in use by another process")
+
+    def unlock(self) -> None:
+        for b in self._locked:
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, b, 1))
+            except OSError:
+                pass
+        self._locked.clear()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.unlock()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> HostFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync the directory containing ``path`` (after a rename or create)."""
+    d = os.path.dirname(os.path.abspath(os.fspath(path))) or "."
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_range(path: str, offset: int, length: int, limit: int) -> None:
+    if offset < 0 or length < 0 or offset + length > limit:
+        raise OperationError(
+            path, f"request at offset {offset} length {length} is outside the disk (size {limit})"
+        )

@@ -1,0 +1,339 @@
+"""QcowImage: open a qcow2 file, read guest data through the backing chain.
+
+Writes live in writer.py (a mixin) so this module stays the read engine.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from array import array
+from collections import OrderedDict
+
+from . import entries, spec
+from .entries import ClusterType
+from .errors import CorruptImageError, FormatError, QcowError, UnsupportedFeatureError
+from .header import Header, parse_header
+from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
+from .mapping import Run, merge_runs
+
+L2_CACHE_TABLES = 64
+
+
+class QcowImage:
+    format = "qcow2"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mode: str = "r",
+        *,
+        force_share: bool = False,
+        data_file: str | None = None,
+        _repair: bool = False,
+    ) -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError("mode must be 'r' or 'r+'")
+        self.path = os.fspath(path)
+        self.writable = mode == "r+"
+        self.backing = None
+        self.hf = HostFile(self.path, writable=self.writable)
+        self.data_hf = self.hf
+        self._closed = False
+        try:
+            if not force_share:
+                self.hf.lock(LOCK_WRITE if self.writable else LOCK_READ)
+            self.file_size = self.hf.size()
+            self._load_header(_repair=_repair)
+            self._open_data_file(data_file, force_share)
+        except BaseException:
+            self.hf.close()
+            raise
+        self._l2_cache: OrderedDict[int, array] = OrderedDict()
+        self._decomp_cache: tuple[int, bytes] | None = None
+        self._init_writer()
+
+    # -- open ---------------------------------------------------------------------
+    def _load_header(self, _repair: bool = False) -> None:
+        head = self.hf.pread(min(self.file_size, 1 << spec.MAX_CLUSTER_BITS), 0)
+        if len(head) >= 24:
+            cb = int.from_bytes(head[20:24], "big")
+            if spec.MIN_CLUSTER_BITS <= cb <= spec.MAX_CLUSTER_BITS:
+                head = head[: max(1 << cb, 0)]
+        if self.file_size == 0:
+            raise FormatError(self.path, "empty file, not a qcow2 image")
+        self.header: Header = parse_header(self.path, head, self.file_size)
+        h = self.header
+        if h.corrupt:
+            if self.writable and not _repair:
+                raise CorruptImageError(
+                    self.path,
+                    "image is marked corrupt; cannot be opened read/write (run 'pyqcow check -r all')",
+                )
+            if not self.writable:
+                warnings.warn(f"{self.path}: image is marked corrupt; reading anyway", stacklevel=3)
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.virtual_size = h.size
+        self.l2_bits = h.cluster_bits - (4 if h.extended_l2 else 3)
+        self.l2_entries = 1 << self.l2_bits
+        self.extended_l2 = h.extended_l2
+        self.subcluster_bits = h.cluster_bits - (5 if h.extended_l2 else 0)
+        raw = self.hf.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
+        self.l1 = entries.decode_u64_table(raw)
+
+    def _open_data_file(self, data_file: str | None, force_share: bool) -> None:
+        h = self.header
+        self.has_data_file = h.has_data_file
+        if not h.has_data_file:
+            return
+        name = data_file or h.data_file
+        if not name:
+            raise FormatError(self.path, "image needs an external data file but names none")
+        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        try:
+            self.data_hf = HostFile(full, writable=self.writable)
+        except QcowError as e:
+            raise QcowError(self.path, f"external data file {name!r}: {e.message}") from None
+        if not force_share:
+            try:
+                self.data_hf.lock(LOCK_WRITE if self.writable else LOCK_READ)
+            except BaseException:
+                self.data_hf.close()
+                raise
+        self.data_file_path = full
+
+    # -- metadata ------------------------------------------------------------------
+    @property
+    def chain(self) -> list:
+        out, img = [], self
+        while img is not None:
+            out.append(img)
+            img = img.backing
+        return out
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.header.backing_file
+
+    def l2_table(self, l2_offset: int) -> array:
+        """The L2 table at ``l2_offset`` (cached, native-order u64 array)."""
+        t = self._l2_cache.get(l2_offset)
+        if t is not None:
+            self._l2_cache.move_to_end(l2_offset)
+            return t
+        if l2_offset % self.cluster_size or l2_offset + self.cluster_size > self.file_size:
+            raise CorruptImageError(
+                self.path,
+                f"L2 table offset {l2_offset:#x} is "
+                + ("unaligned" if l2_offset % self.cluster_size else "beyond the end of the file"),
+            )
+        if l2_offset == 0:
+            raise CorruptImageError(self.path, "L2 table at offset 0 (overlaps the header)")
+        t = entries.decode_u64_table(self.hf.pread(self.cluster_size, l2_offset))
+        self._l2_cache[l2_offset] = t
+        if len(self._l2_cache) > L2_CACHE_TABLES:
+            self._evict_l2()
+        return t
+
+    def _evict_l2(self) -> None:
+        self._l2_cache.popitem(last=False)
+
+    # -- mapping -------------------------------------------------------------------
+    def runs(self, guest_offset: int, length: int, l1=None) -> list[Run]:
+        """Runs of this layer only over [guest_offset, guest_offset+length)."""
+        if l1 is None:
+            l1 = self.l1
+        out: list[Run] = []
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        end = guest_offset + length
+        pos = guest_offset
+        data_file = self.has_data_file
+        limit = self.data_hf.size() if data_file else self.file_size
+        while pos < end:
+            cluster = pos >> cb
+            l1_index = cluster >> self.l2_bits
+            l2_span_end = min(end, (l1_index + 1) << (self.l2_bits + cb))
+            l1e = l1[l1_index] if l1_index < len(l1) else 0
+            l2_offset = l1e & spec.L1E_OFFSET_MASK
+            if not l2_offset:
+                out.append(Run(pos, l2_span_end - pos, ClusterType.UNALLOCATED))
+                pos = l2_span_end
+                continue
+            table = self.l2_table(l2_offset)
+            while pos < l2_span_end:
+                cluster = pos >> cb
+                l2_index = cluster & (self.l2_entries - 1)
+                in_cluster = pos & (cs - 1)
+                cl_end = min(l2_span_end, (cluster + 1) << cb)
+                if self.extended_l2:
+                    e = table[2 * l2_index]
+                    bm = table[2 * l2_index + 1]
+                    self._decode_extended(out, pos, cl_end, cluster, e, bm, limit)
+                else:
+                    e = table[l2_index]
+                    t = entries.l2_type(e, data_file)
+                    if t == ClusterType.COMPRESSED:
+                        out.append(Run(pos, cl_end - pos, t, None, e))
+                    elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                        host = e & spec.L2E_OFFSET_MASK
+                        self._check_host(host, limit, e)
+                        out.append(Run(pos, cl_end - pos, t, host + in_cluster))
+                    else:
+                        if self.header.version == 2 and t == ClusterType.ZERO_PLAIN:
+                            t = ClusterType.UNALLOCATED
+                        out.append(Run(pos, cl_end - pos, t))
+                pos = cl_end
+        return merge_runs(out)
+
+    def _check_host(self, host: int, limit: int, entry: int) -> None:
+        if host & (self.cluster_size - 1) or entry & spec.L2E_RESERVED_MASK & ~1:
+            raise CorruptImageError(self.path, f"L2 entry {entry:#018x} is malformed (unaligned offset)")
+        if not self.has_data_file and host + self.cluster_size > limit:
+            if host >= limit:
+                raise CorruptImageError(
+                    self.path,
+                    f"data cluster at host offset {host:#x} lies beyond the end of the file",
+                )
+        if not self.has_data_file and host == 0:
+            raise CorruptImageError(self.path, "data cluster at host offset 0 (overlaps the header)")
+
+    def _decode_extended(self, out, pos, cl_end, cluster, e, bm, limit) -> None:
+        cb = self.cluster_bits
+        if e & spec.QCOW_OFLAG_COMPRESSED:
+            out.append(Run(pos, cl_end - pos, ClusterType.COMPRESSED, None, e))
+            return
+        if not entries.extended_bitmap_valid(e, bm, self.has_data_file):
+            raise CorruptImageError(
+                self.path, f"invalid extended L2 entry for guest cluster {cluster} ({e:#x}/{bm:#x})"
+            )
+        host = e & spec.L2E_OFFSET_MASK
+        if host:
+            self._check_host(host, limit, e)
+        scb = self.subcluster_bits
+        base = cluster << cb
+        while pos < cl_end:
+            sc = (pos - base) >> scb
+            sc_end = min(cl_end, base + ((sc + 1) << scb))
+            t = entries.subcluster_type(e, bm, sc, self.has_data_file)
+            if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.UNALLOCATED_ALLOC):
+                h = host + (pos - base) if (host or self.has_data_file) else None
+                if t == ClusterType.UNALLOCATED_ALLOC:
+                    h = None
+                out.append(Run(pos, sc_end - pos, t, h))
+            else:
+                out.append(Run(pos, sc_end - pos, t))
+            pos = sc_end
+
+    # -- reads -----------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        check_range(self.path, offset, length, self.virtual_size)
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buf, offset: int) -> None:
+        """Fill ``buf`` with guest data from ``offset`` (must lie inside the disk)."""
+        mv = memoryview(buf).cast("B")
+        length = len(mv)
+        if not length:
+            return
+        for run in self.runs(offset, length):
+            a = run.guest_offset - offset
+            dst = mv[a : a + run.length]
+            t = run.type
+            if t == ClusterType.NORMAL:
+                self.data_hf.preadinto(dst, run.host_offset)
+            elif t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
+                dst[:] = bytes(run.length)
+            elif t == ClusterType.COMPRESSED:
+                cluster_start = (run.guest_offset >> self.cluster_bits) << self.cluster_bits
+                data = self.decompress(run.entry)
+                s = run.guest_offset - cluster_start
+                dst[:] = data[s : s + run.length]
+            else:
+                self._read_backing(dst, run.guest_offset)
+
+    def _read_backing(self, dst: memoryview, guest_offset: int) -> None:
+        b = self.backing
+        n = len(dst)
+        if b is None:
+            dst[:] = bytes(n)
+            return
+        inside = max(0, min(n, b.virtual_size - guest_offset))
+        if inside:
+            b.readinto(dst[:inside], guest_offset)
+        if inside < n:
+            dst[inside:] = bytes(n - inside)
+
+    def decompress(self, entry: int) -> bytes:
+        """Decompressed contents of the cluster that compressed L2 ``entry`` describes."""
+        c = self._decomp_cache
+        if c is not None and c[0] == entry:
+            return c[1]
+        host, nbytes = entries.decode_compressed(entry, self.cluster_bits)
+        if host >= self.file_size or host == 0:
+            raise CorruptImageError(
+                self.path, f"compressed cluster at host offset {host:#x} lies beyond the end of the file"
+            )
+        raw = self.hf.pread(nbytes, host)
+        cs = self.cluster_size
+        try:
+            if self.header.compression_type == spec.CompressionType.ZSTD:
+                data = _zstd_decompress(raw, cs)
+            else:
+                d = zlib.decompressobj(-15)
+                data = d.decompress(raw, cs)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is corruption
+            raise CorruptImageError(
+                self.path, f"compressed cluster at host offset {host:#x} cannot be decompressed: {e}"
+            ) from e
+        if len(data) < cs:
+            raise CorruptImageError(
+                self.path, f"compressed cluster at host offset {host:#x} is truncated"
+            )
+        data = data[:cs]
+        self._decomp_cache = (entry, data)
+        return data
+
+    # -- writer hooks (overridden by writer.py) -------------------------------------
+    def _init_writer(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    # -- lifetime --------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            if self.backing is not None:
+                self.backing.close()
+            if self.data_hf is not self.hf:
+                self.data_hf.close()
+            self.hf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<QcowImage {self.path!r} v{self.header.version} size={self.virtual_size}>"
+
+
+def _zstd_decompress(raw: bytes, cluster_size: int) -> bytes:
+    try:
+        import zstandard
+    except ImportError as e:  # pragma: no cover - zstandard is a dependency
+        raise UnsupportedFeatureError(None, "zstd compression needs the zstandard package") from e
+    d = zstandard.ZstdDecompressor().decompressobj()
+    out = d.decompress(raw)
+    return out[:cluster_size]

@@ -1,0 +1,73 @@
+"""Raw images behind the same read interface as QcowImage."""
+
+from __future__ import annotations
+
+import os
+
+from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
+from .mapping import Run
+from .entries import ClusterType
+
+
+class RawImage:
+    format = "raw"
+    backing = None
+    cluster_size = 65536
+
+    def __init__(self, path: str, mode: str = "r", *, force_share: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.writable = mode == "r+"
+        self.hf = HostFile(self.path, writable=self.writable)
+        try:
+            if not force_share:
+                self.hf.lock(LOCK_WRITE if self.writable else LOCK_READ)
+        except BaseException:
+            self.hf.close()
+            raise
+        self.virtual_size = self.hf.size()
+
+    @property
+    def chain(self) -> list:
+        return [self]
+
+    def read(self, offset: int, length: int) -> bytes:
+        check_range(self.path, offset, length, self.virtual_size)
+        return self.hf.pread(length, offset)
+
+    def readinto(self, buf, offset: int) -> None:
+        self.hf.preadinto(buf, offset)
+
+    def runs(self, guest_offset: int, length: int) -> list[Run]:
+        """Data/hole runs of the file (a hole reads as zeros, but is 'allocated')."""
+        out = []
+        for off, ln, is_data in self.hf.data_extents(guest_offset, guest_offset + length):
+            out.append(
+                Run(off, ln, ClusterType.NORMAL if is_data else ClusterType.ZERO_ALLOC, off)
+            )
+        return out
+
+    def write(self, offset: int, data) -> None:
+        if offset + len(data) > self.virtual_size:
+            self.hf.truncate(offset + len(data))
+            self.virtual_size = offset + len(data)
+        self.hf.pwrite(data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if not self.hf.punch_hole(offset, length):
+            self.hf.pwrite(bytes(length), offset)
+
+    def resize(self, size: int) -> None:
+        self.hf.truncate(size)
+        self.virtual_size = size
+
+    def flush(self) -> None:
+        self.hf.fsync()
+
+    def close(self) -> None:
+        self.hf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
