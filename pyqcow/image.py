@@ -17,11 +17,12 @@ from .errors import CorruptImageError, FormatError, QcowError, UnsupportedFeatur
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
 from .mapping import Run, merge_runs
+from .writer import WriterMixin
 
 L2_CACHE_TABLES = 64
 
 
-class QcowImage:
+class QcowImage(WriterMixin):
     format = "qcow2"
 
     def __init__(
@@ -136,9 +137,6 @@ class QcowImage:
         if len(self._l2_cache) > L2_CACHE_TABLES:
             self._evict_l2()
         return t
-
-    def _evict_l2(self) -> None:
-        self._l2_cache.popitem(last=False)
 
     # -- mapping -------------------------------------------------------------------
     def runs(self, guest_offset: int, length: int, l1=None) -> list[Run]:
@@ -297,13 +295,6 @@ class QcowImage:
         data = data[:cs]
         self._decomp_cache = (entry, data)
         return data
-
-    # -- writer hooks (overridden by writer.py) -------------------------------------
-    def _init_writer(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,217 @@
+"""Refcount table and blocks: lookups, cluster allocation, deferred freeing.
+
+Crash-consistency rules (DESIGN.md section 4, QCOW2-NOTES.md section 4):
+- increments reach the disk before any L2/L1 entry that points at the cluster;
+- decrements are *deferred*: they are applied only after the references that
+  were dropped are durable, so a freed cluster is never reused while an on-disk
+  table still points at it;
+- the refcount table is written after the blocks it points at; when it has to
+  grow it is rewritten elsewhere and switched in the header (copy-then-switch).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from . import entries, spec
+from .entries import RefcountBlock
+from .errors import CorruptImageError, OperationError
+
+
+class Refcounts:
+    def __init__(self, img) -> None:
+        self.img = img
+        h = img.header
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.order = h.refcount_order
+        self.entries_per_block = self.cluster_size * 8 // (1 << self.order)
+        self.max = entries.refcount_max(self.order)
+        self.table_offset = h.refcount_table_offset
+        self.table_clusters = h.refcount_table_clusters
+        raw = img.hf.pread(self.table_clusters * self.cluster_size, self.table_offset)
+        self.table = entries.decode_u64_table(raw)
+        self.blocks: dict[int, RefcountBlock] = {}
+        self.dirty_blocks: set[int] = set()
+        self.table_dirty = False
+        self.old_table: tuple[int, int] | None = None  # (offset, clusters) to free after switch
+        self.pending_free: list[tuple[int, int]] = []  # (cluster index, count)
+        self._reserved: set[int] = set()
+        self.free_hint = 0
+        self.end_cluster = (img.file_size + self.cluster_size - 1) >> self.cluster_bits
+
+    # -- lookups ---------------------------------------------------------------------
+    def _block(self, block_index: int, create: bool = False) -> RefcountBlock | None:
+        blk = self.blocks.get(block_index)
+        if blk is not None:
+            return blk
+        if block_index >= len(self.table):
+            if not create:
+                return None
+            self._grow_table(block_index + 1)
+            blk = self.blocks.get(block_index)
+            if blk is not None:  # growing the table created it
+                return blk
+        off = self.table[block_index] & spec.REFT_OFFSET_MASK
+        if off:
+            if off % self.cluster_size or off + self.cluster_size > self.img.hf.size():
+                raise CorruptImageError(
+                    self.img.path, f"refcount block offset {off:#x} is invalid"
+                )
+            blk = RefcountBlock(self.img.hf.pread(self.cluster_size, off), self.order)
+            self.blocks[block_index] = blk
+            return blk
+        if not create:
+            return None
+        # A new block: registered in memory first so that allocating its own
+        # cluster can find it (a block usually describes itself).
+        blk = RefcountBlock(bytes(self.cluster_size), self.order)
+        self.blocks[block_index] = blk
+        self.dirty_blocks.add(block_index)
+        host = self.alloc(1)
+        self.table[block_index] = host
+        self.table_dirty = True
+        return blk
+
+    def get(self, cluster: int) -> int:
+        bi, i = divmod(cluster, self.entries_per_block)
+        blk = self._block(bi)
+        return blk.get(i) if blk is not None else 0
+
+    def set(self, cluster: int, value: int) -> None:
+        bi, i = divmod(cluster, self.entries_per_block)
+        blk = self._block(bi, create=True)
+        if value > self.max:
+            raise OperationError(
+                self.img.path, f"refcount would exceed {self.max} (refcount_bits={1 << self.order})"
+            )
+        blk.set(i, value)
+        self.dirty_blocks.add(bi)
+        if cluster >= self.end_cluster and value:
+            self.end_cluster = cluster + 1
+
+    def incref(self, cluster: int, delta: int = 1) -> int:
+        v = self.get(cluster) + delta
+        self.set(cluster, v)
+        return v
+
+    # -- allocation ------------------------------------------------------------------
+    def _is_free(self, cluster: int) -> bool:
+        return cluster not in self._reserved and self.get(cluster) == 0
+
+    def _find_free(self, n: int) -> int:
+        c = max(self.free_hint, 1)
+        end = self.end_cluster
+        while c < end:
+            if self._is_free(c):
+                run = 1
+                while run < n and c + run < end and self._is_free(c + run):
+                    run += 1
+                if run == n or c + run >= end:
+                    # a run reaching the end of the used area can extend past it
+                    if all(x not in self._reserved for x in range(c, c + n)):
+                        return c
+                c += run
+            else:
+                c += 1
+        start = max(end, 1)
+        while any(x in self._reserved for x in range(start, start + n)):
+            start += 1
+        return start
+
+    def alloc(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 1); returns the host offset."""
+        start = self._find_free(n)
+        clusters = range(start, start + n)
+        self._reserved.update(clusters)
+        try:
+            for c in clusters:
+                self.set(c, 1)
+        finally:
+            self._reserved.difference_update(clusters)
+        if start == self.free_hint or start <= self.free_hint:
+            self.free_hint = start + n
+        self.end_cluster = max(self.end_cluster, start + n)
+        return start << self.cluster_bits
+
+    def free_later(self, host_offset: int, nb_clusters: int = 1) -> None:
+        """Drop one reference to clusters, once the dropping is durable (flush)."""
+        first = host_offset >> self.cluster_bits
+        for c in range(first, first + nb_clusters):
+            self.pending_free.append((c, 1))
+
+    def free_bytes_later(self, host_offset: int, length: int) -> None:
+        """Drop one reference to every cluster the byte range touches (compressed data)."""
+        first = host_offset >> self.cluster_bits
+        last = (host_offset + length - 1) >> self.cluster_bits
+        for c in range(first, last + 1):
+            self.pending_free.append((c, 1))
+
+    # -- table growth (copy-then-switch) ---------------------------------------------
+    def _grow_table(self, min_entries: int) -> None:
+        per_cluster = self.cluster_size // 8
+        need = max(min_entries, len(self.table))
+        new_clusters = -(-need // per_cluster)
+        new_clusters = max(new_clusters + new_clusters // 2 + 1, self.table_clusters + 1)
+        if new_clusters * self.cluster_size > spec.MAX_REFTABLE_SIZE_BYTES:
+            raise OperationError(self.img.path, "refcount table would exceed 8 MiB")
+        if self.old_table is None:
+            self.old_table = (self.table_offset, self.table_clusters)
+        else:
+            # a table allocated earlier in this batch and never written: free it now
+            self.pending_free.extend(
+                ((self.table_offset >> self.cluster_bits) + i, 1) for i in range(self.table_clusters)
+            )
+        self.table.extend(array("Q", bytes(8 * (new_clusters * per_cluster - len(self.table)))))
+        self.table_clusters = new_clusters
+        self.table_offset = self.alloc(new_clusters)
+        self.table_dirty = True
+
+    # -- flush phases ------------------------------------------------------------------
+    def write_blocks(self) -> bool:
+        hf = self.img.hf
+        end = self.end_cluster << self.cluster_bits
+        if hf.size() < end:
+            hf.truncate(end)
+        wrote = False
+        for bi in sorted(self.dirty_blocks):
+            off = self.table[bi] & spec.REFT_OFFSET_MASK
+            hf.pwrite(self.blocks[bi].tobytes(), off)
+            wrote = True
+        self.dirty_blocks.clear()
+        return wrote
+
+    def write_table(self) -> bool:
+        """Write the table; True if it moved (the header must be switched)."""
+        if not self.table_dirty:
+            return False
+        self.img.hf.pwrite(entries.encode_u64_table(self.table), self.table_offset)
+        self.table_dirty = False
+        return self.old_table is not None
+
+    def table_switched(self) -> None:
+        if self.old_table is not None:
+            off, n = self.old_table
+            self.free_later(off, n)
+            self.old_table = None
+
+    def apply_pending_frees(self) -> list[int]:
+        """Apply deferred decrements; returns clusters whose refcount dropped to 0."""
+        freed = []
+        pending, self.pending_free = self.pending_free, []
+        for c, n in pending:
+            v = self.get(c)
+            if v < n:
+                raise CorruptImageError(
+                    self.img.path, f"refcount of cluster {c} would drop below zero"
+                )
+            self.set(c, v - n)
+            if v - n == 0:
+                freed.append(c)
+                if c < self.free_hint:
+                    self.free_hint = c
+        return freed
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_blocks or self.table_dirty or self.pending_free)

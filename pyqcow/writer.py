@@ -1,0 +1,421 @@
+"""Guest writes for QcowImage: allocation, copy-on-write, and the one flush path.
+
+Durable-write order (DESIGN.md section 4), enforced only in ``flush()``:
+  1. data clusters (written immediately with pwrite) -> fsync
+  2. refcount blocks (increments only) -> fsync
+  3. refcount table; if it moved: header switch -> fsync
+  4. L2 tables -> fsync
+  5. L1 table; if it moved: header switch -> fsync
+  6. other header fields -> fsync
+  7. deferred decrements (freed clusters) -> refcount blocks -> fsync
+Metadata is kept dirty in memory between flushes, so a crash before a flush
+leaves the on-disk image exactly as after the previous flush (plus leaked or
+unreferenced data clusters, never a dangling reference).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from . import entries, spec
+from .entries import ClusterType
+from .errors import OperationError, UnsupportedFeatureError
+from .header import build_cluster0, size_to_l1
+from .hostfile import check_range
+
+MAX_DIRTY_L2 = 256
+COPIED = spec.QCOW_OFLAG_COPIED
+ZERO = spec.QCOW_OFLAG_ZERO
+OFFSET_MASK = spec.L2E_OFFSET_MASK
+ALL_ZERO_BITS = 0xFFFFFFFF << 32
+
+
+class WriterMixin:
+    # ------------------------------------------------------------------ set-up
+    def _init_writer(self) -> None:
+        self.refcounts = None
+        self.dirty_l2: set[int] = set()
+        self.l1_dirty = False
+        self.l1_moved_from: tuple[int, int] | None = None
+        self.header_dirty = False
+        self._write_started = False
+        self._data_written = False
+        if not self.writable:
+            return
+        from .refcount import Refcounts
+
+        self.refcounts = Refcounts(self)
+        if self.header.dirty:
+            self._repair_dirty()
+
+    def _repair_dirty(self) -> None:
+        """A lazy-refcounts image left dirty: rebuild refcounts before writing."""
+        from . import check
+
+        check.repair_dirty(self)
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise OperationError(self.path, "image is open read-only")
+        if self._closed:
+            raise OperationError(self.path, "image is closed")
+
+    def _begin_write(self) -> None:
+        """Before the first change: drop autoclear bits we do not maintain."""
+        if self._write_started:
+            return
+        self._write_started = True
+        keep = spec.Autoclear.DATA_FILE_RAW
+        h = self.header
+        if h.version == 3 and h.autoclear_features & ~keep:
+            self.header = h.replace(autoclear_features=h.autoclear_features & keep)
+            self._write_header()
+            self.hf.fsync()
+
+    def _write_header(self) -> None:
+        self.hf.pwrite(build_cluster0(self.header), 0)
+        self.header_dirty = False
+
+    # ------------------------------------------------------------------ L2 access
+    def _evict_l2(self) -> None:
+        for off in list(self._l2_cache):
+            if off not in self.dirty_l2:
+                del self._l2_cache[off]
+                if len(self._l2_cache) <= 64:
+                    return
+        if len(self.dirty_l2) > MAX_DIRTY_L2:
+            self.flush()
+
+    def _note_alloc(self) -> None:
+        end = self.refcounts.end_cluster << self.cluster_bits
+        if end > self.file_size:
+            self.file_size = end
+
+    def _l2_for_write(self, cluster: int) -> tuple[array, int]:
+        """The L2 table holding ``cluster``, private to the active L1 (COW if shared)."""
+        l1_index = cluster >> self.l2_bits
+        if l1_index >= len(self.l1):
+            raise OperationError(self.path, "write beyond the L1 table")
+        e = self.l1[l1_index]
+        off = e & spec.L1E_OFFSET_MASK
+        rc = self.refcounts
+        if off and e & COPIED:
+            return self.l2_table(off), off
+        if off and rc.get(off >> self.cluster_bits) == 1:
+            self.l1[l1_index] = off | COPIED
+            self.l1_dirty = True
+            return self.l2_table(off), off
+        if off:
+            table = array("Q", self.l2_table(off))
+            rc.free_later(off)
+            self._l2_cache.pop(off, None)
+        else:
+            table = array("Q", bytes(self.cluster_size))
+        new = rc.alloc(1)
+        self._note_alloc()
+        self._l2_cache[new] = table
+        self.dirty_l2.add(new)
+        self.l1[l1_index] = new | COPIED
+        self.l1_dirty = True
+        return table, new
+
+    # ------------------------------------------------------------------ guest writes
+    def write(self, offset: int, data) -> None:
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        check_range(self.path, offset, len(mv), self.virtual_size)
+        if not len(mv):
+            return
+        self._begin_write()
+        cb, cs = self.cluster_bits, self.cluster_size
+        pos = 0
+        while pos < len(mv):
+            g = offset + pos
+            a = g & (cs - 1)
+            n = min(cs - a, len(mv) - pos)
+            self._write_in_cluster(g >> cb, a, mv[pos : pos + n])
+            pos += n
+        self._data_written = True
+        if len(self.dirty_l2) > MAX_DIRTY_L2:
+            self.flush()
+
+    def _guest_bytes(self, guest_offset: int, length: int) -> bytearray:
+        """Current guest view of a range, zero-padded past the virtual size."""
+        buf = bytearray(length)
+        inside = max(0, min(length, self.virtual_size - guest_offset))
+        if inside:
+            self.readinto(memoryview(buf)[:inside], guest_offset)
+        return buf
+
+    def _free_entry_allocation(self, e: int) -> None:
+        """Drop the host allocation an L2 entry holds (deferred)."""
+        if self.has_data_file:
+            return
+        if e & spec.QCOW_OFLAG_COMPRESSED:
+            host, nbytes = entries.decode_compressed(e, self.cluster_bits)
+            self.refcounts.free_bytes_later(host, nbytes)
+        elif e & OFFSET_MASK:
+            self.refcounts.free_later(e & OFFSET_MASK)
+
+    def _write_in_cluster(self, cluster: int, a: int, chunk: memoryview) -> None:
+        cb, cs = self.cluster_bits, self.cluster_size
+        base = cluster << cb
+        n = len(chunk)
+        table, l2_off = self._l2_for_write(cluster)
+        i = cluster & (self.l2_entries - 1)
+        if self.extended_l2:
+            self._write_extended(table, l2_off, i, base, a, chunk)
+            return
+        e = table[i]
+        t = entries.l2_type(e, self.has_data_file)
+        if self.has_data_file:
+            host = base
+            if t != ClusterType.NORMAL and not (a == 0 and n == cs):
+                buf = self._guest_bytes(base, cs)
+                buf[a : a + n] = chunk
+                self.data_hf.pwrite(buf, host)
+            else:
+                self.data_hf.pwrite(chunk, host + a)
+            new_e = host | COPIED
+            if new_e != e:
+                table[i] = new_e
+                self.dirty_l2.add(l2_off)
+            return
+        if t == ClusterType.NORMAL and e & COPIED:
+            self.hf.pwrite(chunk, (e & OFFSET_MASK) + a)
+            return
+        if a == 0 and n == cs:
+            buf = chunk
+        else:
+            buf = self._guest_bytes(base, cs)
+            buf[a : a + n] = chunk
+        if t == ClusterType.ZERO_ALLOC and e & COPIED:
+            host = e & OFFSET_MASK
+        else:
+            host = self.refcounts.alloc(1)
+            self._note_alloc()
+            self._free_entry_allocation(e)
+        self.hf.pwrite(buf, host)
+        table[i] = host | COPIED
+        self.dirty_l2.add(l2_off)
+
+    def _write_extended(self, table, l2_off, i, base, a, chunk) -> None:
+        cs = self.cluster_size
+        scb = self.subcluster_bits
+        n = len(chunk)
+        e, bm = table[2 * i], table[2 * i + 1]
+        first_sc, last_sc = a >> scb, (a + n - 1) >> scb
+        span_start, span_end = first_sc << scb, (last_sc + 1) << scb
+        if span_start == a and span_end == a + n:
+            buf = chunk
+        else:
+            buf = self._guest_bytes(base + span_start, span_end - span_start)
+            buf[a - span_start : a - span_start + n] = chunk
+        compressed = bool(e & spec.QCOW_OFLAG_COMPRESSED)
+        host = e & OFFSET_MASK
+        if self.has_data_file:
+            host = base
+        elif compressed or not (host and e & COPIED):
+            new = self.refcounts.alloc(1)
+            self._note_alloc()
+            if compressed:
+                self.hf.pwrite(self._guest_bytes(base, cs), new)
+                bm = 0xFFFFFFFF
+            elif host:
+                self.hf.pwrite(self.hf.pread(cs, host), new)
+            self._free_entry_allocation(e)
+            host = new
+        self.data_hf.pwrite(buf, host + span_start)
+        mask = 0
+        for sc in range(first_sc, last_sc + 1):
+            mask |= 1 << sc
+        bm = (bm | mask) & ~(mask << 32)
+        table[2 * i] = host | COPIED
+        table[2 * i + 1] = bm
+        self.dirty_l2.add(l2_off)
+
+    # ------------------------------------------------------------------ zeroes / discard
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._check_writable()
+        check_range(self.path, offset, length, self.virtual_size)
+        if not length:
+            return
+        self._begin_write()
+        cb, cs = self.cluster_bits, self.cluster_size
+        end = offset + length
+        pos = offset
+        while pos < end:
+            a = pos & (cs - 1)
+            n = min(cs - a, end - pos)
+            cluster = pos >> cb
+            full = a == 0 and (n == cs or pos + n == self.virtual_size)
+            if not self._zero_cluster(cluster, a, n, full, discard=False):
+                self._write_in_cluster(cluster, a, memoryview(bytes(n)))
+            pos += n
+        self._data_written = True
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate whole clusters in the range (partial clusters are left alone)."""
+        self._check_writable()
+        check_range(self.path, offset, length, self.virtual_size)
+        self._begin_write()
+        cb, cs = self.cluster_bits, self.cluster_size
+        end = offset + length
+        pos = offset
+        while pos < end:
+            a = pos & (cs - 1)
+            n = min(cs - a, end - pos)
+            full = a == 0 and (n == cs or pos + n == self.virtual_size)
+            if full:
+                self._zero_cluster(pos >> cb, 0, n, True, discard=True)
+            pos += n
+
+    def _zero_cluster(self, cluster: int, a: int, n: int, full: bool, discard: bool) -> bool:
+        """Make (part of) a cluster read as zeros via metadata.  False: not possible."""
+        v3 = self.header.version >= 3
+        has_backing = self.header.backing_file is not None
+        l1_index = cluster >> self.l2_bits
+        l1e = self.l1[l1_index] if l1_index < len(self.l1) else 0
+        if not l1e & spec.L1E_OFFSET_MASK and not has_backing:
+            return True  # nothing allocated, nothing behind: already zeros
+        if self.extended_l2:
+            scb = self.subcluster_bits
+            if a & ((1 << scb) - 1) or (n & ((1 << scb) - 1) and not full):
+                return discard  # discard ignores partial subclusters
+            table, l2_off = self._l2_for_write(cluster)
+            i = cluster & (self.l2_entries - 1)
+            e, bm = table[2 * i], table[2 * i + 1]
+            first_sc = a >> scb
+            nsc = (n + (1 << scb) - 1) >> scb
+            mask = ((1 << nsc) - 1) << first_sc
+            if full or mask == 0xFFFFFFFF:
+                self._free_entry_allocation(e)
+                if self.has_data_file:
+                    table[2 * i] = (cluster << self.cluster_bits) | COPIED
+                else:
+                    table[2 * i] = 0
+                zero = not (discard and not has_backing)
+                table[2 * i + 1] = ALL_ZERO_BITS if zero else 0
+            else:
+                if e & spec.QCOW_OFLAG_COMPRESSED or (e & OFFSET_MASK and not e & COPIED):
+                    return discard
+                zero = not (discard and not has_backing)
+                bm &= ~mask
+                if zero:
+                    bm |= mask << 32
+                table[2 * i + 1] = bm
+            self.dirty_l2.add(l2_off)
+            return True
+        if not full:
+            return discard
+        if not v3 and has_backing:
+            return discard  # v2 cannot express zeros over a backing file
+        table, l2_off = self._l2_for_write(cluster)
+        i = cluster & (self.l2_entries - 1)
+        e = table[i]
+        if self.has_data_file:
+            table[i] = (cluster << self.cluster_bits) | COPIED | (ZERO if v3 else 0)
+            if not v3 or self.header.data_file_raw:
+                self.data_hf.pwrite(bytes(n), cluster << self.cluster_bits)
+        else:
+            self._free_entry_allocation(e)
+            table[i] = ZERO if (v3 and (has_backing or not discard)) else 0
+        if table[i] != e:
+            self.dirty_l2.add(l2_off)
+        return True
+
+    # ------------------------------------------------------------------ resize
+    def resize(self, new_size: int) -> None:
+        self._check_writable()
+        if new_size < self.virtual_size:
+            raise OperationError(self.path, "shrinking an image is not supported")
+        if new_size > spec.MAX_VIRTUAL_SIZE:
+            raise OperationError(self.path, "virtual size too large (maximum 2^61 bytes)")
+        if new_size == self.virtual_size:
+            return
+        self._begin_write()
+        need = size_to_l1(new_size, self.cluster_bits, self.header.l2_entry_size)
+        if need > len(self.l1):
+            if need * 8 > spec.MAX_L1_SIZE_BYTES:
+                raise OperationError(self.path, "L1 table would exceed 32 MiB")
+            old = (self.header.l1_table_offset, self.header.l1_size)
+            clusters = (need * 8 + self.cluster_size - 1) >> self.cluster_bits
+            self.l1.extend(array("Q", bytes(8 * (need - len(self.l1)))))
+            new_off = self.refcounts.alloc(clusters)
+            self._note_alloc()
+            if self.l1_moved_from is None:
+                self.l1_moved_from = old
+            else:  # an L1 allocated in this batch and never written
+                self.refcounts.free_later(
+                    self.header.l1_table_offset,
+                    (self.header.l1_size * 8 + self.cluster_size - 1) >> self.cluster_bits,
+                )
+            self.header = self.header.replace(l1_table_offset=new_off, l1_size=need)
+            self.l1_dirty = True
+        self.header = self.header.replace(size=new_size)
+        self.virtual_size = new_size
+        self.header_dirty = True
+
+    # ------------------------------------------------------------------ flush
+    def flush(self) -> None:
+        if not self.writable or self.refcounts is None:
+            return
+        rc = self.refcounts
+        if not (
+            self.dirty_l2 or self.l1_dirty or rc.dirty or self.header_dirty or self._data_written
+        ):
+            return
+        hf = self.hf
+        # 1. data
+        self.data_hf.fsync()
+        if self.data_hf is not hf:
+            hf.fsync()
+        self._data_written = False
+        # 2. refcount blocks (increments), 3. refcount table
+        if rc.write_blocks():
+            hf.fsync()
+        if rc.table_dirty:
+            moved = rc.write_table()
+            hf.fsync()
+            if moved:
+                self.header = self.header.replace(
+                    refcount_table_offset=rc.table_offset,
+                    refcount_table_clusters=rc.table_clusters,
+                )
+                self._write_header()
+                hf.fsync()
+                rc.table_switched()
+        # 4. L2 tables
+        if self.dirty_l2:
+            for off in sorted(self.dirty_l2):
+                hf.pwrite(entries.encode_u64_table(self._l2_cache[off]), off)
+            self.dirty_l2.clear()
+            hf.fsync()
+        # 5. L1 table
+        if self.l1_dirty:
+            hf.pwrite(entries.encode_u64_table(self.l1), self.header.l1_table_offset)
+            hf.fsync()
+            self.l1_dirty = False
+            if self.l1_moved_from is not None:
+                self._write_header()
+                hf.fsync()
+                off, size = self.l1_moved_from
+                if size:
+                    rc.free_later(off, (size * 8 + self.cluster_size - 1) >> self.cluster_bits)
+                self.l1_moved_from = None
+        # 6. header
+        if self.header_dirty:
+            self._write_header()
+            hf.fsync()
+        # 7. deferred frees
+        if rc.pending_free:
+            rc.apply_pending_frees()
+            if rc.write_blocks():
+                hf.fsync()
+        self.file_size = max(self.file_size, hf.size())
+
+
+def require_writable_features(img) -> None:
+    h = img.header
+    if h.crypt_method:
+        raise UnsupportedFeatureError(img.path, "cannot write encrypted images")
