@@ -1,0 +1,155 @@
+# shellcheck shell=bash
+# Shared set-up for tools/test and tools/demo.  Source it, don't run it:
+#     source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
+#
+# After sourcing: cwd is the repo root, .venv/bin is first on PATH, pyqcow is
+# installed editable with its [test] extras, and (when running as root) the
+# system tools the tests use are installed:
+#     qemu-img, qemu-io   <- qemu-utils
+#     virt-xml-validate   <- libvirt-clients
+#     xmllint             <- libxml2-utils (virt-xml-validate needs it silently)
+# plus python3, python3-venv, and a C compiler with Python headers (gcc,
+# libc6-dev, python3-dev) for the cffi helper, if those are missing.
+#
+# Quiet on success; on failure it says what failed, shows the log, exits non-zero.
+
+set -euo pipefail
+
+_pyqcow_die() {
+    echo "tools/_setup.sh: error: $*" >&2
+    exit 1
+}
+
+_pyqcow_show_log() {
+    # $1 = log file; print its tail to stderr.
+    echo "----- last lines of $1 -----" >&2
+    tail -n 60 "$1" >&2 || true
+    echo "-----" >&2
+}
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+export REPO_ROOT
+cd "$REPO_ROOT"
+
+# --- system packages ---------------------------------------------------------
+
+_pyqcow_missing_pkgs() {
+    local pkgs=()
+    command -v qemu-img >/dev/null 2>&1 || pkgs+=(qemu-utils)
+    command -v qemu-io >/dev/null 2>&1 || pkgs+=(qemu-utils)
+    command -v virt-xml-validate >/dev/null 2>&1 || pkgs+=(libvirt-clients)
+    command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
+    if ! command -v python3 >/dev/null 2>&1; then
+        pkgs+=(python3 python3-venv python3-dev)
+    else
+        python3 -c 'import ensurepip' >/dev/null 2>&1 || pkgs+=(python3-venv)
+        python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+            >/dev/null 2>&1 || pkgs+=(python3-dev)
+    fi
+    command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+    # de-duplicate, keep order
+    if ((${#pkgs[@]})); then
+        printf '%s\n' "${pkgs[@]}" | awk '!seen[$0]++' | tr '\n' ' '
+    fi
+}
+
+_pyqcow_pkgs="$(_pyqcow_missing_pkgs)"
+if [[ -n "$_pyqcow_pkgs" ]]; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        _pyqcow_log="$(mktemp -t pyqcow-apt.XXXXXX)"
+        # shellcheck disable=SC2086  # word splitting of the package list is intended
+        if ! { DEBIAN_FRONTEND=noninteractive apt-get update -q \
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                    $_pyqcow_pkgs; } >"$_pyqcow_log" 2>&1; then
+            _pyqcow_show_log "$_pyqcow_log"
+            _pyqcow_die "apt-get install $_pyqcow_pkgs failed"
+        fi
+        rm -f "$_pyqcow_log"
+        _pyqcow_pkgs="$(_pyqcow_missing_pkgs)"
+        [[ -z "$_pyqcow_pkgs" ]] || _pyqcow_die "still missing after apt-get: $_pyqcow_pkgs"
+    else
+        _pyqcow_msg="missing Debian packages: $_pyqcow_pkgs(run as root to install them, or: sudo apt-get install $_pyqcow_pkgs)"
+        if [[ -n "${CI:-}" ]]; then
+            _pyqcow_die "$_pyqcow_msg"
+        fi
+        echo "tools/_setup.sh: warning: $_pyqcow_msg; tests needing them will be skipped" >&2
+    fi
+fi
+
+command -v python3 >/dev/null 2>&1 || _pyqcow_die "python3 not found"
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || _pyqcow_die "pyqcow needs Python >= 3.11, python3 is $(python3 -V 2>&1)"
+
+# --- virtualenv + editable install --------------------------------------------
+
+VENV="$REPO_ROOT/.venv"
+_pyqcow_stamp="$VENV/.pyqcow-install-stamp"
+
+# Serialise concurrent runs (e.g. tools/test and tools/demo started together).
+if command -v flock >/dev/null 2>&1; then
+    exec 9<"$REPO_ROOT"
+    flock 9
+fi
+
+_pyqcow_make_venv() {
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" >>"$_pyqcow_log" 2>&1 && "$VENV/bin/python" -m pip --version >/dev/null 2>&1
+}
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    _pyqcow_log="$(mktemp -t pyqcow-venv.XXXXXX)"
+    if ! _pyqcow_make_venv; then
+        # Debian splits ensurepip out into python3-venv; install it and retry.
+        if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1 \
+            && { DEBIAN_FRONTEND=noninteractive apt-get update -q \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                     python3-venv; } >>"$_pyqcow_log" 2>&1 \
+            && _pyqcow_make_venv; then
+            :
+        else
+            _pyqcow_show_log "$_pyqcow_log"
+            rm -rf "$VENV"
+            _pyqcow_die "python3 -m venv .venv failed (Debian: apt-get install python3-venv)"
+        fi
+    fi
+    rm -f "$_pyqcow_log"
+fi
+
+# Hash of everything that decides what `pip install -e` builds.
+_pyqcow_hash="$(
+    {
+        "$VENV/bin/python" -c 'import sys; print(sys.version)'
+        for f in pyproject.toml setup.py setup.cfg; do
+            if [[ -f "$f" ]]; then echo "== $f"; cat "$f"; fi
+        done
+        if [[ -d csrc ]]; then
+            find csrc -type f ! -name '*.o' ! -name '*.so' -print | LC_ALL=C sort | while read -r f; do
+                echo "== $f"
+                cat "$f"
+            done
+        fi
+    } | sha256sum | cut -d' ' -f1
+)"
+
+if [[ ! -f "$_pyqcow_stamp" || "$(cat "$_pyqcow_stamp")" != "$_pyqcow_hash" ]]; then
+    _pyqcow_log="$(mktemp -t pyqcow-pip.XXXXXX)"
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]' \
+            >"$_pyqcow_log" 2>&1; then
+        _pyqcow_show_log "$_pyqcow_log"
+        rm -f "$_pyqcow_stamp"
+        _pyqcow_die "pip install -e '.[test]' failed (full log: $_pyqcow_log)"
+    fi
+    rm -f "$_pyqcow_log"
+    echo "$_pyqcow_hash" >"$_pyqcow_stamp"
+fi
+
+if command -v flock >/dev/null 2>&1; then
+    flock -u 9
+    exec 9<&-
+fi
+
+export VIRTUAL_ENV="$VENV"
+export PATH="$VENV/bin:$PATH"
+hash -r
+unset _pyqcow_pkgs _pyqcow_log _pyqcow_msg _pyqcow_hash _pyqcow_stamp
