@@ -1,0 +1,271 @@
+/*
+ * pyqcow_copy.c - bulk byte moving for pyqcow: range copies between file
+ * descriptors and zero detection.  No Python.h: every function returns 0 or a
+ * non-negative count on success, -errno on failure.  Arguments have been
+ * checked by pyqcow/fastcopy.py before any call.
+ */
+#define _GNU_SOURCE
+#define _FILE_OFFSET_BITS 64
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "pyqcow_copy.h"
+
+#define COPY_BUFFER_SIZE ((size_t)1 << 20) /* pread/pwrite buffer */
+#define ZERO_CHUNK_SIZE ((size_t)4096)     /* skip_zero granularity */
+#define MAX_CFR_SIZE ((size_t)1 << 30)     /* one copy_file_range request */
+
+/* State shared by the runs of one call. */
+struct copier {
+    char *buffer;         /* COPY_BUFFER_SIZE bytes, allocated on first use */
+    int no_cfr;           /* copy_file_range refused: use pread/pwrite */
+    int64_t written;      /* bytes written to the destination so far */
+};
+
+/* Read up to len bytes; fewer only at end of file.  Returns bytes or -errno. */
+static int64_t pread_full(int fd, char *buf, size_t len, int64_t offset)
+{
+    size_t done = 0;
+
+    while (done < len) {
+        ssize_t n = pread(fd, buf + done, len - done, (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    return (int64_t)done;
+}
+
+/* Write all len bytes.  Returns 0 or -errno. */
+static int pwrite_full(int fd, const char *buf, size_t len, int64_t offset)
+{
+    while (len > 0) {
+        ssize_t n = pwrite(fd, buf, len, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        buf += n;
+        len -= (size_t)n;
+        offset += n;
+    }
+    return 0;
+}
+
+/* Fill c->buffer with len source bytes, zeros past the source's end of file.
+ * Returns the number of bytes that came from the file, or -errno. */
+static int64_t fill_buffer(struct copier *c, int fd, size_t len, int64_t offset)
+{
+    int64_t got;
+
+    if (c->buffer == NULL) {
+        c->buffer = malloc(COPY_BUFFER_SIZE);
+        if (c->buffer == NULL)
+            return -ENOMEM;
+    }
+    got = pread_full(fd, c->buffer, len, offset);
+    if (got >= 0 && (size_t)got < len)
+        memset(c->buffer + got, 0, len - (size_t)got);
+    return got;
+}
+
+/* Errors after which copy_file_range is given up for pread/pwrite. */
+static int cfr_unsupported(int err)
+{
+    return err == EXDEV || err == EINVAL || err == ENOSYS || err == EOPNOTSUPP;
+}
+
+/* One copy_file_range call: bytes copied (0 at end of file) or -errno. */
+static int64_t try_copy_file_range(int src_fd, int64_t src_offset, int dst_fd,
+                                   int64_t dst_offset, size_t len)
+{
+#ifdef __linux__
+    off_t in = (off_t)src_offset, out = (off_t)dst_offset;
+    ssize_t n = copy_file_range(src_fd, &in, dst_fd, &out, len, 0);
+    return n < 0 ? -errno : (int64_t)n;
+#else
+    (void)src_fd; (void)src_offset; (void)dst_fd; (void)dst_offset; (void)len;
+    return -ENOSYS;
+#endif
+}
+
+/* pread/pwrite copy of every byte (zeros past the source's end). */
+static int copy_plain(struct copier *c, int src_fd, int64_t src_offset,
+                      int dst_fd, int64_t dst_offset, int64_t length)
+{
+    while (length > 0) {
+        size_t n = (uint64_t)length < COPY_BUFFER_SIZE ? (size_t)length
+                                                        : COPY_BUFFER_SIZE;
+        int64_t got = fill_buffer(c, src_fd, n, src_offset);
+        int rc;
+
+        if (got < 0)
+            return (int)got;
+        rc = pwrite_full(dst_fd, c->buffer, n, dst_offset);
+        if (rc < 0)
+            return rc;
+        c->written += (int64_t)n;
+        src_offset += (int64_t)n;
+        dst_offset += (int64_t)n;
+        length -= (int64_t)n;
+    }
+    return 0;
+}
+
+/* pread/pwrite copy that leaves out destination chunks of zeros.  Chunks are
+ * aligned to destination offsets, so skipped chunks are whole file blocks. */
+static int copy_sparse(struct copier *c, int src_fd, int64_t src_offset,
+                       int dst_fd, int64_t dst_offset, int64_t length)
+{
+    while (length > 0) {
+        /* After the first buffer, buffers start on a chunk boundary. */
+        size_t n = COPY_BUFFER_SIZE - (size_t)dst_offset % ZERO_CHUNK_SIZE;
+        size_t pos = 0, data_start = 0;
+        int in_data = 0;
+        int64_t got;
+
+        if ((uint64_t)length < n)
+            n = (size_t)length;
+        got = fill_buffer(c, src_fd, n, src_offset);
+        if (got < 0)
+            return (int)got;
+
+        while (pos < n) {
+            size_t chunk = ZERO_CHUNK_SIZE -
+                           (size_t)(dst_offset + (int64_t)pos) % ZERO_CHUNK_SIZE;
+            int zero;
+
+            if (chunk > n - pos)
+                chunk = n - pos;
+            zero = pyqcow_is_zero(c->buffer + pos, chunk);
+            if (!zero && !in_data) {
+                data_start = pos;
+                in_data = 1;
+            }
+            pos += chunk;
+            if (in_data && (zero || pos == n)) {
+                size_t end = zero ? pos - chunk : pos;
+                int rc = pwrite_full(dst_fd, c->buffer + data_start,
+                                     end - data_start,
+                                     dst_offset + (int64_t)data_start);
+                if (rc < 0)
+                    return rc;
+                c->written += (int64_t)(end - data_start);
+                in_data = 0;
+            }
+        }
+        if ((size_t)got < n)
+            return 0; /* the rest of the run lies past the source's end: zeros */
+        src_offset += (int64_t)n;
+        dst_offset += (int64_t)n;
+        length -= (int64_t)n;
+    }
+    return 0;
+}
+
+/* Copy one run: copy_file_range while it works, then pread/pwrite. */
+static int copy_run(struct copier *c, int src_fd, int64_t src_offset,
+                    int dst_fd, int64_t dst_offset, int64_t length,
+                    int skip_zero)
+{
+    if (skip_zero)
+        return copy_sparse(c, src_fd, src_offset, dst_fd, dst_offset, length);
+
+    while (length > 0 && !c->no_cfr) {
+        size_t n = (uint64_t)length < MAX_CFR_SIZE ? (size_t)length : MAX_CFR_SIZE;
+        int64_t done = try_copy_file_range(src_fd, src_offset, dst_fd,
+                                           dst_offset, n);
+        if (done == -EINTR)
+            continue;
+        if (done < 0 && cfr_unsupported((int)-done)) {
+            c->no_cfr = 1;
+            break;
+        }
+        if (done < 0)
+            return (int)done;
+        /* 0 is end of file, or a file system that cannot tell (procfs, some
+         * FUSE): let pread decide, and write zeros past the end. */
+        if (done == 0)
+            break;
+        c->written += done;
+        src_offset += done;
+        dst_offset += done;
+        length -= done;
+    }
+    return copy_plain(c, src_fd, src_offset, dst_fd, dst_offset, length);
+}
+
+int pyqcow_copy_range(int src_fd, int64_t src_offset, int dst_fd,
+                      int64_t dst_offset, int64_t length)
+{
+    int64_t runs[3] = {src_offset, dst_offset, length};
+    int64_t rc = pyqcow_copy_runs(src_fd, dst_fd, runs, 1, 0);
+
+    return rc < 0 ? (int)rc : 0;
+}
+
+int64_t pyqcow_copy_runs(int src_fd, int dst_fd, const int64_t *runs,
+                         size_t run_count, int skip_zero)
+{
+    struct copier c = {NULL, 0, 0};
+    int rc = 0;
+
+    for (size_t i = 0; i < run_count && rc == 0; i++)
+        rc = copy_run(&c, src_fd, runs[3 * i], dst_fd, runs[3 * i + 1],
+                      runs[3 * i + 2], skip_zero);
+    free(c.buffer);
+    return rc < 0 ? rc : c.written;
+}
+
+int pyqcow_is_zero(const void *buf, size_t length)
+{
+    const unsigned char *p = buf;
+    size_t head = length < 16 ? length : 16;
+
+    for (size_t i = 0; i < head; i++)
+        if (p[i] != 0)
+            return 0;
+    /* The first 16 bytes are zero; the rest is zero iff every byte equals the
+     * one 16 bytes before it, which memcmp checks at full speed. */
+    return length <= 16 || memcmp(p, p + 16, length - 16) == 0;
+}
+
+int64_t pyqcow_zero_runs(const void *buf, size_t length, size_t granularity,
+                         int64_t *out, size_t out_capacity)
+{
+    const unsigned char *p = buf;
+    size_t count = 0;
+
+    if (granularity == 0)
+        return -EINVAL;
+    for (size_t offset = 0; offset < length; offset += granularity) {
+        size_t n = length - offset < granularity ? length - offset : granularity;
+        int zero = pyqcow_is_zero(p + offset, n);
+
+        if (count > 0 && out[3 * (count - 1) + 2] == zero) {
+            out[3 * (count - 1) + 1] += (int64_t)n;
+            continue;
+        }
+        if (count == out_capacity)
+            return -ENOSPC;
+        out[3 * count] = (int64_t)offset;
+        out[3 * count + 1] = (int64_t)n;
+        out[3 * count + 2] = zero;
+        count++;
+    }
+    return (int64_t)count;
+}

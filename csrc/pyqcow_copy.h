@@ -1,0 +1,42 @@
+/*
+ * pyqcow_copy.h - the C helper's interface.
+ *
+ * This file is read verbatim as the cffi cdef by build_native.py, so it holds
+ * plain declarations only: no #include, no #define, no #ifdef.  Whoever
+ * includes it from C must include <stdint.h> and <stddef.h> first.
+ *
+ * Conventions: every function returns 0 or a non-negative count on success and
+ * -errno on failure.  The caller (pyqcow/fastcopy.py) has already checked every
+ * argument: fds are open, offsets and lengths are non-negative and
+ * offset + length fits in an int64_t, buffers are as large as stated.
+ */
+
+/*
+ * Copy `length` bytes from src_fd at src_offset to dst_fd at dst_offset.
+ * Uses copy_file_range(2) where the kernel allows, pread/pwrite otherwise.
+ * Source bytes past its end of file are written as zeros.  The fds may name
+ * the same file if the two ranges do not overlap.  Returns 0 or -errno.
+ */
+int pyqcow_copy_range(int src_fd, int64_t src_offset, int dst_fd,
+                      int64_t dst_offset, int64_t length);
+
+/*
+ * Copy each run (src_offset, dst_offset, length) of the flat array `runs`
+ * (3 * run_count values), in order.  With skip_zero != 0 the source is read
+ * and destination chunks (4 KiB, aligned to destination offsets) whose data is
+ * all zeros are not written.  Returns the number of bytes written, or -errno.
+ */
+int64_t pyqcow_copy_runs(int src_fd, int dst_fd, const int64_t *runs,
+                         size_t run_count, int skip_zero);
+
+/* 1 if all `length` bytes at buf are zero (also for length 0), else 0. */
+int pyqcow_is_zero(const void *buf, size_t length);
+
+/*
+ * Split buf into maximal runs of blocks of `granularity` bytes (the last block
+ * may be short) that are all zero or not.  Writes (offset, length, is_zero)
+ * triples to out, which has room for out_capacity triples.  Returns the number
+ * of triples, -EINVAL for granularity 0, -ENOSPC if out is too small.
+ */
+int64_t pyqcow_zero_runs(const void *buf, size_t length, size_t granularity,
+                         int64_t *out, size_t out_capacity);
