@@ -34,7 +34,9 @@ def resolve_backing(image_path: str, name: str) -> str:
         name = name[5:]
     if os.path.isabs(name):
         return name
-    return os.path.join(os.path.dirname(image_path) or ".", name)
+    # qemu's path_combine(): the image path up to its last '/', then the name
+    # ("top.qcow2" + "sub/b" -> "sub/b", not "./sub/b": info prints this path).
+    return image_path[: image_path.rfind("/") + 1] + name
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -16,7 +16,7 @@ from .entries import ClusterType
 from .errors import CorruptImageError, FormatError, QcowError, UnsupportedFeatureError
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
-from .mapping import Run, merge_runs
+from .mapping import Run, detect_metadata_preallocation, merge_runs
 from .writer import WriterMixin
 
 L2_CACHE_TABLES = 64
@@ -53,6 +53,7 @@ class QcowImage(WriterMixin):
             raise
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._decomp_cache: tuple[int, bytes] | None = None
+        self._metadata_prealloc: bool | None = None
         self._init_writer()
 
     # -- open ---------------------------------------------------------------------
@@ -138,6 +139,43 @@ class QcowImage(WriterMixin):
             self._evict_l2()
         return t
 
+    # -- refcounts (read-only view; allocation lives in refcount.py) -----------------
+    @property
+    def refcount_block_bits(self) -> int:
+        """log2 of the number of entries in one refcount block."""
+        return self.cluster_bits + 3 - self.header.refcount_order
+
+    def refcount_block(self, table_index: int) -> entries.RefcountBlock | None:
+        """Refcount block ``table_index`` as stored on disk (None: not allocated, all 0)."""
+        h = self.header
+        if table_index < 0 or table_index >= h.refcount_table_clusters * self.cluster_size // 8:
+            return None
+        raw = self.hf.pread(8, h.refcount_table_offset + table_index * 8)
+        block_offset = int.from_bytes(raw, "big") & spec.REFT_OFFSET_MASK
+        if not block_offset:
+            return None
+        if block_offset % self.cluster_size or block_offset + self.cluster_size > self.file_size:
+            raise CorruptImageError(
+                self.path,
+                f"refcount block offset {block_offset:#x} (refcount table index {table_index}) is "
+                + ("unaligned" if block_offset % self.cluster_size else "beyond the end of the file"),
+            )
+        data = self.hf.pread(self.cluster_size, block_offset)
+        return entries.RefcountBlock(data, h.refcount_order)
+
+    def refcount(self, cluster_index: int) -> int:
+        """Refcount of host cluster ``cluster_index`` as stored on disk (0 if none)."""
+        bits = self.refcount_block_bits
+        block = self.refcount_block(cluster_index >> bits)
+        return block.get(cluster_index & ((1 << bits) - 1)) if block is not None else 0
+
+    @property
+    def metadata_preallocation(self) -> bool:
+        """qemu's heuristic: does this look like a preallocation=metadata image? (cached)"""
+        if self._metadata_prealloc is None:
+            self._metadata_prealloc = detect_metadata_preallocation(self)
+        return self._metadata_prealloc
+
     # -- mapping -------------------------------------------------------------------
     def runs(self, guest_offset: int, length: int, l1=None) -> list[Run]:
         """Runs of this layer only over [guest_offset, guest_offset+length)."""
@@ -217,9 +255,9 @@ class QcowImage(WriterMixin):
             sc_end = min(cl_end, base + ((sc + 1) << scb))
             t = entries.subcluster_type(e, bm, sc, self.has_data_file)
             if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.UNALLOCATED_ALLOC):
+                # UNALLOCATED_ALLOC keeps its host offset too: qemu reports it
+                # ("offset" of a present: false subcluster) when nothing is below.
                 h = host + (pos - base) if (host or self.has_data_file) else None
-                if t == ClusterType.UNALLOCATED_ALLOC:
-                    h = None
                 out.append(Run(pos, sc_end - pos, t, h))
             else:
                 out.append(Run(pos, sc_end - pos, t))

@@ -7,9 +7,11 @@ fields and merging as its JSON output.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .entries import ClusterType
+from .errors import QcowError
 
 ALLOCATED_TYPES = (
     ClusterType.NORMAL,
@@ -71,7 +73,7 @@ class Extent:
             nxt.data,
         ):
             return False
-        if (self.offset is None) != (nxt.offset is None):
+        if (self.offset is None) != (nxt.offset is None) or self.filename != nxt.filename:
             return False
         if self.offset is not None and self.offset + self.length != nxt.offset:
             return False
@@ -103,17 +105,28 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     return out
 
 
+def _data_filename(img) -> str:
+    return getattr(img, "data_file_path", None) or img.path
+
+
 def _layer_extents(img, start: int, length: int, depth: int) -> list[Extent]:
     out: list[Extent] = []
     size = img.virtual_size
     if start >= size:
         return [Extent(start, length, max(depth - 1, 0) if depth else 0, False, True, False)]
+    fname = _data_filename(img)
     for run in img.runs(start, min(length, size - start)):
         t = run.type
         if t in UNALLOCATED_TYPES:
+            # An unallocated subcluster of an allocated cluster keeps its host
+            # offset (qemu: OFFSET_VALID without DATA/ZERO).
+            host = run.host_offset
             backing = img.backing
             if backing is None:
-                out.append(Extent(run.guest_offset, run.length, depth, False, True, False))
+                out.append(
+                    Extent(run.guest_offset, run.length, depth, False, True, False, host,
+                           fname if host is not None else None)
+                )
                 continue
             bsize = backing.virtual_size
             inside = max(0, min(run.end, bsize) - run.guest_offset)
@@ -121,19 +134,71 @@ def _layer_extents(img, start: int, length: int, depth: int) -> list[Extent]:
                 out.extend(_layer_extents(backing, run.guest_offset, inside, depth + 1))
             if inside < run.length:
                 out.append(
-                    Extent(run.guest_offset + inside, run.length - inside, depth, False, True, False)
+                    Extent(run.guest_offset + inside, run.length - inside, depth, False, True, False,
+                           host + inside if host is not None else None,
+                           fname if host is not None else None)
                 )
         elif t == ClusterType.NORMAL:
-            out.append(
-                Extent(run.guest_offset, run.length, depth, True, run.file_zero, True, run.host_offset)
-            )
+            if getattr(img, "format", None) == "qcow2" and img.metadata_preallocation:
+                # qemu (BDRV_BLOCK_RECURSE): data clusters of a metadata-preallocated
+                # image ask the host file, whose holes read as zeros.
+                out.extend(_file_extents(img, run, depth, fname))
+            else:
+                out.append(
+                    Extent(run.guest_offset, run.length, depth, True, run.file_zero, True,
+                           run.host_offset, fname)
+                )
         elif t == ClusterType.COMPRESSED:
             out.append(Extent(run.guest_offset, run.length, depth, True, False, True))
         else:  # zero
-            out.append(Extent(run.guest_offset, run.length, depth, True, True, False, run.host_offset))
+            out.append(
+                Extent(run.guest_offset, run.length, depth, True, True, False, run.host_offset,
+                       fname if run.host_offset is not None else None)
+            )
     if start + length > size:
         out.append(Extent(size, start + length - size, depth, False, True, False))
     return out
+
+
+def _file_extents(img, run: Run, depth: int, fname: str) -> list[Extent]:
+    host = run.host_offset
+    out = []
+    for off, ln, is_data in img.data_hf.data_extents(host, host + run.length):
+        out.append(
+            Extent(run.guest_offset + (off - host), ln, depth, True, not is_data, True, off, fname)
+        )
+    return out
+
+
+def detect_metadata_preallocation(img) -> bool:
+    """qemu's qcow2_detect_metadata_preallocation (block/qcow2-refcount.c).
+
+    Count host clusters with a non-zero refcount over the file's length; the
+    image counts as metadata-preallocated once that count reaches
+    max(real_clusters * 10 / 9, real_clusters + 2), where real_clusters are the
+    clusters the host file really occupies.  Errors mean "no", as in qemu.
+    """
+    cs = img.cluster_size
+    try:
+        file_length = img.hf.size()
+        real_clusters = os.fstat(img.hf.fd).st_blocks * 512 // cs
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end_cluster = (file_length + cs - 1) // cs
+        bits = img.refcount_block_bits
+        per_block = 1 << bits
+        count = 0
+        for table_index in range((end_cluster + per_block - 1) // per_block):
+            block = img.refcount_block(table_index)
+            if block is None:
+                continue
+            n = min(per_block, end_cluster - (table_index << bits))
+            values = block.values()[:n]
+            count += n - values.count(0)
+            if count >= threshold:
+                return True
+        return False
+    except (QcowError, OSError):
+        return False
 
 
 def chain_status(img, start: int = 0, length: int | None = None) -> list[Extent]:
