@@ -1,0 +1,1 @@
+"""The ``pyqcow`` command line: ``main.py`` dispatches to one module per subcommand."""

@@ -1,0 +1,170 @@
+"""``pyqcow`` entry point: argparse root, subcommand dispatch, errors -> exit status.
+
+Adding a subcommand: write ``pyqcow/cli/<name>.py`` with
+
+    def register(subparsers) -> argparse.ArgumentParser:
+        p = subparsers.add_parser("<name>", help="...")
+        p.add_argument(...)
+        return p
+
+    def run(args: argparse.Namespace) -> int:
+        ...                     # data on stdout, messages on stderr
+        return 0
+
+(optionally ``ERROR_STATUS = 2`` if errors must exit with something other than 1,
+as ``compare`` does) and append ``"<name>"`` to ``SUBCOMMANDS`` below.  ``run``
+raises ``QcowError`` (or lets ``OSError`` through) for failures; ``main`` turns
+them into one ``pyqcow: <file>: <what is wrong>`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import QcowError
+
+__all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]
+
+#: Subcommand modules under pyqcow.cli, in the order ``--help`` lists them.
+SUBCOMMANDS: list[str] = ["info", "map", "convert", "compare"]
+
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main`` picks the status."""
+
+    error_status = 1
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self, message)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="pyqcow",
+        description="Inspect, convert and manage qcow2 images and backing chains.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show a Python traceback when something fails"
+    )
+    parser.add_argument("--version", action="version", version=f"pyqcow {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"{__package__}.{name}")
+        sub = module.register(subparsers)
+        sub.error_status = getattr(module, "ERROR_STATUS", 1)
+        sub.set_defaults(_run=module.run, _error_status=sub.error_status)
+        if not any("--debug" in a.option_strings for a in sub._actions):
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
+    return parser
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split("\n")).strip()
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"pyqcow: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _error(f"warning: {message}")
+
+
+def _describe_oserror(e: OSError) -> str:
+    what = e.strerror or str(e)
+    if e.filename is not None:
+        names = os.fsdecode(e.filename)
+        if getattr(e, "filename2", None) is not None:
+            names += f" -> {os.fsdecode(e.filename2)}"
+        return f"{names}: {what}"
+    return what
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one pyqcow command; returns the exit status (never raises for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cut = argv.index("--")
+    except ValueError:
+        cut = len(argv)
+    debug = "--debug" in argv[:cut]
+    error_status = 1
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except UsageError as e:
+            sys.stderr.write(e.parser.format_usage())
+            sys.stderr.write(f"{e.parser.prog}: error: {e.message}\n")
+            return e.parser.error_status
+        except SystemExit as e:  # --help, --version
+            return e.code if isinstance(e.code, int) else 0
+        error_status = args._error_status
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            status = args._run(args)
+        return int(status or 0)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout went away (e.g. `pyqcow map big.qcow2 | head`): stop quietly.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return error_status
+    except QcowError as e:
+        if debug:
+            traceback.print_exc()
+        _error(str(e))
+        return error_status
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        _error(_describe_oserror(e))
+        return error_status
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        _error("out of memory")
+        return error_status
+    except Exception as e:  # noqa: BLE001 - a bug must still not show a traceback
+        if debug:
+            traceback.print_exc()
+            _error(f"internal error: {type(e).__name__}: {e}")
+        else:
+            _error(
+                f"internal error: {type(e).__name__}: {e} (run with --debug for a traceback)"
+            )
+        return error_status
+
+
+def entry() -> None:
+    """Console-script entry point (``pyqcow = "pyqcow.cli.main:entry"``)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

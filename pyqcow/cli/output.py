@@ -1,0 +1,192 @@
+"""Renderers shared by the subcommands: qemu-style JSON, map lines, progress.
+
+qemu-img prints its JSON from a QDict, whose iteration order is its hash
+table's (qobject/qdict.c: ``tdb_hash(key) % 512`` buckets, newest entry first
+within a bucket), and pretty-prints it with qobject/qjson.c's rules.
+``qemu_json`` reproduces both, so ``pyqcow info --output=json`` is
+byte-for-byte what ``qemu-img info --output=json`` prints when the dicts are
+built with their keys in QAPI declaration order (the order qemu inserts them).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from ..units import format_size, parse_size
+
+__all__ = [
+    "Progress",
+    "format_size",
+    "map_human",
+    "map_json",
+    "parse_size",
+    "qdict_order",
+    "qemu_json",
+]
+
+_QDICT_BUCKETS = 512
+
+
+def _tdb_hash(key: str) -> int:
+    data = key.encode("utf-8")
+    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+    for i, c in enumerate(data):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+def qdict_order(keys: Iterable[str]) -> list[str]:
+    """The order in which a QDict holding ``keys`` (inserted in this order) iterates."""
+    buckets: dict[int, list[str]] = {}
+    for k in keys:
+        buckets.setdefault(_tdb_hash(k) % _QDICT_BUCKETS, []).insert(0, k)
+    return [k for b in sorted(buckets) for k in buckets[b]]
+
+
+def _escape(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        cp = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\b":
+            out.append("\\b")
+        elif ch == "\f":
+            out.append("\\f")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif 0xDC80 <= cp <= 0xDCFF:  # surrogateescape'd invalid byte
+            out.append("\\uFFFD")
+        elif cp > 0xFFFF:
+            cp -= 0x10000
+            out.append(f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}")
+        elif cp < 0x20 or cp >= 0x7F:
+            out.append(f"\\u{cp:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _to_json(obj: Any, indent: int, out: list[str]) -> None:
+    def newline(level: int) -> None:
+        out.append("\n" + "    " * level)
+
+    if isinstance(obj, dict):
+        out.append("{")
+        sep = ""
+        for k in qdict_order(obj):
+            out.append(sep)
+            newline(indent + 1)
+            out.append(_escape(k) + ": ")
+            _to_json(obj[k], indent + 1, out)
+            sep = ","
+        newline(indent)
+        out.append("}")
+    elif isinstance(obj, list | tuple):
+        out.append("[")
+        sep = ""
+        for v in obj:
+            out.append(sep)
+            newline(indent + 1)
+            _to_json(v, indent + 1, out)
+            sep = ","
+        newline(indent)
+        out.append("]")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif obj is None:
+        out.append("null")
+    elif isinstance(obj, int):
+        out.append(str(obj))
+    elif isinstance(obj, float):
+        out.append(repr(obj))
+    elif isinstance(obj, str):
+        out.append(_escape(obj))
+    else:
+        raise TypeError(f"cannot render {type(obj).__name__} as JSON")
+
+
+def qemu_json(obj: Any) -> str:
+    """``obj`` pretty-printed as qemu does (dict keys in QDict order), no final newline."""
+    out: list[str] = []
+    _to_json(obj, 0, out)
+    return "".join(out)
+
+
+# -- map ----------------------------------------------------------------------------
+def map_json(extents: list[dict]) -> str:
+    """qemu-img map --output=json text (qemu-img.c dump_map_entry), with final newline."""
+    parts = []
+    for e in extents:
+        line = (
+            f'{{ "start": {e["start"]}, "length": {e["length"]}, "depth": {e["depth"]},'
+            f' "present": {_b(e["present"])}, "zero": {_b(e["zero"])}, "data": {_b(e["data"])}'
+        )
+        if e.get("offset") is not None:
+            line += f', "offset": {e["offset"]}'
+        parts.append(line + "}")
+    return "[" + ",\n".join(parts) + "]\n"
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def map_human(extents) -> str:
+    """qemu-img map's human table: data ranges only ("Offset Length Mapped to File")."""
+    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
+    for e in extents:
+        if e.data and not e.zero:
+            lines.append(
+                f"{_hex16(e.start)}{_hex16(e.length)}{_hex16(e.offset or 0)}{e.filename or ''}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _hex16(v: int) -> str:
+    # printf("%#-16"PRIx64): 0 prints as "0", others with 0x
+    return f"{('0x%x' % v) if v else '0':<16}"
+
+
+# -- progress ---------------------------------------------------------------------
+class Progress:
+    """``-p``: qemu-img style "    (12.34/100%)" on stderr, redrawn in place."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._last = -1.0
+        self._last_time = 0.0
+        if enabled:
+            self._draw(0.0)
+
+    def _draw(self, pct: float) -> None:
+        self.stream.write(f"    ({pct:.2f}/100%)\r")
+        self.stream.flush()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        pct = 100.0 * done / total if total else 100.0
+        now = time.monotonic()
+        if pct - self._last >= 1.0 or (pct >= 100.0 and self._last < 100.0) or now - self._last_time > 0.5:
+            self._last, self._last_time = pct, now
+            self._draw(pct)
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(100.0)
+            self.stream.write("\n")
+            self.stream.flush()
