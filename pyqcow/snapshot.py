@@ -89,11 +89,12 @@ def read_snapshot_table(img) -> list[SnapshotInfo]:
                 f"maximum {spec.MAX_SNAPSHOT_EXTRA_DATA})",
             )
         var_size = extra_size + fixed["id_str_size"] + fixed["name_size"]
-        entry_size = layout.SNAPSHOT_FIXED_SIZE + var_size
-        entry_size += -entry_size % 8
+        used_size = layout.SNAPSHOT_FIXED_SIZE + var_size
+        entry_size = used_size + -used_size % 8
         if pos - start + entry_size > spec.MAX_SNAPSHOTS_TABLE_BYTES:
             raise FormatError(path, "snapshot table too large (more than 64 MiB)")
-        if pos + entry_size > file_size:
+        # (qemu does not write the last entry's padding: the file may end before it)
+        if pos + used_size > file_size:
             raise FormatError(
                 path,
                 f"snapshot table entry {index} at offset {pos:#x} lies beyond the end of the file",
