@@ -19,7 +19,7 @@ from array import array
 
 from . import entries, spec
 from .entries import ClusterType
-from .errors import OperationError, UnsupportedFeatureError
+from .errors import FormatError, OperationError, UnsupportedFeatureError
 from .header import build_cluster0, size_to_l1
 from .hostfile import check_range
 
@@ -414,8 +414,105 @@ class WriterMixin:
                 hf.fsync()
         self.file_size = max(self.file_size, hf.size())
 
+    # ------------------------------------------------------------------ chain helpers
+    def prepare_write(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """Allocate private host clusters for a cluster-aligned guest range.
+
+        Returns ``(guest_offset, host_offset, length)`` runs (host offsets in the
+        data file) that the caller must fill with data before the next flush.  The
+        mapping is changed in memory only; ``flush()`` makes it durable after the
+        data (ordering rule 1 before 4).
+        """
+        self._check_writable()
+        check_range(self.path, offset, length, self.virtual_size)
+        cs, cb = self.cluster_size, self.cluster_bits
+        if offset & (cs - 1) or (length & (cs - 1) and offset + length != self.virtual_size):
+            raise ValueError("prepare_write needs a cluster-aligned range")
+        self._begin_write()
+        out: list[tuple[int, int, int]] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(cs, end - pos)
+            cluster = pos >> cb
+            table, l2_off = self._l2_for_write(cluster)
+            i = cluster & (self.l2_entries - 1)
+            if self.has_data_file:
+                host = pos
+                if self.extended_l2:
+                    table[2 * i] = host | COPIED
+                    table[2 * i + 1] = 0xFFFFFFFF
+                else:
+                    table[i] = host | COPIED
+                self.dirty_l2.add(l2_off)
+            else:
+                e = table[2 * i] if self.extended_l2 else table[i]
+                host = e & OFFSET_MASK
+                private = host and e & COPIED and not e & spec.QCOW_OFLAG_COMPRESSED
+                if not private:
+                    host = self.refcounts.alloc(1)
+                    self._free_entry_allocation(e)
+                if self.extended_l2:
+                    table[2 * i] = host | COPIED
+                    table[2 * i + 1] = 0xFFFFFFFF
+                else:
+                    table[i] = host | COPIED
+                self.dirty_l2.add(l2_off)
+            if out and out[-1][0] + out[-1][2] == pos and out[-1][1] + out[-1][2] == host:
+                g, h, ln = out[-1]
+                out[-1] = (g, h, ln + n)
+            else:
+                out.append((pos, host, n))
+            pos += n
+        self._note_alloc()
+        self._data_written = True
+        return out
+
+
+    def make_empty(self) -> None:
+        """Drop every cluster of the active layer (qemu-img commit's 'empty the top')."""
+        self._check_writable()
+        self._begin_write()
+        rc = self.refcounts
+        for l1_index, l1e in enumerate(self.l1):
+            l2_off = l1e & spec.L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            table = self.l2_table(l2_off)
+            step = 2 if self.extended_l2 else 1
+            for j in range(0, len(table), step):
+                self._free_entry_allocation(table[j])
+            self.l1[l1_index] = 0
+            self.l1_dirty = True
+            rc.free_later(l2_off)
+            self.dirty_l2.discard(l2_off)
+            self._l2_cache.pop(l2_off, None)
+        self.flush()
+
+
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name and format extension (one header write)."""
+        from .header import with_extension
+
+        self._check_writable()
+        hdr = with_extension(
+            self.header,
+            spec.ExtType.BACKING_FORMAT,
+            fmt.encode() if (fmt and name) else None,
+        )
+        hdr = hdr.replace(backing_file=name or None)
+        try:
+            build_cluster0(hdr)
+        except FormatError as e:
+            raise OperationError(self.path, f"cannot store backing name: {e.message}") from None
+        self.flush()
+        self.header = hdr
+        self._write_header()
+        self.hf.fsync()
+
 
 def require_writable_features(img) -> None:
     h = img.header
     if h.crypt_method:
         raise UnsupportedFeatureError(img.path, "cannot write encrypted images")
+

@@ -1,0 +1,105 @@
+"""Shared helpers of the chain operations: opening chains, finding layers."""
+
+from __future__ import annotations
+
+import os
+
+from ..chain import open_image, probe_format, resolve_backing
+from ..errors import BackingChainError, OperationError, QcowError
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def open_chain(top_path, top_mode: str = "r"):
+    return open_image(top_path, top_mode)
+
+
+def find_layer(top, base_path: str | None):
+    """(parent, base): ``base`` is in ``top``'s chain; ``parent`` is the image above it."""
+    parent = top
+    cur = top.backing
+    if cur is None:
+        raise BackingChainError(top.path, "image has no backing file")
+    if base_path is None:
+        return parent, cur
+    while cur is not None:
+        if same_file(cur.path, base_path):
+            return parent, cur
+        parent, cur = cur, cur.backing
+    names = " -> ".join(i.path for i in top.chain)
+    raise BackingChainError(base_path, f"is not in the backing chain of {top.path} ({names})")
+
+
+def reopen_rw(parent, img):
+    """Reopen chain member ``img`` read-write in place (keeps its own backing)."""
+    from ..image import QcowImage
+    from ..raw import RawImage
+
+    backing = img.backing
+    img.backing = None
+    img.close()
+    try:
+        new = QcowImage(img.path, "r+") if img.format == "qcow2" else RawImage(img.path, "r+")
+    except QcowError:
+        parent.backing = None
+        if backing is not None:
+            backing.close()
+        raise
+    new.backing = backing
+    parent.backing = new
+    return new
+
+
+def backing_name_for(image_path: str, target_path: str, original_name: str | None) -> str:
+    """Name to store in ``image_path``'s header for backing ``target_path``.
+
+    Relative when the original reference was relative (relative to the image's
+    own directory, as QEMU resolves it), absolute otherwise.
+    """
+    if original_name is not None and os.path.isabs(original_name):
+        return os.path.abspath(target_path)
+    return os.path.relpath(os.path.abspath(target_path), os.path.dirname(os.path.abspath(image_path)))
+
+
+def check_backing_target(path: str, backing: str) -> tuple[str, str]:
+    full = resolve_backing(path, backing)
+    if not os.path.exists(full):
+        raise BackingChainError(path, f"new backing file {backing!r} not found ({full})")
+    return full, probe_format(full)
+
+
+def dependents(path: str, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """qcow2 images in ``path``'s directory whose backing file is ``path``."""
+    from ..header import parse_header
+
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    out = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return out
+    for name in sorted(names):
+        p = os.path.join(d, name)
+        if same_file(p, path) or any(same_file(p, e) for e in exclude) or not os.path.isfile(p):
+            continue
+        try:
+            with open(p, "rb") as f:
+                head = f.read(65536)
+            if head[:4] != b"QFI\xfb":
+                continue
+            h = parse_header(p, head, os.path.getsize(p))
+        except (OSError, QcowError):
+            continue
+        if h.backing_file and same_file(resolve_backing(p, h.backing_file), path):
+            out.append(p)
+    return out
+
+
+def require(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise OperationError(path, msg)

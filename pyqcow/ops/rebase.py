@@ -1,0 +1,123 @@
+"""rebase: change an image's backing file (safe: keep guest content; unsafe: header only)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .. import spec
+from ..chain import open_image, probe_format, resolve_backing
+from ..errors import OperationError
+from ..image import QcowImage
+from . import copier
+from .common import check_backing_target, open_chain, same_file
+from .plan import unallocated_ranges
+
+COMPARE_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class RebaseResult:
+    image: str
+    backing: str | None
+    bytes_copied: int
+
+
+def _validate_name(path: str, backing: str) -> None:
+    if len(backing.encode()) > spec.MAX_BACKING_FILE_NAME:
+        raise OperationError(path, f"backing file name too long ({len(backing.encode())} bytes, maximum 1023)")
+
+
+def rebase(path, backing: str | None, *, backing_format: str | None = None, unsafe: bool = False,
+           progress=None) -> RebaseResult:
+    path = os.fspath(path)
+    backing = backing or None
+    if backing is not None:
+        _validate_name(path, backing)
+        if backing_format not in (None, "qcow2", "raw"):
+            raise OperationError(path, f"unsupported backing format {backing_format!r}")
+    if unsafe:
+        fmt = backing_format
+        if backing is not None and fmt is None:
+            full = resolve_backing(path, backing)
+            if not os.path.exists(full):
+                raise OperationError(path, "backing format must be given with -F when the new backing file does not exist")
+            fmt = probe_format(full)
+        with QcowImage(path, "r+") as img:
+            img.set_backing(backing, fmt)
+        return RebaseResult(path, backing, 0)
+
+    new_img = None
+    fmt = None
+    if backing is not None:
+        full, actual = check_backing_target(path, backing)
+        if same_file(full, path):
+            raise OperationError(path, "an image cannot be its own backing file")
+        fmt = backing_format or actual
+    top = open_chain(path, "r+")
+    try:
+        if backing is not None:
+            new_img = open_image(full, format=fmt)
+            if any(same_file(i.path, path) for i in new_img.chain):
+                raise OperationError(path, "the new backing chain would contain the image itself")
+        old = top.backing
+        ranges = unallocated_ranges(top)
+        total = sum(n for _, n in ranges)
+        prog = copier.Progress(total, progress)
+        copied = 0
+        cs = top.cluster_size
+        for start, length in ranges:
+            pos = start
+            end = start + length
+            while pos < end:
+                n = min(COMPARE_CHUNK, end - pos)
+                old_buf = _view(old, pos, n)
+                new_buf = _view(new_img, pos, n)
+                if old_buf != new_buf:
+                    copied += _write_differences(top, pos, old_buf, new_buf, cs)
+                prog.advance(n)
+                pos += n
+        top.flush()
+        top.set_backing(backing, fmt)
+        return RebaseResult(path, backing, copied)
+    finally:
+        if new_img is not None:
+            new_img.close()
+        top.close()
+
+
+def _view(img, offset: int, length: int) -> bytes:
+    """Guest bytes of ``img`` (zeros past its end, or if there is no image)."""
+    buf = bytearray(length)
+    if img is not None:
+        inside = max(0, min(length, img.virtual_size - offset))
+        if inside:
+            img.readinto(memoryview(buf)[:inside], offset)
+    return bytes(buf)
+
+
+def _write_differences(top, pos: int, old: bytes, new: bytes, cs: int) -> int:
+    """Write into ``top`` the clusters where the old and new backing differ."""
+    written = 0
+    n = len(old)
+    i = 0
+    while i < n:
+        # cluster-aligned slices in guest space
+        g = pos + i
+        step = min(cs - (g % cs), n - i)
+        if old[i : i + step] != new[i : i + step]:
+            j = i + step
+            while j < n:
+                s2 = min(cs, n - j)
+                if old[j : j + s2] == new[j : j + s2]:
+                    break
+                j += s2
+            if not any(old[i:j]):
+                top.write_zeroes(g, j - i)
+            else:
+                top.write(g, old[i:j])
+            written += j - i
+            i = j
+        else:
+            i += step
+    return written

@@ -1,0 +1,55 @@
+"""stream: pull into TOP every range it does not allocate from the images above BASE.
+
+Crash safety: TOP is only written where it allocates nothing, with exactly the
+data its chain shows there, so TOP reads the same guest data at every instant;
+the backing pointer is switched last, in one header write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import copier
+from .common import backing_name_for, find_layer, open_chain
+from .plan import Piece, data_bytes, pieces_above, unallocated_ranges
+
+
+@dataclass
+class StreamResult:
+    top: str
+    new_backing: str | None
+    bytes_copied: int
+
+
+def plan_stream(top, base) -> list[Piece]:
+    pieces: list[Piece] = []
+    if top.backing is None:
+        return pieces
+    for start, length in unallocated_ranges(top):
+        pieces.extend(pieces_above(top.backing, base, start, length))
+    return pieces
+
+
+def stream(top_path, base=None, *, progress=None, backing_name: str | None = None) -> StreamResult:
+    """Pull backing data into TOP; afterwards TOP's backing is BASE (or nothing)."""
+    top = open_chain(top_path, "r+")
+    try:
+        if top.backing is None:
+            return StreamResult(top.path, None, 0)
+        base_img = None
+        parent = None
+        if base is not None:
+            parent, base_img = find_layer(top, base)
+        pieces = plan_stream(top, base_img)
+        prog = copier.Progress(data_bytes(pieces), progress)
+        copied = copier.execute(pieces, top, write_zero=base_img is not None, progress=prog)
+        top.flush()
+        if base_img is None:
+            top.set_backing(None, None)
+            return StreamResult(top.path, None, copied)
+        if backing_name is None:
+            backing_name = backing_name_for(top.path, base_img.path, parent.header.backing_file)
+        top.set_backing(backing_name, base_img.format)
+        return StreamResult(top.path, backing_name, copied)
+    finally:
+        top.close()
