@@ -34,6 +34,8 @@ __all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]
 
 #: Subcommand modules under pyqcow.cli, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = ["info", "map", "convert", "compare"]
+#: Chain operations and libvirt XML.
+SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "xml"]
 
 EXIT_INTERRUPTED = 130
 

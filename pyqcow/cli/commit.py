@@ -1,0 +1,99 @@
+"""``pyqcow commit [-b BASE] [-d] [-p] [-q] TOP``
+
+Like ``qemu-img commit``: copy every range TOP (and every image between TOP
+and BASE) allocates into BASE (TOP's backing file without ``-b``), then empty
+TOP unless ``-d``; ``-b`` implies ``-d``, as in qemu-img.  The images' backing
+headers are not changed, so the chain seen from TOP stays TOP -> ... -> BASE.
+
+``--domain-xml FILE --disk TARGET``: the disk (which must name TOP) is written
+to name that chain, exactly as the headers have it after the commit.
+``--dry-run`` prints the number of bytes that would be copied and the XML
+diff, and touches nothing.  A base that other overlays also use draws a
+warning (committing changes what they read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..chain import chain_description, open_image, resolve_backing
+from ..errors import BackingChainError
+from ..libvirt import ChainElement
+from ..ops import commit as commit_op
+from ..ops.common import find_layer
+from ..ops.plan import data_bytes
+from ..units import format_size
+from .progress import add_progress_args, progress_from_args, quiet_warnings
+from .xml import DomainXmlUpdate, add_domain_xml_args
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "commit",
+        help="copy an overlay's data into its backing file (like qemu-img commit)",
+        description="Copy the data TOP (and every image above BASE) holds into BASE.",
+    )
+    p.add_argument("-b", dest="base", metavar="BASE",
+                   help="the image of TOP's chain to commit into (default: TOP's backing "
+                        "file); implies -d")
+    p.add_argument("-d", dest="drop", action="store_true",
+                   help="do not empty TOP after the commit")
+    add_progress_args(p)
+    add_domain_xml_args(p)
+    p.add_argument("top", metavar="TOP")
+    return p
+
+
+def locate_base(top, base: str | None):
+    """(parent, base image) for ``-b BASE``: BASE as given (relative to the current
+    directory), else relative to TOP's directory as qemu resolves backing names."""
+    try:
+        return find_layer(top, base)
+    except BackingChainError:
+        if base is None or os.path.isabs(base):
+            raise
+        alt = resolve_backing(top.path, base)
+        try:
+            return find_layer(top, alt)
+        except BackingChainError:
+            pass
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    with quiet_warnings(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    update = DomainXmlUpdate.prepare(args)
+    with open_image(args.top, "r", force_share=True) as top:
+        _parent, base_img = locate_base(top, args.base)
+        base_path = base_img.path
+        nbytes = data_bytes(commit_op.plan_commit(top, base_img))
+        chain = [ChainElement(p, f) for p, f in chain_description(top)]
+    if update is not None:
+        update.require_source(args.top, "the image")
+        update.plan(chain)
+    drop = args.drop or args.base is not None
+    if args.dry_run:
+        sys.stdout.write(
+            f"would commit {format_size(nbytes)} ({nbytes} bytes) from {args.top} into "
+            f"{base_path}; {args.top} would be {'kept as it is' if drop else 'emptied'}\n"
+        )
+        if update is not None:
+            update.print_diff()
+        return 0
+    bar = progress_from_args(args)
+    try:
+        commit_op.commit(args.top, base_path if args.base is not None else None,
+                         drop=drop, progress=bar)
+    except BaseException:
+        bar.abort()
+        raise
+    bar.finish()
+    if update is not None:
+        update.apply(args.top, "qcow2")
+    return 0

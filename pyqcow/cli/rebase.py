@@ -1,0 +1,105 @@
+"""``pyqcow rebase [-u] -b BACKING [-F FMT] [-p] [-q] IMAGE``
+
+Like ``qemu-img rebase``.  Safe mode (default) keeps IMAGE's guest content:
+where IMAGE allocates nothing, the old and the new backing chain are compared
+and the ranges that differ are copied into IMAGE; then the header names
+BACKING.  ``-u`` (unsafe) rewrites the header only.  ``-b ""`` removes the
+backing file (safe mode first copies everything IMAGE reads through it).
+BACKING is stored as given (relative names relative to IMAGE's directory);
+names longer than 1023 bytes are refused.
+
+``--domain-xml FILE --disk TARGET``: the disk (which must name IMAGE) is
+written to name IMAGE -> BACKING's chain.  ``--dry-run`` prints the change and
+the XML diff, and touches nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import spec
+from ..chain import probe_format, resolve_backing
+from ..errors import OperationError
+from ..libvirt import ChainElement
+from ..ops import rebase as rebase_op
+from .progress import add_progress_args, progress_from_args, quiet_warnings
+from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "rebase",
+        help="change an image's backing file (like qemu-img rebase)",
+        description="Make BACKING the backing file of IMAGE, keeping IMAGE's guest content "
+                    "(unless -u).",
+    )
+    p.add_argument("-b", dest="backing", metavar="BACKING", required=True,
+                   help='the new backing file ("" for none); stored as given')
+    p.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"), metavar="FMT",
+                   help="format of the new backing file: qcow2 or raw (default: probe)")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="unsafe: only rewrite the header (the new backing must hold the "
+                        "same data)")
+    p.add_argument("-f", dest="format", choices=("qcow2",), help="image format (only qcow2)")
+    add_progress_args(p)
+    add_domain_xml_args(p)
+    p.add_argument("image", metavar="IMAGE")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    with quiet_warnings(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    image = args.image
+    backing = args.backing or None
+    if backing is not None and len(os.fsencode(backing)) > spec.MAX_BACKING_FILE_NAME:
+        raise OperationError(
+            image, f"backing file name too long ({len(os.fsencode(backing))} bytes, "
+                   f"maximum {spec.MAX_BACKING_FILE_NAME})"
+        )
+    if not os.path.exists(image):
+        raise OperationError(image, "no such file")
+    fmt = probe_format(image)
+    if fmt != "qcow2":
+        raise OperationError(image, f"is a {fmt} image; only qcow2 images have a backing file")
+    update = DomainXmlUpdate.prepare(args)
+    bfmt = args.backing_format
+    bpath = None
+    if backing is not None:
+        bpath = resolve_backing(image, backing)
+        if os.path.exists(bpath) and bfmt is None:
+            bfmt = probe_format(bpath)
+    if update is not None:
+        update.require_source(image, "the image")
+        chain = [ChainElement(os.path.abspath(image), "qcow2")]
+        if bpath is not None:
+            if not os.path.exists(bpath):
+                raise OperationError(
+                    image, f"new backing file {backing!r} not found ({bpath}); cannot describe "
+                           "the chain in the XML"
+                )
+            chain += image_chain(bpath, bfmt)
+        update.plan(chain)
+    if args.dry_run:
+        how = "header only (unsafe)" if args.unsafe else "keeping the guest content"
+        target = f"{backing} ({bfmt or 'format unknown'})" if backing else "none"
+        sys.stdout.write(f"would set the backing file of {image} to {target}, {how}\n")
+        if update is not None:
+            update.print_diff()
+        return 0
+    bar = progress_from_args(args)
+    try:
+        rebase_op.rebase(image, backing, backing_format=args.backing_format,
+                         unsafe=args.unsafe, progress=bar)
+    except BaseException:
+        bar.abort()
+        raise
+    bar.finish()
+    if update is not None:
+        update.apply(image, "qcow2")
+    return 0

@@ -1,0 +1,221 @@
+"""``pyqcow xml sync DOMAIN_XML --disk TARGET [--dry-run]``, and the
+``--domain-xml FILE --disk TARGET [--dry-run]`` plumbing shared by the chain
+commands (``create -b``, ``commit``, ``stream``, ``rebase``, ``merge``).
+
+Plan, then apply (as virt-xml does):
+
+1. :meth:`DomainXmlUpdate.prepare` reads the domain XML and finds the disk
+   before any image is touched, so an unreadable XML or an unknown target
+   fails first and nothing is created or written;
+2. the command computes the chain the disk will name after the operation
+   (absolute paths, formats) and :meth:`DomainXmlUpdate.plan` renders the new
+   document with :func:`pyqcow.libvirt.rewrite_disk` (which validates it);
+3. ``--dry-run`` prints the unified diff and stops; otherwise the image
+   operation runs, and only when it succeeded :meth:`DomainXmlUpdate.apply`
+   writes the document atomically.  A failed operation leaves the XML
+   byte-identical.
+
+After the operation ``apply`` re-reads the chain from the images; if it is not
+the one planned (it should always be), the images win and a warning says so.
+
+``xml sync`` never guesses a format: the top image is opened with the format
+the disk's ``<driver type>`` gives (libvirt's own rule: a raw disk is never
+probed, so a guest cannot make the host follow a backing file it wrote into a
+raw disk); the backing formats come from the images' headers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from .. import libvirt
+from ..chain import open_image
+from ..errors import DomainXMLError, OperationError
+from ..libvirt import ChainElement
+
+__all__ = ["DomainXmlUpdate", "add_domain_xml_args", "image_chain", "register", "run"]
+
+
+# -- chains of images ------------------------------------------------------------------
+def image_chain(path: str, fmt: str | None = None) -> list[ChainElement]:
+    """The chain ``path`` heads, read from the images (absolute paths), top first."""
+    from ..chain import chain_description
+
+    with open_image(path, "r", format=fmt, force_share=True) as img:
+        return [ChainElement(p, f) for p, f in chain_description(img)]
+
+
+def same_path(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+# -- the shared options ------------------------------------------------------------------
+def add_domain_xml_args(p: argparse.ArgumentParser, *, dry_run: bool = True) -> None:
+    g = p.add_argument_group("libvirt domain XML")
+    g.add_argument("--domain-xml", metavar="FILE",
+                   help="after the operation, rewrite this domain XML so that disk TARGET "
+                        "names the resulting image chain")
+    g.add_argument("--disk", metavar="TARGET",
+                   help="the disk of --domain-xml to rewrite, by its <target dev> (e.g. vda)")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true",
+                       help="show what would change (plan, XML diff) and touch nothing")
+
+
+class DomainXmlUpdate:
+    """One pending change of one disk of one domain XML file."""
+
+    def __init__(self, path: str, target: str, old: bytes) -> None:
+        self.path = path
+        self.target = target
+        self.old = old
+        self.new: bytes | None = None
+        self.chain: list[ChainElement] | None = None
+
+    # 1. before anything else
+    @classmethod
+    def prepare(cls, args: argparse.Namespace) -> DomainXmlUpdate | None:
+        """Read ``--domain-xml`` and check ``--disk`` (None if no XML was asked for)."""
+        xml_path = getattr(args, "domain_xml", None)
+        target = getattr(args, "disk", None)
+        if xml_path is None:
+            if target is not None and not getattr(args, "snapshot_xml", None):
+                raise OperationError(None, "--disk needs --domain-xml FILE")
+            return None
+        if not target:
+            raise DomainXMLError(xml_path, "--domain-xml needs --disk TARGET (e.g. --disk vda)")
+        old = libvirt.read_domain(xml_path)
+        libvirt.disk_source(old, target, xml_path=xml_path)  # checks the document and disk
+        return cls(xml_path, target, old)
+
+    def source(self) -> ChainElement:
+        return libvirt.disk_source(self.old, self.target, xml_path=self.path)
+
+    def require_source(self, image: str, what: str) -> None:
+        """The disk must name ``image`` now (else the rewrite would hit the wrong disk)."""
+        src = self.source()
+        if not same_path(src.path, image):
+            raise DomainXMLError(
+                self.path,
+                f"disk '{self.target}' names {src.path}, not {what} {os.path.abspath(image)}; "
+                "refusing to point it at another chain (check --disk, or run "
+                "`pyqcow xml sync` first)",
+            )
+
+    # 2. plan
+    def plan(self, chain: Sequence[ChainElement]) -> bytes:
+        self.chain = list(chain)
+        self.new = libvirt.rewrite_disk(self.old, self.target, self.chain, xml_path=self.path)
+        return self.new
+
+    def diff(self) -> str:
+        assert self.new is not None
+        return libvirt.unified_diff(self.old, self.new, self.path)
+
+    def print_diff(self) -> None:
+        text = self.diff()
+        if text:
+            sys.stdout.write(text)
+        else:
+            sys.stdout.write(f"{self.path}: disk '{self.target}' already names this chain\n")
+
+    # 3. after the operation succeeded
+    def apply(self, actual_top: str | None = None, actual_format: str | None = None) -> bytes:
+        """Write the planned document (checked against the images' actual chain)."""
+        assert self.new is not None and self.chain is not None
+        new = self.new
+        if actual_top is not None:
+            try:
+                actual = image_chain(actual_top, actual_format)
+            except Exception:  # noqa: BLE001 - the plan stands if the images cannot be read
+                actual = None
+            if actual is not None and actual != self.chain:
+                warnings.warn(
+                    f"{self.path}: the images' chain ({' -> '.join(e.path for e in actual)}) "
+                    f"is not the planned one; disk '{self.target}' names the images' chain",
+                    stacklevel=2,
+                )
+                new = self.plan(actual)
+        current = libvirt.read_domain(self.path)
+        if current != self.old:
+            raise DomainXMLError(
+                self.path,
+                "the domain XML changed while the operation ran; not rewriting it "
+                f"(run `pyqcow xml sync {self.path} --disk {self.target}`)",
+            )
+        if new != self.old:
+            libvirt.write_atomic(self.path, new)
+        return new
+
+
+# -- xml sync ------------------------------------------------------------------------------
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "xml",
+        help="keep a libvirt domain XML true to the image chains",
+        description="Edit libvirt domain XML to match image chains.",
+    )
+    sub = p.add_subparsers(dest="xml_command", metavar="ACTION", required=True)
+    s = sub.add_parser(
+        "sync",
+        help="rewrite a disk's <source>/<backingStore> chain to match the images",
+        description="Read the backing chain from the images the disk's <source> names and "
+                    "rewrite the disk's <driver>, <source> and <backingStore> elements to "
+                    "name exactly that chain (absolute paths, formats, terminated).",
+    )
+    s.add_argument("domain_xml", metavar="DOMAIN_XML")
+    s.add_argument("--disk", metavar="TARGET", required=True,
+                   help="the disk to rewrite, by its <target dev> (e.g. vda)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the unified diff of the change and write nothing")
+    s.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+    # sub-subparsers do not inherit the error behaviour of the root parser
+    for parser in (p, s):
+        parser.error_status = 1
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.xml_command == "sync":
+        return _sync(args)
+    raise OperationError(None, f"unknown xml action {args.xml_command!r}")  # pragma: no cover
+
+
+def _sync(args: argparse.Namespace) -> int:
+    update = DomainXmlUpdate.prepare(args)
+    assert update is not None
+    src = update.source()
+    if not os.path.isabs(src.path):
+        raise DomainXMLError(update.path, f"disk '{update.target}' source {src.path!r} is not absolute")
+    if src.format not in libvirt.FORMATS:
+        raise DomainXMLError(
+            update.path, f"disk '{update.target}' has format {src.format!r}; pyqcow reads qcow2 and raw"
+        )
+    if src.format == "raw" and not args.quiet:
+        from ..chain import probe_format
+
+        try:
+            if probe_format(src.path) == "qcow2":
+                warnings.warn(
+                    f"{src.path}: disk '{update.target}' is raw in the XML but the file has a "
+                    "qcow2 header; not trusting it (set <driver type='qcow2'/> if it is qcow2)",
+                    stacklevel=2,
+                )
+        except Exception:  # noqa: BLE001 - the open below reports a missing file
+            pass
+    chain = image_chain(src.path, src.format)
+    update.plan(chain)
+    if args.dry_run:
+        update.print_diff()
+        return 0
+    update.apply()
+    return 0
