@@ -21,6 +21,27 @@ from .writer import WriterMixin
 
 L2_CACHE_TABLES = 64
 
+_L2E_OFFSET_MASK = spec.L2E_OFFSET_MASK
+_COMPRESSED = spec.QCOW_OFLAG_COMPRESSED
+_COPIED = spec.QCOW_OFLAG_COPIED
+_ZERO = spec.QCOW_OFLAG_ZERO
+# kinds of a coalesced run in readinto
+_DATA, _ZEROS_KIND, _BACKING = 1, 2, 3
+# zero source for fills: calloc'd, so every page maps the kernel's zero page
+_ZERO_BUFFER = memoryview(bytes(1 << 21))
+
+
+def zero_fill(dst: memoryview) -> None:
+    """Set every byte of ``dst`` (a writable 'B' memoryview) to zero."""
+    n = len(dst)
+    step = len(_ZERO_BUFFER)
+    if n <= step:
+        dst[:] = _ZERO_BUFFER[:n]
+        return
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        dst[i : i + m] = _ZERO_BUFFER[:m]
+
 
 class QcowImage(WriterMixin):
     format = "qcow2"
@@ -82,6 +103,13 @@ class QcowImage(WriterMixin):
         self.l2_entries = 1 << self.l2_bits
         self.extended_l2 = h.extended_l2
         self.subcluster_bits = h.cluster_bits - (5 if h.extended_l2 else 0)
+        self._l2_shift = h.cluster_bits + self.l2_bits
+        # L2 entry bits that make a cluster anything but plain data (read fast path),
+        # and the reserved / unaligned-offset bits that make a data entry malformed.
+        self._l2_error_mask = (spec.L2E_RESERVED_MASK & ~1) | (
+            spec.L2E_OFFSET_MASK & (h.cluster_size - 1)
+        )
+        self._l2_special_mask = self._l2_error_mask | spec.QCOW_OFLAG_COMPRESSED | spec.QCOW_OFLAG_ZERO
         raw = self.hf.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         self.l1 = entries.decode_u64_table(raw)
 
@@ -264,31 +292,154 @@ class QcowImage(WriterMixin):
             pos = sc_end
 
     # -- reads -----------------------------------------------------------------------
+    # The read path walks the live L1 and the cached L2 arrays on every call (the
+    # writer edits those in place), so nothing decoded outlives one call.  Adjacent
+    # clusters of one kind (data at consecutive host offsets, zeros, backing) are
+    # coalesced so that a large read is a few preadv calls and zero fills.
     def read(self, offset: int, length: int) -> bytes:
         check_range(self.path, offset, length, self.virtual_size)
+        host = self._single_cluster_host(offset, length, self.l1)
+        if host >= 0:
+            return self.hf.pread(length, host)
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
 
-    def readinto(self, buf, offset: int) -> None:
-        """Fill ``buf`` with guest data from ``offset`` (must lie inside the disk)."""
+    def _single_cluster_host(self, offset: int, length: int, l1) -> int:
+        """Host offset when [offset, offset+length) is inside one plain data cluster, else -1."""
+        cmask = self.cluster_size - 1
+        if (offset & cmask) + length > cmask + 1 or self.extended_l2 or self.has_data_file:
+            return -1
+        l1_index = offset >> self._l2_shift
+        if l1_index >= len(l1):
+            return -1
+        l2_offset = l1[l1_index] & spec.L1E_OFFSET_MASK
+        if not l2_offset:
+            return -1
+        e = self.l2_table(l2_offset)[(offset >> self.cluster_bits) & (self.l2_entries - 1)]
+        host = e & spec.L2E_OFFSET_MASK
+        if e & self._l2_special_mask or not 0 < host < self.file_size:
+            return -1
+        return host + (offset & cmask)
+
+    def readinto(self, buf, offset: int, l1=None) -> None:
+        """Fill ``buf`` with guest data from ``offset`` (must lie inside the disk).
+
+        ``l1`` reads through another L1 table (an internal snapshot's) instead.
+        """
         mv = memoryview(buf).cast("B")
         length = len(mv)
         if not length:
             return
-        for run in self.runs(offset, length):
+        if l1 is None:
+            l1 = self.l1
+        host = self._single_cluster_host(offset, length, l1)
+        if host >= 0:
+            got = os.preadv(self.hf.fd, [mv], host)
+            if got < length:
+                self.hf.preadinto(mv[got:], host + got)
+            return
+        if self.extended_l2:
+            self._readinto_runs(mv, offset, l1)
+        else:
+            self._readinto_standard(mv, offset, l1)
+
+    def _readinto_standard(self, mv: memoryview, offset: int, l1) -> None:
+        """readinto for standard (64-bit) L2 entries, coalescing runs of one kind."""
+        cb = self.cluster_bits
+        cmask = self.cluster_size - 1
+        l2_shift = self._l2_shift
+        l2_mask = self.l2_entries - 1
+        l1_len = len(l1)
+        data_file = self.has_data_file
+        limit = self.data_hf.size() if data_file else self.file_size
+        v2 = self.header.version == 2
+        error_mask = self._l2_error_mask
+        l2_table = self.l2_table
+        flush = self._flush_pending
+        end = offset + len(mv)
+        # pending run: kind (0 none), destination index, host offset, length
+        pk = pd = ph = pl = 0
+        pos = offset
+        while pos < end:
+            l1_index = pos >> l2_shift
+            span_end = min((l1_index + 1) << l2_shift, end)
+            l2_offset = l1[l1_index] & spec.L1E_OFFSET_MASK if l1_index < l1_len else 0
+            if not l2_offset:
+                d = pos - offset
+                if pk == _BACKING and d == pd + pl:
+                    pl += span_end - pos
+                else:
+                    if pk:
+                        flush(mv, offset, pk, pd, ph, pl)
+                    pk, pd, ph, pl = _BACKING, d, 0, span_end - pos
+                pos = span_end
+                continue
+            table = l2_table(l2_offset)
+            while pos < span_end:
+                cl_end = min((pos | cmask) + 1, span_end)
+                e = table[(pos >> cb) & l2_mask]
+                host = e & _L2E_OFFSET_MASK
+                h = 0
+                if e & _COMPRESSED:
+                    if pk:
+                        flush(mv, offset, pk, pd, ph, pl)
+                        pk = 0
+                    data = self.decompress(e)
+                    s = pos & cmask
+                    mv[pos - offset : cl_end - offset] = memoryview(data)[s : s + cl_end - pos]
+                    pos = cl_end
+                    continue
+                if e & _ZERO:
+                    if host:
+                        self._check_host(host, limit, e)
+                        k = _ZEROS_KIND
+                    else:
+                        k = _BACKING if v2 else _ZEROS_KIND
+                elif host or (data_file and e & _COPIED):
+                    if e & error_mask or (not data_file and not 0 < host < limit):
+                        self._check_host(host, limit, e)
+                    k = _DATA
+                    h = host + (pos & cmask)
+                else:
+                    k = _BACKING
+                d = pos - offset
+                if k == pk and d == pd + pl and (k != _DATA or h == ph + pl):
+                    pl += cl_end - pos
+                else:
+                    if pk:
+                        flush(mv, offset, pk, pd, ph, pl)
+                    pk, pd, ph, pl = k, d, h, cl_end - pos
+                pos = cl_end
+        if pk:
+            flush(mv, offset, pk, pd, ph, pl)
+
+    def _flush_pending(self, mv: memoryview, offset: int, kind: int, d: int, h: int, n: int) -> None:
+        dst = mv[d : d + n]
+        if kind == _DATA:
+            got = os.preadv(self.data_hf.fd, [dst], h)
+            if got < n:
+                self.data_hf.preadinto(dst[got:], h + got)
+        elif kind == _ZEROS_KIND:
+            zero_fill(dst)
+        else:
+            self._read_backing(dst, offset + d)
+
+    def _readinto_runs(self, mv: memoryview, offset: int, l1) -> None:
+        """readinto through runs() (extended L2 entries: subclusters)."""
+        for run in self.runs(offset, len(mv), l1=l1):
             a = run.guest_offset - offset
             dst = mv[a : a + run.length]
             t = run.type
             if t == ClusterType.NORMAL:
                 self.data_hf.preadinto(dst, run.host_offset)
             elif t in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-                dst[:] = bytes(run.length)
+                zero_fill(dst)
             elif t == ClusterType.COMPRESSED:
                 cluster_start = (run.guest_offset >> self.cluster_bits) << self.cluster_bits
                 data = self.decompress(run.entry)
                 s = run.guest_offset - cluster_start
-                dst[:] = data[s : s + run.length]
+                dst[:] = memoryview(data)[s : s + run.length]
             else:
                 self._read_backing(dst, run.guest_offset)
 
@@ -296,13 +447,33 @@ class QcowImage(WriterMixin):
         b = self.backing
         n = len(dst)
         if b is None:
-            dst[:] = bytes(n)
+            zero_fill(dst)
             return
         inside = max(0, min(n, b.virtual_size - guest_offset))
         if inside:
             b.readinto(dst[:inside], guest_offset)
         if inside < n:
-            dst[inside:] = bytes(n - inside)
+            zero_fill(dst[inside:])
+
+    # -- forensic views (pyqcow/reader.py, pyqcow/snapshot_view.py) --------------------
+    def reader(self):
+        """A read-only, seekable io.RawIOBase over the guest disk."""
+        from .reader import GuestReader
+
+        return GuestReader(self)
+
+    @property
+    def snapshots(self) -> list:
+        """The internal snapshot table (list of SnapshotInfo)."""
+        from .snapshot import read_snapshot_table
+
+        return read_snapshot_table(self)
+
+    def snapshot(self, name_or_id: str):
+        """A read-only view of internal snapshot ``name_or_id`` (ID first, then name)."""
+        from .snapshot_view import open_snapshot
+
+        return open_snapshot(self, name_or_id)
 
     def decompress(self, entry: int) -> bytes:
         """Decompressed contents of the cluster that compressed L2 ``entry`` describes."""

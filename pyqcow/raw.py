@@ -37,6 +37,11 @@ class RawImage:
     def readinto(self, buf, offset: int) -> None:
         self.hf.preadinto(buf, offset)
 
+    def reader(self):
+        from .reader import GuestReader
+
+        return GuestReader(self)
+
     def runs(self, guest_offset: int, length: int) -> list[Run]:
         """Data/hole runs of the file (a hole reads as zeros, but is 'allocated')."""
         out = []

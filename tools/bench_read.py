@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""Read benchmark: pyqcow's reader() beside dissect.hypervisor, libqcow and qemu-img.
+
+    tools/bench read [--size-gib 2] [--data-gib 1] [--random-reads 20000] [--repeat 3]
+                     [--dir DIR] [--cache-dir DIR] [--no-others] [--keep]
+
+Builds, in a scratch directory, a qcow2 image (64 KiB clusters) of SIZE GiB
+holding DATA GiB of random bytes in 256 KiB chunks (the rest holes), made by
+``qemu-img convert`` from a sparse raw file, and an overlay on top of it in
+which ``qemu-io`` rewrote a random half of the 64 KiB clusters with other
+random bytes.  On each image it measures, hot page cache, best of --repeat:
+
+* sequential: the whole guest disk in 1 MiB reads (MB/s);
+* random: --random-reads 4 KiB reads at random 512-byte aligned offsets (reads/s);
+
+for pyqcow (``reader().readinto`` into one reused buffer, and ``read``),
+dissect.hypervisor's QCow2 stream (``read``), libyal's libqcow binding
+(``read_buffer`` / ``read_buffer_at_offset``; its module is also called
+``pyqcow``, so it runs in a venv of its own) and ``qemu-img bench`` (sequential
+only).  The other readers live in venvs under --cache-dir (default
+~/.cache/pyqcow-bench), made on first use with pip; each runs in a subprocess
+of its venv's python.  Every reader's output is hashed in an untimed pass and
+compared with ``qemu-img convert -O raw``: a wrong reader is reported, not
+hidden.  A benchmark, not a test: it prints figures and ratios and always
+exits 0 unless its own set-up fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+CLUSTER = 64 * 1024
+CHUNK = 256 * 1024
+SEQ_BLOCK = MiB
+RAND_BLOCK = 4096
+
+# ---------------------------------------------------------------------------
+# The measuring worker: one script, run by each venv's python.
+# argv: KIND IMAGE SIZE SEED COUNT REPEAT MODE(time|verify)
+# ---------------------------------------------------------------------------
+WORKER = r'''
+import hashlib, json, os, random, sys, time
+kind, image, size, seed, count, repeat, mode = sys.argv[1:8]
+size, seed, count, repeat = int(size), int(seed), int(count), int(repeat)
+SEQ, RND = 1 << 20, 4096
+rng = random.Random(seed)
+offsets = [rng.randrange(0, size - RND) & ~511 for _ in range(count)]
+
+def open_reader():
+    if kind in ("pyqcow", "pyqcow-read"):
+        sys.path.insert(0, os.environ["PYQCOW_REPO"])
+        import pyqcow
+        img = pyqcow.open(image)
+        return img, img.reader()
+    if kind == "dissect":
+        from pathlib import Path
+        from dissect.hypervisor.disk.qcow2 import QCow2
+        q = QCow2(Path(image))
+        return q, q.open()
+    if kind == "libqcow":
+        import pyqcow  # libyal's binding (own venv)
+        files = []
+        path = image
+        import subprocess
+        chain = json.loads(subprocess.run(
+            ["qemu-img", "info", "--output=json", "--backing-chain", "-U", image],
+            check=True, capture_output=True, text=True).stdout)
+        for entry in chain:
+            f = pyqcow.file()
+            f.open(entry["filename"])
+            files.append(f)
+        for child, parent in zip(files, files[1:]):
+            child.set_parent(parent)
+        return files, files[0]
+    raise SystemExit("unknown reader " + kind)
+
+def seq_pass(r, h):
+    if kind == "pyqcow":
+        buf = bytearray(SEQ); mv = memoryview(buf)
+        r.seek(0)
+        total = 0
+        while True:
+            n = r.readinto(buf)
+            if not n:
+                break
+            if h is not None:
+                h.update(mv[:n])
+            total += n
+        return total
+    if kind == "libqcow":
+        r.seek_offset(0, os.SEEK_SET)
+        total = 0
+        while total < size:
+            data = r.read_buffer(min(SEQ, size - total))
+            if not data:
+                break
+            if h is not None:
+                h.update(data)
+            total += len(data)
+        return total
+    r.seek(0)
+    total = 0
+    while True:
+        data = r.read(SEQ)
+        if not data:
+            break
+        if h is not None:
+            h.update(data)
+        total += len(data)
+    return total
+
+def rand_pass(r, h):
+    if kind == "pyqcow":
+        buf = bytearray(RND); mv = memoryview(buf)
+        seek, readinto = r.seek, r.readinto
+        for off in offsets:
+            seek(off)
+            readinto(buf)
+            if h is not None:
+                h.update(mv)
+        return
+    if kind == "libqcow":
+        rb = r.read_buffer_at_offset
+        for off in offsets:
+            data = rb(RND, off)
+            if h is not None:
+                h.update(data)
+        return
+    seek, read = r.seek, r.read
+    for off in offsets:
+        seek(off)
+        data = read(RND)
+        if h is not None:
+            h.update(data)
+
+owner, r = open_reader()
+out = {}
+if mode == "verify":
+    h = hashlib.sha256()
+    out["seq_bytes"] = seq_pass(r, h)
+    out["seq_sha256"] = h.hexdigest()
+    h = hashlib.sha256()
+    rand_pass(r, h)
+    out["rand_sha256"] = h.hexdigest()
+else:
+    seq, rnd = [], []
+    for _ in range(repeat):
+        t = time.perf_counter(); n = seq_pass(r, None); seq.append(time.perf_counter() - t)
+        t = time.perf_counter(); rand_pass(r, None); rnd.append(time.perf_counter() - t)
+    out["seq_mbs"] = n / min(seq) / 1e6
+    out["rand_per_s"] = count / min(rnd)
+    out["seq_bytes"] = n
+print(json.dumps(out))
+'''
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------
+def build_images(d: Path, size: int, data: int, seed: int) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    chunks = size // CHUNK
+    chosen = sorted(rng.sample(range(chunks), data // CHUNK))
+    raw = d / "base-src.raw"
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for c in chosen:
+            f.seek(c * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+    base = d / "base.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(base)])
+    raw.unlink()
+    top = d / "top.qcow2"
+    # relative backing name: dissect resolves it next to the overlay
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+        cwd=d)
+    patterns = []
+    for i in range(8):
+        p = d / f"pattern{i}.bin"
+        p.write_bytes(rng.randbytes(4 * MiB))
+        patterns.append(p)
+    clusters = size // CLUSTER
+    rewrite = sorted(rng.sample(range(clusters), clusters // 2))
+    cmds = []
+    i = 0
+    while i < len(rewrite):
+        j = i
+        while j + 1 < len(rewrite) and rewrite[j + 1] == rewrite[j] + 1 and j - i < 63:
+            j += 1
+        start, n = rewrite[i] * CLUSTER, (j - i + 1) * CLUSTER
+        cmds.append(f"write -q -s {patterns[len(cmds) % len(patterns)]} {start} {n}")
+        i = j + 1
+    script = "\n".join(cmds) + "\nquit\n"
+    proc = subprocess.run(["qemu-io", "-f", "qcow2", str(top)], input=script, text=True,
+                          capture_output=True, check=False)
+    if proc.returncode or "error" in proc.stdout.lower() + proc.stderr.lower():
+        raise SystemExit(f"qemu-io failed building the overlay: {proc.stdout[-500:]}{proc.stderr[-500:]}")
+    for p in patterns:
+        p.unlink()
+    return base, top
+
+
+def reference(image: Path, d: Path, size: int, seed: int, count: int) -> dict:
+    """sha256 of qemu-img convert -O raw, and of the random 4 KiB reads from it."""
+    import hashlib
+
+    raw = d / (image.stem + ".ref.raw")
+    run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)])
+    h = hashlib.sha256()
+    with open(raw, "rb") as f:
+        while True:
+            b = f.read(8 * MiB)
+            if not b:
+                break
+            h.update(b)
+    seq = h.hexdigest()
+    rng = random.Random(seed)
+    offsets = [rng.randrange(0, size - RAND_BLOCK) & ~511 for _ in range(count)]
+    h = hashlib.sha256()
+    fd = os.open(raw, os.O_RDONLY)
+    try:
+        for off in offsets:
+            h.update(os.pread(fd, RAND_BLOCK, off))
+    finally:
+        os.close(fd)
+    raw.unlink()
+    return {"seq_sha256": seq, "rand_sha256": h.hexdigest()}
+
+
+# ---------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------
+def ensure_venv(cache: Path, name: str, package: str) -> Path | None:
+    venv = cache / name
+    py = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if marker.exists() and py.exists():
+        return py
+    log(f"  setting up {name}: pip install {package} (once, in {venv})")
+    try:
+        if venv.exists():
+            shutil.rmtree(venv)
+        run([sys.executable, "-m", "venv", str(venv)])
+        run([str(py), "-m", "pip", "install", "-q", package])
+    except subprocess.CalledProcessError as e:
+        log(f"  ! could not install {package}: {(e.stderr or e.stdout or '').strip()[-300:]}")
+        return None
+    marker.write_text(package + "\n")
+    return py
+
+
+def measure(python: str, kind: str, image: Path, size: int, seed: int, count: int,
+            repeat: int, mode: str, worker: Path) -> dict | str:
+    env = dict(os.environ, PYQCOW_REPO=str(REPO))
+    proc = subprocess.run(
+        [python, str(worker), kind, str(image), str(size), str(seed), str(count), str(repeat), mode],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    if proc.returncode:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        return "failed: " + (tail[-1] if tail else f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def qemu_img_bench(image: Path, size: int, repeat: int) -> float | None:
+    best = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        try:
+            run(["qemu-img", "bench", "-U", "-f", "qcow2", "-t", "writeback", "-d", "1",
+                 "-c", str(size // SEQ_BLOCK), "-s", str(SEQ_BLOCK), "-S", str(SEQ_BLOCK),
+                 str(image)])
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return size / best / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2)
+    ap.add_argument("--data-gib", type=float, default=1)
+    ap.add_argument("--random-reads", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=20240601)
+    ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "pyqcow-bench"),
+                    help="where the dissect and libqcow venvs live")
+    ap.add_argument("--no-others", action="store_true", help="measure pyqcow (and qemu-img) only")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = ap.parse_args(argv)
+    for tool in ("qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            log(f"bench read: {tool} not found; nothing measured")
+            return 0
+    size = int(args.size_gib * GiB) // CHUNK * CHUNK
+    data = int(args.data_gib * GiB) // CHUNK * CHUNK
+    scratch = Path(tempfile.mkdtemp(prefix="pyqcow-bench-read-", dir=args.dir))
+    try:
+        log(f"bench read: building a {size / GiB:g} GiB image with {data / GiB:g} GiB of random "
+            f"data and a 50%-rewritten overlay in {scratch}")
+        t = time.perf_counter()
+        base, top = build_images(scratch, size, data, args.seed)
+        log(f"  built in {time.perf_counter() - t:.1f} s; computing reference hashes "
+            "(qemu-img convert -O raw)")
+        refs = {img: reference(img, scratch, size, args.seed, args.random_reads)
+                for img in (base, top)}
+        worker = scratch / "worker.py"
+        worker.write_text(WORKER)
+        readers: list[tuple[str, str, str]] = [
+            ("pyqcow", sys.executable, "pyqcow reader().readinto"),
+            ("pyqcow-read", sys.executable, "pyqcow reader().read"),
+        ]
+        if not args.no_others:
+            cache = Path(args.cache_dir)
+            cache.mkdir(parents=True, exist_ok=True)
+            py = ensure_venv(cache, "venv-dissect", "dissect.hypervisor")
+            if py:
+                readers.append(("dissect", str(py), "dissect.hypervisor QCow2 stream"))
+            py = ensure_venv(cache, "venv-libqcow", "libqcow-python")
+            if py:
+                readers.append(("libqcow", str(py), "libqcow-python (libyal)"))
+        results: dict = {}
+        for img in (base, top):
+            label = "image" if img == base else "overlay"
+            for kind, py, _ in readers:
+                log(f"  {label}: {kind} ...")
+                timed = measure(py, kind, img, size, args.seed, args.random_reads, args.repeat,
+                                "time", worker)
+                check = measure(py, kind, img, size, args.seed, args.random_reads, 1, "verify",
+                                worker)
+                if isinstance(check, dict):
+                    ok_seq = check["seq_sha256"] == refs[img]["seq_sha256"]
+                    ok_rand = check["rand_sha256"] == refs[img]["rand_sha256"]
+                    verdict = "correct" if ok_seq and ok_rand else (
+                        "WRONG DATA (" + ", ".join(
+                            w for w, ok in (("sequential", ok_seq), ("random", ok_rand)) if not ok
+                        ) + ")")
+                else:
+                    verdict = check
+                results[(label, kind)] = (timed, verdict)
+            results[(label, "qemu-img")] = (
+                {"seq_mbs": qemu_img_bench(img, size, args.repeat)}, "(not checked)")
+        report(results, readers, size, data, args)
+    finally:
+        if args.keep:
+            log(f"kept {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def report(results: dict, readers, size: int, data: int, args) -> None:
+    log("")
+    log(f"pyqcow read benchmark: {size / GiB:g} GiB disk, {data / GiB:g} GiB random data, "
+        f"64 KiB clusters; sequential = whole disk in 1 MiB reads, random = "
+        f"{args.random_reads} x 4 KiB; hot page cache, best of {args.repeat}")
+    names = [k for k, _, _ in readers] + ["qemu-img"]
+    for label in ("image", "overlay"):
+        log("")
+        log(f"[{label}{' (over the image)' if label == 'overlay' else ''}]")
+        log(f"  {'reader':<14}{'sequential MB/s':>17}{'random reads/s':>17}  output")
+        ours = results.get((label, "pyqcow"), ({}, ""))[0]
+        for kind in names:
+            timed, verdict = results.get((label, kind), ({}, "not run"))
+            if isinstance(timed, str):
+                log(f"  {kind:<14}{'-':>17}{'-':>17}  {timed}")
+                continue
+            seq = timed.get("seq_mbs")
+            rnd = timed.get("rand_per_s")
+            log(f"  {kind:<14}{_num(seq):>17}{_num(rnd):>17}  {verdict}")
+        if isinstance(ours, dict) and ours:
+            for kind in names[2:]:
+                timed = results.get((label, kind), ({}, ""))[0]
+                if not isinstance(timed, dict):
+                    continue
+                parts = []
+                if timed.get("seq_mbs"):
+                    parts.append(f"sequential x{ours['seq_mbs'] / timed['seq_mbs']:.2f}")
+                if timed.get("rand_per_s"):
+                    parts.append(f"random x{ours['rand_per_s'] / timed['rand_per_s']:.2f}")
+                if parts:
+                    log(f"  pyqcow vs {kind}: " + ", ".join(parts))
+    log("")
+    log("goals (issue 6): sequential >= libqcow's ~8000 MB/s, random >= 60000 reads/s")
+
+
+def _num(v) -> str:
+    return "-" if not v else f"{v:,.0f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
