@@ -40,6 +40,10 @@ class WriterMixin:
         self.header_dirty = False
         self._write_started = False
         self._data_written = False
+        # compressed-cluster packing: next free byte (sector aligned) in the
+        # host clusters last allocated for compressed data, and their end
+        self._cpos = 0
+        self._cend = 0
         if not self.writable:
             return
         from .refcount import Refcounts
@@ -234,6 +238,69 @@ class WriterMixin:
         table[2 * i + 1] = bm
         self.dirty_l2.add(l2_off)
 
+    # ------------------------------------------------------------------ compressed clusters
+    def write_compressed(self, guest_offset: int, data) -> None:
+        """Store one guest cluster as ``data`` (already compressed for this image's
+        compression_type).  Compressed clusters are packed into host clusters at
+        sector granularity; every host cluster a compressed cluster's sector range
+        touches gets one reference per compressed cluster (as qemu counts them).
+        """
+        self._check_writable()
+        cs, cb = self.cluster_size, self.cluster_bits
+        if guest_offset & (cs - 1):
+            raise OperationError(self.path, "compressed writes must start at a cluster boundary")
+        check_range(self.path, guest_offset, min(cs, self.virtual_size - guest_offset),
+                    self.virtual_size)
+        if guest_offset >= self.virtual_size:
+            raise OperationError(self.path, f"request at offset {guest_offset} is outside the disk")
+        if self.has_data_file:
+            raise OperationError(self.path, "compressed clusters need the data in the image file")
+        mv = memoryview(data).cast("B")
+        length = len(mv)
+        if not 0 < length < cs:
+            raise OperationError(self.path, "compressed data must be smaller than one cluster")
+        self._begin_write()
+        rc = self.refcounts
+        cluster = guest_offset >> cb
+        table, l2_off = self._l2_for_write(cluster)
+        pos, end = self._cpos, self._cend
+        if pos and rc.get(pos >> cb) >= rc.max:
+            pos = end = 0  # narrow refcounts (refcount_bits=1): no sharing
+        old_end_cluster = end >> cb
+        if not pos or pos + length > end:
+            extra = length if not pos else pos + length - end
+            k = (extra + cs - 1) >> cb
+            new = rc.alloc(k)
+            self._note_alloc()
+            if not pos or new != end:
+                pos = new
+                old_end_cluster = new >> cb  # every touched cluster is fresh
+            end = new + (k << cb)
+        first, last = pos >> cb, (pos + length - 1) >> cb
+        for c in range(first, last + 1):
+            if c < old_end_cluster:
+                rc.incref(c)  # shared with an earlier compressed cluster
+            # else: a fresh cluster, alloc() already gave it its one reference
+        self.hf.pwrite(mv, pos)
+        descriptor = entries.encode_compressed(pos, length, cb)
+        i = cluster & (self.l2_entries - 1)
+        if self.extended_l2:
+            self._free_entry_allocation(table[2 * i])
+            table[2 * i] = descriptor
+            table[2 * i + 1] = 0
+        else:
+            self._free_entry_allocation(table[i])
+            table[i] = descriptor
+        self.dirty_l2.add(l2_off)
+        nxt = (pos + length + 511) & ~511
+        if nxt >= end:
+            self._cpos = self._cend = 0
+        else:
+            self._cpos, self._cend = nxt, end
+        self._data_written = True
+        if len(self.dirty_l2) > MAX_DIRTY_L2:
+            self.flush()
+
     # ------------------------------------------------------------------ zeroes / discard
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         self._check_writable()
@@ -409,6 +476,8 @@ class WriterMixin:
             hf.fsync()
         # 7. deferred frees
         if rc.pending_free:
+            # a freed cluster may be the compressed tail: never pack into it again
+            self._cpos = self._cend = 0
             rc.apply_pending_frees()
             if rc.write_blocks():
                 hf.fsync()

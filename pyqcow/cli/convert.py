@@ -1,4 +1,4 @@
-"""``pyqcow convert [-f FMT] [-O raw] [-p] [-q] [-U] SRC DST``
+"""``pyqcow convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-q] [-U] SRC DST``
 
 Writes the guest view of SRC (its whole backing chain) to DST.  ``-O raw``
 makes a sparse raw file of the virtual size: ranges that read as zeros become
@@ -24,8 +24,28 @@ def _write_raw(args: argparse.Namespace, src, progress: Progress) -> None:
     convert_to_raw(src, args.dst, progress)
 
 
-#: -O value -> writer.  qcow2 output is added by the writer side.
-OUTPUT_FORMATS: dict[str, Writer] = {"raw": _write_raw}
+def _write_qcow2(args: argparse.Namespace, src, progress: Progress) -> None:
+    from ..create import parse_options
+    from ..ops.convert import convert_to_qcow2
+
+    options = parse_options(args.dst, getattr(args, "options", None) or "")
+    backing = getattr(args, "backing", None)
+    backing_fmt = getattr(args, "backing_format", None)
+    if backing_fmt and not backing:
+        raise OperationError(args.dst, "-F needs -B (a backing file)")
+    convert_to_qcow2(
+        src,
+        args.dst,
+        compress=getattr(args, "compress", False),
+        options=options,
+        backing=backing,
+        backing_format=backing_fmt,
+        progress=progress,
+    )
+
+
+#: -O value -> writer.
+OUTPUT_FORMATS: dict[str, Writer] = {"raw": _write_raw, "qcow2": _write_qcow2}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +58,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="output format: " + ", ".join(OUTPUT_FORMATS) + " (default raw)")
     p.add_argument("-f", "--format", choices=("qcow2", "raw"),
                    help="source format (default: probe)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="qcow2 output: write compressed clusters")
+    p.add_argument("-o", dest="options", metavar="OPTS",
+                   help="qcow2 output: creation options (cluster_size=..., compat=..., ...)")
+    p.add_argument("-B", dest="backing", metavar="BACKING",
+                   help="qcow2 output: make DST an overlay of BACKING; write only what differs")
+    p.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
+                   help="format of the -B backing file (default: probe)")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="read SRC even if another process (a VM) has it open")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
@@ -55,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
             f"output format {args.output_format!r} is not supported "
             f"(supported: {', '.join(OUTPUT_FORMATS)})",
         )
+    if args.output_format != "qcow2":
+        for flag, used in (("-c", args.compress), ("-o", args.options),
+                           ("-B", args.backing), ("-F", args.backing_format)):
+            if used:
+                raise OperationError(args.dst, f"{flag} needs -O qcow2")
     with open_image(args.src, "r", format=args.format, force_share=args.force_share) as src:
         progress = Progress(args.progress and not args.quiet)
         writer(args, src, progress)
