@@ -1,58 +1,221 @@
 #!/usr/bin/env python3
-"""pyqcow demo (first cut): an overlay over a base, as pyqcow sees it.
+"""pyqcow demo: the seed scenario, end to end, on images and a domain XML it makes.
 
-Builds, in ./demo-out/ (recreated each run; --out DIR to choose):
-    base.qcow2   64 MiB, written with qemu-io
-    new.qcow2    overlay with backing file base.qcow2, some writes of its own
-then runs `pyqcow info --backing-chain` and `pyqcow map --output=json` on
-new.qcow2 and prints both, with qemu-img's view for comparison.
+A VM's disk is base.qcow2.  We take an external snapshot offline (the disk
+now writes into new.qcow2, and the libvirt domain XML must follow), the guest
+writes ~5% of the disk, and then we want ONE image again, under the old name
+base.qcow2, without copying the whole disk: pyqcow measures both directions
+(commit new into base, or stream base into new and rename) and copies the
+cheaper one, and rewrites the domain XML to match.
 
-Run through tools/demo (which sets up .venv); exits 1 with a message if a tool
-is missing.
+Everything happens in ./demo-out/ (recreated each run; --out DIR to choose):
+
+    1. base.qcow2 (64 MiB, 48 MiB of data written with qemu-io)
+    2. dom.xml, a libvirt domain whose disk vda is base.qcow2 (absolute paths)
+    3. pyqcow create -b base.qcow2 -F qcow2 new.qcow2 --domain-xml dom.xml --disk vda
+       --snapshot-xml snap1.xml    (external snapshot: vda -> new.qcow2 -> base.qcow2)
+    4. the "guest" writes 3.2 MiB (5%) into new.qcow2
+    5. pyqcow merge --dry-run       (the plan, both directions' costs)
+    6. pyqcow merge --keep base new.qcow2 --domain-xml dom.xml --disk vda -p
+    7. the domain XML before and after (diff), validated by virt-xml-validate
+    8. qemu-img compare: base.qcow2 reads what new.qcow2 read; qemu-img check
+
+Run through tools/demo (which sets up .venv); non-interactive, exits non-zero
+with a message if a step fails or a required tool (qemu-img, qemu-io) is
+missing.  virt-xml-validate is used when it is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+DISK_SIZE = 64 * MiB
+
+# What the guest wrote before the snapshot (base) and after it (new): (pattern, offset, length)
+BASE_WRITES = [(0xB1, 0, 16 * MiB), (0xB2, 16 * MiB, 16 * MiB), (0xB3, 40 * MiB, 16 * MiB)]
+NEW_WRITES = [
+    (0x11, 1 * MiB, 1 * MiB),
+    (0x12, 20 * MiB, 1 * MiB),
+    (0x13, 36 * MiB, 512 * 1024),  # over a hole of the base
+    (0x14, 60 * MiB, 704 * 1024),
+]
+
+DOMAIN_XML = """<?xml version='1.0' encoding='UTF-8'?>
+<!-- pyqcow demo domain: disk vda is a qcow2 image chain -->
+<domain type='kvm'>
+  <name>pyqcow-demo</name>
+  <uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>
+  <memory unit='KiB'>524288</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{base}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+  </devices>
+</domain>
+"""
 
 
-def run(argv: list[str], cwd: Path) -> str:
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(
-            f"demo: command failed (exit {proc.returncode}): {' '.join(argv)}\n"
-            f"{proc.stderr.strip() or proc.stdout.strip()}"
+class DemoError(Exception):
+    pass
+
+
+def heading(number: int, title: str) -> None:
+    bar = "=" * 78
+    print(f"\n{bar}\n== {number}. {title}\n{bar}", flush=True)
+
+
+def run(argv: list[str], cwd: Path, *, show: bool = True, env: dict | None = None,
+        ok: tuple[int, ...] = (0,)) -> str:
+    """Run a command in cwd, echo it (and its output) when ``show``; fail the demo on error."""
+    if show:
+        print(f"$ {shlex.join(argv)}", flush=True)
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode not in ok:
+        raise DemoError(
+            f"command failed (exit {proc.returncode}): {shlex.join(argv)}\n"
+            f"{(proc.stderr.strip() or proc.stdout.strip())}"
         )
+    if show:
+        for stream in (proc.stdout, proc.stderr):
+            text = stream.rstrip()
+            if text:
+                print(text, flush=True)
     return proc.stdout
 
 
-def show(title: str, argv: list[str], cwd: Path) -> None:
-    print(f"\n$ {' '.join(argv)}    # {title}")
-    print(run(argv, cwd).rstrip())
+def pyqcow_env() -> dict:
+    """Environment in which ``python -m pyqcow.cli.main`` imports this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    return env
 
 
-def pyqcow_command() -> list[str] | None:
-    exe = shutil.which("pyqcow")
-    if exe is None:
-        return None
-    probe = subprocess.run([exe, "--help"], capture_output=True, text=True, check=False)
-    return [exe] if probe.returncode == 0 else None
+def pyqcow_argv() -> list[str]:
+    """The pyqcow command: the console script next to this python, else ``-m``."""
+    exe = Path(sys.executable).with_name("pyqcow")
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", "pyqcow.cli.main"]
+
+
+def show_diff(old: str, new: str, name: str) -> None:
+    lines = list(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                      fromfile=f"{name} (before)", tofile=f"{name} (after)"))
+    print("".join(lines).rstrip() if lines else "(no change)", flush=True)
+
+
+def validate_xml(path: Path, schema: str, cwd: Path) -> None:
+    tool = shutil.which("virt-xml-validate")
+    if tool is None or shutil.which("xmllint") is None:
+        print(f"(virt-xml-validate/xmllint not installed: {path.name} not validated)")
+        return
+    run([tool, str(path), schema], cwd)
+
+
+def demo(out: Path) -> None:
+    env = pyqcow_env()
+    pyqcow = pyqcow_argv()
+
+    def pq(*args: str, show: bool = True) -> str:
+        return run([*pyqcow, *args], out, show=show, env=env)
+
+    base = out / "base.qcow2"
+    new = out / "new.qcow2"
+    dom = out / "dom.xml"
+
+    heading(1, "A VM disk: base.qcow2 with data")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", str(DISK_SIZE)], out)
+    io = ["qemu-io", "-f", "qcow2"]
+    for pattern, offset, length in BASE_WRITES:
+        io += ["-c", f"write -q -P {pattern:#x} {offset} {length}"]
+    run([*io, "base.qcow2"], out)
+    pq("info", "base.qcow2")
+
+    heading(2, "The libvirt domain XML: disk vda is base.qcow2")
+    dom.write_text(DOMAIN_XML.format(base=base))
+    original_xml = dom.read_text()
+    print(original_xml.rstrip())
+    validate_xml(dom, "domain", out)
+
+    heading(3, "External snapshot (offline): vda now writes into new.qcow2")
+    pq("create", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2",
+       "--domain-xml", "dom.xml", "--disk", "vda", "--snapshot-xml", "snap1.xml",
+       "--snapshot-name", "snap1")
+    snapshot_xml = dom.read_text()
+    show_diff(original_xml, snapshot_xml, "dom.xml")
+    pq("info", "--backing-chain", "new.qcow2")
+    print(f"(snap1.xml: a <domainsnapshot> for `virsh snapshot-create pyqcow-demo "
+          f"{out / 'snap1.xml'} --redefine`)")
+    validate_xml(out / "snap1.xml", "domainsnapshot", out)
+
+    heading(4, "The guest writes into new.qcow2 (~5% of the disk)")
+    io = ["qemu-io", "-f", "qcow2"]
+    written = 0
+    for pattern, offset, length in NEW_WRITES:
+        io += ["-c", f"write -q -P {pattern:#x} {offset} {length}"]
+        written += length
+    run([*io, "new.qcow2"], out)
+    print(f"new.qcow2 holds {written} bytes = {100 * written / DISK_SIZE:.1f}% of the "
+          f"{DISK_SIZE // MiB} MiB disk; base.qcow2 holds "
+          f"{sum(n for _, _, n in BASE_WRITES) // MiB} MiB")
+    # The guest's view now, to check the merge against.
+    run(["qemu-img", "convert", "-O", "raw", "new.qcow2", "guest-view.raw"], out)
+
+    heading(5, "Merge plan (dry run): which direction copies less?")
+    pq("merge", "--dry-run", "--keep", "base", "new.qcow2", "--domain-xml", "dom.xml",
+       "--disk", "vda")
+    print()
+    pq("merge", "--dry-run", "--keep", "top", "new.qcow2")
+
+    heading(6, "Merge, keeping the base's file name")
+    pq("merge", "--keep", "base", "new.qcow2", "--domain-xml", "dom.xml", "--disk", "vda", "-p")
+    print(f"files now: {', '.join(sorted(p.name for p in out.iterdir() if p.suffix == '.qcow2'))}")
+    if new.exists():
+        raise DemoError("new.qcow2 still exists after the merge")
+
+    heading(7, "The domain XML before and after the merge")
+    merged_xml = dom.read_text()
+    show_diff(snapshot_xml, merged_xml, "dom.xml")
+    validate_xml(dom, "domain", out)
+    pq("xml", "sync", "dom.xml", "--disk", "vda", "--dry-run")
+
+    heading(8, "Verify with qemu-img")
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", "guest-view.raw", "base.qcow2"], out)
+    run(["qemu-img", "check", "base.qcow2"], out)
+    pq("info", "base.qcow2")
+    (out / "guest-view.raw").unlink()
+
+    print("\ndemo: OK: base.qcow2 holds the guest's data and dom.xml names it")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=REPO_ROOT / "demo-out",
-        help="directory for the demo images (default: ./demo-out)",
-    )
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "demo-out",
+                    help="directory for the demo files (default: ./demo-out)")
     args = ap.parse_args(argv)
 
     for tool in ("qemu-img", "qemu-io"):
@@ -64,57 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-
-    # Relative names from inside the directory: new.qcow2 records "base.qcow2".
-    run(["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "64M"], out)
-    run(
-        [
-            "qemu-io",
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0xb1 0 4M",
-            "-c",
-            "write -P 0xb2 32M 1M",
-            "base.qcow2",
-        ],
-        out,
-    )
-    run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"],
-        out,
-    )
-    run(
-        [
-            "qemu-io",
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 1M 128k",
-            "-c",
-            "write -P 0x12 40M 64k",
-            "-c",
-            "write -z 33M 64k",
-            "new.qcow2",
-        ],
-        out,
-    )
-    print(f"demo: made {out}/base.qcow2 <- {out}/new.qcow2")
-
-    show("qemu-img's view", ["qemu-img", "info", "--backing-chain", "new.qcow2"], out)
-
-    pyqcow = pyqcow_command()
-    if pyqcow is None:
-        print(
-            "\ndemo: the `pyqcow` command is not runnable yet (not installed, or its CLI "
-            "module pyqcow.cli.main is missing/broken); run tools/demo after it exists.",
-            file=sys.stderr,
-        )
+    try:
+        demo(out)
+    except DemoError as e:
+        print(f"\ndemo: FAILED: {e}", file=sys.stderr)
         return 1
-
-    show("pyqcow", [*pyqcow, "info", "--backing-chain", "new.qcow2"], out)
-    show("pyqcow", [*pyqcow, "map", "--output=json", "new.qcow2"], out)
-    show("qemu-img, for comparison", ["qemu-img", "map", "--output=json", "new.qcow2"], out)
     return 0
 
 
