@@ -36,6 +36,7 @@ __all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]
 SUBCOMMANDS: list[str] = ["info", "map", "convert", "compare", "dump", "orphans", "hash"]
 #: Chain operations and libvirt XML.
 SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "xml"]
+SUBCOMMANDS += ["snapshot"]  # internal snapshots
 
 EXIT_INTERRUPTED = 130
 
