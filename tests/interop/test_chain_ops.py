@@ -1,0 +1,600 @@
+"""Chain operations (commit, stream, rebase, merge) against qemu-img as the oracle.
+
+Every case builds a chain with qemu-img/qemu-io, copies it twice, runs the
+pyqcow operation on one copy and qemu-img's equivalent on the other, then
+checks: the results compare identical (``qemu-img compare``), every qcow2 file
+passes ``qemu-img check`` (no errors, no leaks), and the top's guest content is
+what it was before.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import qemu
+from pyqcow import fastcopy
+from pyqcow.errors import QcowError
+from pyqcow.ops.commit import commit
+from pyqcow.ops.merge import merge
+from pyqcow.ops.rebase import rebase
+from pyqcow.ops.stream import stream
+
+KiB = 1024
+MiB = 1024 * KiB
+
+pytestmark = pytest.mark.usefixtures("qemu_img_path", "qemu_io_path")
+
+
+# --------------------------------------------------------------------------- chain builder
+
+
+@dataclass
+class ChainSpec:
+    name: str
+    base_fmt: str = "qcow2"
+    depth: int = 2
+    cluster_size: int = 64 * KiB
+    opts: tuple[str, ...] = ()
+    compressed: bool = False
+    extended_l2: bool = False
+    larger_top: bool = False
+    absolute: bool = False
+    units: int = 40  # virtual size in clusters
+    extra: dict = field(default_factory=dict)
+
+
+SPECS = {
+    s.name: s
+    for s in [
+        ChainSpec("qcow2"),
+        ChainSpec("raw_base", base_fmt="raw"),
+        ChainSpec("deep3", depth=3),
+        ChainSpec("deep3_raw", base_fmt="raw", depth=3),
+        ChainSpec("compressed", compressed=True),
+        ChainSpec("extl2", extended_l2=True, opts=("extended_l2=on",)),
+        ChainSpec("c512", cluster_size=512, units=600),
+        ChainSpec("c2m", cluster_size=2 * MiB, units=24),
+        ChainSpec("larger_top", larger_top=True),
+        ChainSpec("larger_top_raw", base_fmt="raw", larger_top=True),
+        ChainSpec("absolute", absolute=True, depth=3),
+        ChainSpec("v2", opts=("compat=0.10",)),
+    ]
+}
+
+
+@dataclass
+class Chain:
+    dir: Path
+    files: list[Path]  # base first, top last
+    fmts: list[str]
+    absolute: bool = False
+
+    @property
+    def top(self) -> Path:
+        return self.files[-1]
+
+    @property
+    def base(self) -> Path:
+        return self.files[0]
+
+    def copy(self, name: str) -> Chain:
+        d = self.dir.parent / name
+        shutil.copytree(self.dir, d)
+        new = Chain(d, [d / f.name for f in self.files], list(self.fmts), self.absolute)
+        if self.absolute:  # point the copies at each other, not at the originals
+            for below, f, fmt in zip(new.files, new.files[1:], new.fmts):
+                qemu.qemu_img("rebase", "-q", "-u", "-b", str(below), "-F", fmt, f)
+        return new
+
+
+def build_chain(tmp: Path, spec: ChainSpec) -> Chain:
+    d = tmp / "orig"
+    d.mkdir()
+    u = spec.cluster_size
+    size = spec.units * u
+    opts = (f"cluster_size={u}", *spec.opts)
+    sub = u // 32
+    base = d / ("base.img" if spec.base_fmt == "raw" else "base.qcow2")
+    if spec.base_fmt == "raw":
+        qemu.create(base, size, fmt="raw")
+    else:
+        qemu.create(base, size, *opts)
+    bw = [
+        f"write -P 0x11 0 {8 * u}",
+        f"write -P 0x12 {10 * u} {6 * u}",
+        f"write -z {11 * u} {2 * u}",
+        f"write -P 0x14 {size - 4 * u} {2 * u}",
+        f"write -P 0x15 {20 * u + 300} 700",
+    ]
+    if spec.base_fmt == "qcow2":
+        bw.append(f"discard {14 * u} {u}")
+    if spec.compressed:
+        bw.append(f"write -c -P 0x13 {26 * u} {2 * u}")
+    qemu.qemu_io(base, *bw, fmt=spec.base_fmt)
+    files = [base]
+    fmts = [spec.base_fmt]
+    layer_writes = []
+    if spec.depth == 3:
+        layer_writes.append([
+            f"write -P 0x21 {2 * u} {3 * u}",
+            f"write -z {5 * u} {u}",
+            f"write -P 0x22 {22 * u + 7} {u}",
+            f"discard {12 * u} {u}",
+            f"write -P 0x23 {27 * u} {u}",
+        ])
+    top_size = size + 8 * u if spec.larger_top else None
+    tw = [
+        f"write -P 0x31 {u + 100} {2 * u}",
+        f"write -z {6 * u} {2 * u}",
+        f"write -z -u {3 * u} {u}",
+        f"discard {15 * u} {u}",
+        f"write -P 0x33 {size - 3 * u} {u}",
+    ]
+    if spec.compressed:
+        tw.append(f"write -c -P 0x32 {24 * u} {2 * u}")
+    if spec.extended_l2:
+        tw += [f"write -P 0x34 {30 * u + 3 * sub} {2 * sub}", f"write -z {31 * u + 5 * sub} {sub}"]
+    if spec.larger_top:
+        tw += [f"write -P 0x35 {size - u} {2 * u}", f"write -P 0x36 {size + 4 * u} {u}"]
+    layer_writes.append(tw)
+    for i, writes in enumerate(layer_writes):
+        name = "mid.qcow2" if i < len(layer_writes) - 1 else "top.qcow2"
+        p = d / name
+        backing = str(files[-1]) if spec.absolute else files[-1].name
+        sz = top_size if name == "top.qcow2" else None
+        qemu.create(p, sz, *opts, backing=backing, backing_fmt=fmts[-1], cwd=d)
+        qemu.qemu_io(p, *writes)
+        files.append(p)
+        fmts.append("qcow2")
+    return Chain(d, files, fmts, spec.absolute)
+
+
+def raw_of(path: Path, out: Path) -> bytes:
+    qemu.convert_raw(path, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def assert_clean(chain: Chain) -> None:
+    for f, fmt in zip(chain.files, chain.fmts):
+        if fmt == "qcow2" and f.exists():
+            res, rc = qemu.check_json(f)
+            assert rc == 0, (f, res)
+            assert not res.get("corruptions") and not res.get("leaks"), (f, res)
+
+
+def assert_same(a: Path, b: Path) -> None:
+    assert qemu.compare(a, b) == 0, f"{a} and {b} differ"
+    assert os.path.getsize(a) > 0
+
+
+def depth0_data(path: Path) -> list[dict]:
+    return [e for e in qemu.map_json(path) if e["depth"] == 0 and e["present"]]
+
+
+BACKENDS = ["native", "python"]
+
+
+def backend_ctx(name: str):
+    if name == "native" and not fastcopy.native_available():
+        pytest.skip("native fastcopy helper not built")
+    return fastcopy.backend(name)
+
+
+@pytest.fixture
+def make(tmp_path):
+    def _make(spec_name: str) -> tuple[Chain, Chain, Chain]:
+        orig = build_chain(tmp_path, SPECS[spec_name])
+        return orig, orig.copy("ours"), orig.copy("theirs")
+
+    return _make
+
+
+# --------------------------------------------------------------------------- commit
+
+KEY_SPECS = ["qcow2", "raw_base", "deep3", "compressed", "extl2", "larger_top"]
+OTHER_SPECS = ["deep3_raw", "c512", "c2m", "larger_top_raw", "absolute", "v2"]
+
+
+def _commit_case(make, tmp_path, spec_name, backend, *, base_arg: bool):
+    orig, ours, theirs = make(spec_name)
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    target = 0 if base_arg else -2
+    with backend_ctx(backend), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = commit(ours.top, str(ours.files[target]) if base_arg else None)
+    if base_arg:
+        qemu.qemu_img("commit", "-q", "-b", theirs.files[target], theirs.top)
+    else:
+        qemu.qemu_img("commit", "-q", theirs.top)
+    assert_same(ours.files[target], theirs.files[target])
+    assert os.path.getsize(ours.files[target]) <= os.path.getsize(theirs.files[target]) * 1.5 + 4 * MiB
+    assert_clean(ours)
+    # the guest content seen through the top is unchanged
+    assert raw_of(ours.top, tmp_path / "after.raw") == before
+    if not base_arg:
+        assert res.emptied
+        assert depth0_data(ours.top) == [] == depth0_data(theirs.top)
+    else:
+        assert not res.emptied
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", KEY_SPECS)
+def test_commit_matches_qemu(make, tmp_path, spec_name, backend):
+    _commit_case(make, tmp_path, spec_name, backend, base_arg=False)
+
+
+@pytest.mark.parametrize("spec_name", OTHER_SPECS)
+def test_commit_matches_qemu_more_shapes(make, tmp_path, spec_name):
+    _commit_case(make, tmp_path, spec_name, "native", base_arg=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", ["deep3", "deep3_raw", "absolute"])
+def test_commit_b_into_deepest_base(make, tmp_path, spec_name, backend):
+    _commit_case(make, tmp_path, spec_name, backend, base_arg=True)
+
+
+def test_commit_drop_keeps_top(make, tmp_path):
+    orig, ours, theirs = make("qcow2")
+    res = commit(ours.top, drop=True)
+    qemu.qemu_img("commit", "-q", "-d", theirs.top)
+    assert not res.emptied
+    assert_same(ours.base, theirs.base)
+    assert depth0_data(ours.top) and qemu.compare(ours.top, orig.top) == 0
+    assert_clean(ours)
+
+
+# --------------------------------------------------------------------------- stream
+
+
+def _info(path: Path) -> dict:
+    return qemu.info_json(path)
+
+
+def _stream_case(make, tmp_path, spec_name, backend, *, to_base: bool):
+    orig, ours, theirs = make(spec_name)
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    below = [f.read_bytes() for f in ours.files[:-1]]
+    with backend_ctx(backend):
+        if to_base:
+            stream(ours.top, str(ours.base))
+        else:
+            stream(ours.top)
+    if to_base:
+        backing = str(theirs.base) if SPECS[spec_name].absolute else theirs.base.name
+        qemu.qemu_img("rebase", "-q", "-b", backing, "-F", theirs.fmts[0], theirs.top)
+    else:
+        qemu.qemu_img("rebase", "-q", "-b", "", theirs.top)
+    assert_same(ours.top, theirs.top)
+    info_o, info_t = _info(ours.top), _info(theirs.top)
+    name_o, name_t = info_o.get("backing-filename"), info_t.get("backing-filename")
+    if name_t is not None and os.path.isabs(name_t):
+        assert name_o == str(ours.base)
+    else:
+        assert name_o == name_t
+    assert info_o.get("backing-filename-format") == info_t.get("backing-filename-format")
+    assert_clean(ours)
+    assert raw_of(ours.top, tmp_path / "after.raw") == before
+    if not to_base:
+        # nothing below any more: every range is top data or a hole
+        assert all(e["depth"] == 0 for e in qemu.map_json(ours.top))
+    # the other files were not touched
+    assert [f.read_bytes() for f in ours.files[:-1]] == below
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", KEY_SPECS)
+def test_stream_full_matches_rebase_empty(make, tmp_path, spec_name, backend):
+    _stream_case(make, tmp_path, spec_name, backend, to_base=False)
+
+
+@pytest.mark.parametrize("spec_name", OTHER_SPECS)
+def test_stream_full_more_shapes(make, tmp_path, spec_name):
+    _stream_case(make, tmp_path, spec_name, "native", to_base=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", ["deep3", "deep3_raw", "absolute"])
+def test_stream_to_base_matches_safe_rebase(make, tmp_path, spec_name, backend):
+    _stream_case(make, tmp_path, spec_name, backend, to_base=True)
+
+
+def test_stream_sparse_zero_ranges_stay_sparse(make, tmp_path):
+    orig, ours, _ = make("qcow2")
+    stream(ours.top)
+    # the base's zero and unallocated ranges do not become data in the top
+    u = 64 * KiB
+    ext = {(e["start"], e["length"]): e for e in qemu.map_json(ours.top)}
+    for start, ln in ((11 * u, 2 * u), (30 * u, 4 * u)):
+        for (s, n), e in ext.items():
+            if s < start + ln and start < s + n:
+                assert not e["data"], e
+
+
+# --------------------------------------------------------------------------- rebase
+
+
+def _make_other(chain: Chain) -> Path:
+    """Another backing file, partly equal to the old chain, partly different."""
+    u = 64 * KiB
+    other = chain.dir / "other.qcow2"
+    size = qemu.info_json(chain.base)["virtual-size"]
+    qemu.create(other, size, f"cluster_size={u}")
+    qemu.qemu_io(other, f"write -P 0x11 0 {4 * u}", f"write -P 0x77 {4 * u} {8 * u}",
+                 f"write -P 0x14 {size - 4 * u} {u}")
+    return other
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec_name", ["qcow2", "raw_base", "deep3", "compressed", "larger_top", "extl2"])
+def test_safe_rebase_matches_qemu(make, tmp_path, spec_name, backend):
+    orig, ours, theirs = make(spec_name)
+    _make_other(ours)
+    _make_other(theirs)
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    with backend_ctx(backend):
+        rebase(ours.top, "other.qcow2", backing_format="qcow2")
+    qemu.qemu_img("rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", theirs.top)
+    assert_same(ours.top, theirs.top)
+    assert raw_of(ours.top, tmp_path / "after.raw") == before
+    assert _info(ours.top)["backing-filename"] == "other.qcow2"
+    assert_clean(ours)
+    assert qemu.check_json(ours.dir / "other.qcow2")[1] == 0
+
+
+@pytest.mark.parametrize("spec_name", ["deep3", "qcow2"])
+def test_safe_rebase_to_deeper_and_none(make, tmp_path, spec_name):
+    orig, ours, theirs = make(spec_name)
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    rebase(ours.top, ours.base.name, backing_format=ours.fmts[0])
+    qemu.qemu_img("rebase", "-q", "-b", theirs.base.name, "-F", theirs.fmts[0], theirs.top)
+    assert_same(ours.top, theirs.top)
+    assert raw_of(ours.top, tmp_path / "after.raw") == before
+    rebase(ours.top, "")
+    assert _info(ours.top).get("backing-filename") is None
+    assert raw_of(ours.top, tmp_path / "after2.raw") == before
+    assert_clean(ours)
+
+
+def test_unsafe_rebase_header_only(make):
+    orig, ours, theirs = make("deep3")
+    shutil.copy(ours.base, ours.dir / "renamed.qcow2")
+    shutil.copy(theirs.base, theirs.dir / "renamed.qcow2")
+    rebase(ours.files[1], "renamed.qcow2", backing_format="qcow2", unsafe=True)
+    qemu.qemu_img("rebase", "-q", "-u", "-b", "renamed.qcow2", "-F", "qcow2", theirs.files[1])
+    a, b = _info(ours.files[1]), _info(theirs.files[1])
+    assert a["backing-filename"] == b["backing-filename"] == "renamed.qcow2"
+    assert a["backing-filename-format"] == b["backing-filename-format"] == "qcow2"
+    assert_same(ours.top, theirs.top)
+    assert_clean(ours)
+    # data clusters untouched: same depth-0 map
+    strip = [{k: v for k, v in e.items() if k != "offset"} for e in depth0_data(ours.files[1])]
+    assert strip == [{k: v for k, v in e.items() if k != "offset"} for e in depth0_data(orig.files[1])]
+    rebase(ours.top, "", unsafe=True)
+    assert _info(ours.top).get("backing-filename") is None
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("via", ["commit", "stream", "auto"])
+@pytest.mark.parametrize("keep", ["base", "top"])
+@pytest.mark.parametrize("spec_name", ["deep3", "qcow2"])
+def test_merge_combinations(make, tmp_path, spec_name, keep, via, backend):
+    if backend == "python" and spec_name == "qcow2":
+        pytest.skip("python backend covered by the deep3 chain")
+    orig, ours, _ = make(spec_name)
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    base, top = ours.files[-2], ours.top
+    old_backing = _info(base).get("backing-filename")
+    with backend_ctx(backend):
+        plan = merge(top, keep=keep, via=via)
+    assert plan.done
+    kept, gone = (base, top) if keep == "base" else (top, base)
+    assert not gone.exists()
+    assert raw_of(kept, tmp_path / "after.raw") == before
+    info = _info(kept)
+    if old_backing is None:
+        assert info.get("backing-filename") is None
+    else:
+        # the base's old backing (the deepest file), resolvable from the kept name
+        assert info["backing-filename"] == old_backing
+        assert info["backing-filename-format"] == "qcow2"
+    res, rc = qemu.check_json(kept)
+    assert rc == 0 and not res.get("leaks"), res
+    if via != "auto":
+        assert plan.via == via
+
+
+def test_merge_raw_base_keep_base(make, tmp_path):
+    orig, ours, _ = make("raw_base")
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    plan = merge(ours.top, keep="base", via="commit")
+    assert not ours.top.exists()
+    assert raw_of(ours.base, tmp_path / "after.raw") == before
+    assert plan.via == "commit"
+
+
+def _auto_chain(tmp_path: Path, base_full: bool) -> Path:
+    d = tmp_path / ("full" if base_full else "sparse")
+    d.mkdir()
+    size = 16 * MiB
+    base = qemu.create(d / "base.qcow2", size)
+    top = qemu.create(d / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2", cwd=d)
+    if base_full:
+        qemu.qemu_io(base, f"write -P 0x11 0 {size}")
+        qemu.qemu_io(top, f"write -P 0x22 {4 * MiB} {size // 20}")  # 5% dirty
+    else:
+        qemu.qemu_io(base, f"write -P 0x11 0 {size // 20}")
+        qemu.qemu_io(top, f"write -P 0x22 {MiB} {size - 2 * MiB}")
+    return top
+
+
+def test_merge_auto_prefers_commit_for_small_dirty_top(tmp_path):
+    top = _auto_chain(tmp_path, base_full=True)
+    for keep in ("base", "top"):
+        plan = merge(top, keep=keep, dry_run=True)
+        assert plan.via == "commit", plan
+        assert plan.commit_bytes * 10 < plan.stream_bytes
+
+
+def test_merge_auto_prefers_stream_for_sparse_base(tmp_path):
+    top = _auto_chain(tmp_path, base_full=False)
+    for keep in ("base", "top"):
+        plan = merge(top, keep=keep, dry_run=True)
+        assert plan.via == "stream", plan
+        assert plan.stream_bytes * 5 < plan.commit_bytes
+
+
+def _snapshot(d: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.iterdir())}
+
+
+def test_merge_dry_run_touches_nothing(make):
+    orig, ours, _ = make("deep3")
+    before = _snapshot(ours.dir)
+    for keep in ("base", "top"):
+        for via in ("auto", "commit", "stream"):
+            plan = merge(ours.top, keep=keep, via=via, dry_run=True)
+            assert not plan.done and plan.steps
+            assert plan.commit_bytes > 0 and plan.stream_bytes > 0
+    assert _snapshot(ours.dir) == before
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _guarded(d: Path):
+    """Context: assert no file in ``d`` changes (bytes) while the block runs."""
+
+    class _G:
+        def __enter__(self):
+            self.before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+            return self
+
+        def __exit__(self, *exc):
+            after = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+            assert after == self.before
+            return False
+
+    return _G()
+
+
+def test_missing_image_in_chain(make):
+    orig, ours, _ = make("deep3")
+    os.unlink(ours.base)
+    ops = [
+        lambda: commit(ours.top),
+        lambda: commit(ours.top, str(ours.files[1])),
+        lambda: stream(ours.top),
+        lambda: merge(ours.top),
+        lambda: rebase(ours.top, "", ),
+    ]
+    for op in ops:
+        with _guarded(ours.dir), pytest.raises(QcowError, match="base.qcow2"):
+            op()
+
+
+def test_unreadable_image_in_chain(make):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file")
+    orig, ours, _ = make("deep3")
+    os.chmod(ours.base, 0)
+    for op in (lambda: commit(ours.top), lambda: stream(ours.top), lambda: merge(ours.top)):
+        with _guarded(ours.dir), pytest.raises((QcowError, PermissionError)):
+            op()
+
+
+def test_base_not_in_chain(make, tmp_path):
+    orig, ours, _ = make("qcow2")
+    stranger = qemu.create(ours.dir / "stranger.qcow2", MiB)
+    with _guarded(ours.dir):
+        with pytest.raises(QcowError, match="not in the backing chain"):
+            commit(ours.top, str(stranger))
+        with pytest.raises(QcowError, match="not in the backing chain"):
+            stream(ours.top, str(stranger))
+        with pytest.raises(QcowError, match="not in the backing chain"):
+            commit(ours.top, str(ours.top))
+
+
+def test_shared_base_commit_warns_merge_refuses(make, tmp_path):
+    orig, ours, _ = make("qcow2")
+    other = qemu.create(ours.dir / "sibling.qcow2", None, backing=ours.base.name, backing_fmt="qcow2",
+                        cwd=ours.dir)
+    with _guarded(ours.dir):
+        for keep in ("base", "top"):
+            with pytest.raises(QcowError, match="sibling.qcow2"):
+                merge(ours.top, keep=keep)
+    with pytest.warns(UserWarning, match="sibling.qcow2"):
+        commit(ours.top)
+    assert_clean(ours)
+    assert other.exists()
+
+
+def test_shared_base_merge_force(make, tmp_path):
+    orig, ours, _ = make("qcow2")
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    qemu.create(ours.dir / "sibling.qcow2", None, backing=ours.base.name, backing_fmt="qcow2", cwd=ours.dir)
+    merge(ours.top, keep="top", via="stream", force=True)
+    assert raw_of(ours.top, tmp_path / "after.raw") == before
+
+
+def test_merge_without_backing(tmp_path):
+    img = qemu.create(tmp_path / "lone.qcow2", MiB)
+    with _guarded(tmp_path), pytest.raises(QcowError, match="no backing"):
+        merge(img)
+    with _guarded(tmp_path), pytest.raises(QcowError, match="no backing"):
+        commit(img)
+
+
+@pytest.mark.parametrize("which", ["top", "base"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_merge_refuses_links(make, which, kind):
+    orig, ours, _ = make("qcow2")
+    target = ours.top if which == "top" else ours.base
+    real = ours.dir / ("real-" + target.name)
+    os.rename(target, real)
+    if kind == "symlink":
+        os.symlink(real.name, target)
+    else:
+        os.link(real, target)
+    with _guarded(ours.dir):
+        for keep in ("base", "top"):
+            with pytest.raises(QcowError, match="link"):
+                merge(ours.top, keep=keep, via="commit")
+            with pytest.raises(QcowError, match="link"):
+                merge(ours.top, keep=keep, via="stream")
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_rebase_name_too_long(make, unsafe):
+    orig, ours, _ = make("qcow2")
+    name = "x" * 1024
+    with _guarded(ours.dir), pytest.raises(QcowError, match="too long"):
+        rebase(ours.top, name, backing_format="qcow2", unsafe=unsafe)
+
+
+def test_rebase_missing_new_backing(make):
+    orig, ours, _ = make("qcow2")
+    with _guarded(ours.dir), pytest.raises(QcowError, match="not found"):
+        rebase(ours.top, "nope.qcow2", backing_format="qcow2")
+
+
+def test_rebase_onto_itself_refused(make):
+    # (qemu-img rebase -u accepts a loop, so unsafe mode is not checked)
+    orig, ours, _ = make("qcow2")
+    with _guarded(ours.dir), pytest.raises(QcowError):
+        rebase(ours.base, "top.qcow2", backing_format="qcow2")
+    with _guarded(ours.dir), pytest.raises(QcowError):
+        rebase(ours.top, "top.qcow2", backing_format="qcow2")
