@@ -161,6 +161,16 @@ class RefcountBlock:
             return self._typed.tolist()
         return [self.get(i) for i in range(self.count)]
 
+    def count_nonzero(self, stop: int | None = None) -> int:
+        """How many of the entries [0, stop) are non-zero."""
+        stop = self.count if stop is None else max(0, min(stop, self.count))
+        if self._typed is not None:
+            return stop - self._typed[:stop].count(0)
+        per_byte = 8 // self.bits
+        full, rest = divmod(stop, per_byte)
+        n = sum(bytes(self.data[:full]).translate(_NONZERO_PER_BYTE[self.order]))
+        return n + sum(1 for i in range(full * per_byte, stop) if self.get(i))
+
     def first_nonzero(self) -> bool:
         if self._typed is not None:
             return any(self._typed)
@@ -174,6 +184,16 @@ class RefcountBlock:
                 return t.tobytes()
             return self._typed.tobytes()
         return bytes(self.data)
+
+
+# order (0..2) -> 256-byte table: number of non-zero sub-byte refcounts in a byte
+_NONZERO_PER_BYTE = {
+    order: bytes(
+        sum(1 for i in range(8 >> order) if (b >> (i << order)) & ((1 << (1 << order)) - 1))
+        for b in range(256)
+    )
+    for order in range(3)
+}
 
 
 def refcount_max(order: int) -> int:

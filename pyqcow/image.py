@@ -223,15 +223,32 @@ class QcowImage(WriterMixin):
             l1e = l1[l1_index] if l1_index < len(l1) else 0
             l2_offset = l1e & spec.L1E_OFFSET_MASK
             if not l2_offset:
+                # one run for all the all-zero L1 entries that follow (sparse disks)
+                last = min(len(l1), ((end - 1) >> (self.l2_bits + cb)) + 1)
+                if l1_index + 1 < last:
+                    tail = l1[l1_index + 1 : last].tobytes()
+                    l1_index += (len(tail) - len(tail.lstrip(b"\0"))) // 8
+                    l2_span_end = min(end, (l1_index + 1) << (self.l2_bits + cb))
                 out.append(Run(pos, l2_span_end - pos, ClusterType.UNALLOCATED))
                 pos = l2_span_end
                 continue
             table = self.l2_table(l2_offset)
+            entry_words = 2 if self.extended_l2 else 1
             while pos < l2_span_end:
                 cluster = pos >> cb
                 l2_index = cluster & (self.l2_entries - 1)
                 in_cluster = pos & (cs - 1)
                 cl_end = min(l2_span_end, (cluster + 1) << cb)
+                first = entry_words * l2_index
+                if not table[first] and not table[first + entry_words - 1]:
+                    # skip a run of all-zero (unallocated) entries in one step
+                    stop = (((l2_span_end - 1) >> cb) & (self.l2_entries - 1)) + 1
+                    seg = table[entry_words * l2_index : entry_words * stop].tobytes()
+                    count = (len(seg) - len(seg.lstrip(b"\0"))) // (8 * entry_words)
+                    run_end = min(l2_span_end, (cluster + count) << cb)
+                    out.append(Run(pos, run_end - pos, ClusterType.UNALLOCATED))
+                    pos = run_end
+                    continue
                 if self.extended_l2:
                     e = table[2 * l2_index]
                     bm = table[2 * l2_index + 1]

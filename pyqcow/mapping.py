@@ -191,9 +191,7 @@ def detect_metadata_preallocation(img) -> bool:
             block = img.refcount_block(table_index)
             if block is None:
                 continue
-            n = min(per_block, end_cluster - (table_index << bits))
-            values = block.values()[:n]
-            count += n - values.count(0)
+            count += block.count_nonzero(end_cluster - (table_index << bits))
             if count >= threshold:
                 return True
         return False

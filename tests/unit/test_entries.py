@@ -141,3 +141,15 @@ def test_subcluster_types() -> None:
     assert entries.extended_bitmap_valid(host, bitmap)
     assert not entries.extended_bitmap_valid(host, 1 | (1 << 32))  # both alloc and zero
     assert not entries.extended_bitmap_valid(0, 1)  # alloc bit without a host cluster
+
+
+@pytest.mark.parametrize("order", range(7))
+@given(data=st.data())
+def test_refcount_block_count_nonzero(order: int, data: st.DataObject) -> None:
+    bits = 1 << order
+    count = data.draw(st.integers(1, 64)) * max(1, 8 // bits)
+    raw = data.draw(st.binary(min_size=count * bits // 8, max_size=count * bits // 8))
+    block = RefcountBlock(raw, order)
+    stop = data.draw(st.integers(0, count + 3))
+    assert block.count_nonzero(stop) == sum(1 for v in block.values()[:stop] if v)
+    assert block.count_nonzero() == sum(1 for v in block.values() if v)
