@@ -99,29 +99,33 @@ class Refcounts:
     def _is_free(self, cluster: int) -> bool:
         return cluster not in self._reserved and self.get(cluster) == 0
 
-    def _find_free(self, n: int) -> int:
+    def _find_free(self, n: int) -> tuple[int, int]:
+        """First run of ``n`` free clusters -> (start, first free cluster seen)."""
         c = max(self.free_hint, 1)
         end = self.end_cluster
+        first_free = -1
         while c < end:
             if self._is_free(c):
+                if first_free < 0:
+                    first_free = c
                 run = 1
                 while run < n and c + run < end and self._is_free(c + run):
                     run += 1
                 if run == n or c + run >= end:
                     # a run reaching the end of the used area can extend past it
                     if all(x not in self._reserved for x in range(c, c + n)):
-                        return c
+                        return c, first_free
                 c += run
             else:
                 c += 1
         start = max(end, 1)
         while any(x in self._reserved for x in range(start, start + n)):
             start += 1
-        return start
+        return start, (first_free if first_free >= 0 else start)
 
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); returns the host offset."""
-        start = self._find_free(n)
+        start, first_free = self._find_free(n)
         clusters = range(start, start + n)
         self._reserved.update(clusters)
         try:
@@ -129,8 +133,9 @@ class Refcounts:
                 self.set(c, 1)
         finally:
             self._reserved.difference_update(clusters)
-        if start == self.free_hint or start <= self.free_hint:
-            self.free_hint = start + n
+        # everything below first_free is in use; a free run shorter than n may
+        # lie between first_free and start, so the hint stays there.
+        self.free_hint = start + n if first_free >= start else first_free
         self.end_cluster = max(self.end_cluster, start + n)
         return start << self.cluster_bits
 
