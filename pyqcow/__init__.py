@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import check  # callable: pyqcow.check(path, repair=None) -> CheckResult
 from .errors import (
     BackingChainError,
     ChainError,
@@ -40,5 +41,6 @@ __all__ = [
     "QcowError",
     "UnsupportedFeature",
     "UnsupportedFeatureError",
+    "check",
     "open",
 ]

@@ -33,7 +33,7 @@ from ..errors import QcowError
 __all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]
 
 #: Subcommand modules under pyqcow.cli, in the order ``--help`` lists them.
-SUBCOMMANDS: list[str] = ["info", "map", "convert", "compare", "dump", "orphans", "hash"]
+SUBCOMMANDS: list[str] = ["info", "map", "check", "convert", "compare", "dump", "orphans", "hash"]
 #: Chain operations and libvirt XML.
 SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "xml"]
 SUBCOMMANDS += ["snapshot"]  # internal snapshots
