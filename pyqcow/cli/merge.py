@@ -62,8 +62,8 @@ def human_plan(plan: merge_op.MergePlan) -> str:
         f"  top:     {plan.top}",
         f"  base:    {plan.base}",
         f"  commit:  {_bytes(plan.commit_bytes)}  copy top's clusters into base",
-        f"  stream:  {_bytes(plan.stream_bytes)}  copy base's clusters top does not override "
-        "into top",
+        (f"  stream:  {_bytes(plan.stream_bytes)}  copy base's clusters top does not override "
+        "into top"),
         f"  via:     {plan.via}" + (" (the cheaper direction)" if plan.via == cheaper else ""),
         f"  result:  {plan.kept_path}, backing file "
         + (f"{plan.new_backing} ({plan.new_backing_format})" if plan.new_backing else "none"),

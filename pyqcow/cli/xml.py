@@ -210,7 +210,7 @@ def _sync(args: argparse.Namespace) -> int:
                     "qcow2 header; not trusting it (set <driver type='qcow2'/> if it is qcow2)",
                     stacklevel=2,
                 )
-        except Exception:  # noqa: BLE001 - the open below reports a missing file
+        except Exception:  # noqa: BLE001, S110 - the open below reports a missing file
             pass
     chain = image_chain(src.path, src.format)
     update.plan(chain)
