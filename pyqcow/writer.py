@@ -71,10 +71,58 @@ class WriterMixin:
         self._write_started = True
         keep = spec.Autoclear.DATA_FILE_RAW
         h = self.header
+        if (
+            h.version == 3
+            and h.autoclear_features & spec.Autoclear.BITMAPS
+            and self._mark_bitmaps_in_use()
+        ):
+            keep |= spec.Autoclear.BITMAPS
         if h.version == 3 and h.autoclear_features & ~keep:
             self.header = h.replace(autoclear_features=h.autoclear_features & keep)
             self._write_header()
             self.hf.fsync()
+
+    def _mark_bitmaps_in_use(self) -> bool:
+        """Persistent bitmaps: flag every one "in use" before the first change.
+
+        We do not update bitmaps, so after our writes their contents are stale.
+        QEMU marks a bitmap in use (BME_FLAG_IN_USE) while it has the image open
+        read-write and treats an in-use bitmap found on open as inconsistent: it
+        is never used for incremental backups again, only removed.  Setting the
+        flag (an in-place write of the flags fields, then fsync, before any data)
+        invalidates the bitmaps exactly as a QEMU crash would, while the bitmap
+        directory, tables and data clusters stay referenced, so ``qemu-img
+        check`` stays clean (clearing the autoclear bit instead would make qemu
+        ignore the extension and report all its clusters as leaked).  False if
+        the directory cannot be read: then the autoclear bit is cleared.
+        """
+        from . import layout
+        from .bitmaps import BME_FLAG_IN_USE
+
+        ext = self.header.bitmaps
+        if ext is None:
+            return False
+        size, offset = ext.bitmap_directory_size, ext.bitmap_directory_offset
+        if not 0 < size <= 1024 * 65535 or offset % self.cluster_size or (
+            offset + size > self.file_size
+        ):
+            return False
+        data = bytearray(self.hf.pread(size, offset))
+        fixed = layout.BITMAP_DIR_FIXED_SIZE
+        pos = count = 0
+        while pos + fixed <= size:
+            e = dict(layout.parse(layout.BitmapDirectoryEntryFixed, bytes(data[pos : pos + fixed])))
+            name_size, extra_size = e["name_size"], e["extra_data_size"]
+            e["flags"] |= BME_FLAG_IN_USE
+            data[pos : pos + fixed] = layout.build(layout.BitmapDirectoryEntryFixed, e)
+            entry = fixed + extra_size + name_size
+            pos += entry + (-entry % 8)
+            count += 1
+        if pos != size or count != ext.nb_bitmaps:
+            return False
+        self.hf.pwrite(data, offset)
+        self.hf.fsync()
+        return True
 
     def _write_header(self) -> None:
         self.hf.pwrite(build_cluster0(self.header), 0)
