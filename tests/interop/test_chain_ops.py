@@ -65,6 +65,12 @@ SPECS = {
         ChainSpec("larger_top_raw", base_fmt="raw", larger_top=True),
         ChainSpec("absolute", absolute=True, depth=3),
         ChainSpec("v2", opts=("compat=0.10",)),
+        ChainSpec("v2_deep3", opts=("compat=0.10",), depth=3),
+        ChainSpec("refcount1", opts=("refcount_bits=1",)),
+        ChainSpec("lazy", opts=("lazy_refcounts=on",), depth=3),
+        ChainSpec("prealloc", extra={"base_opts": ("preallocation=metadata",)}),
+        ChainSpec("snapshots", extra={"snapshot": True}, depth=3),
+        ChainSpec("extl2_compressed", extended_l2=True, compressed=True, opts=("extended_l2=on",), depth=3),
     ]
 }
 
@@ -105,7 +111,7 @@ def build_chain(tmp: Path, spec: ChainSpec) -> Chain:
     if spec.base_fmt == "raw":
         qemu.create(base, size, fmt="raw")
     else:
-        qemu.create(base, size, *opts)
+        qemu.create(base, size, *opts, *spec.extra.get("base_opts", ()))
     bw = [
         f"write -P 0x11 0 {8 * u}",
         f"write -P 0x12 {10 * u} {6 * u}",
@@ -118,6 +124,9 @@ def build_chain(tmp: Path, spec: ChainSpec) -> Chain:
     if spec.compressed:
         bw.append(f"write -c -P 0x13 {26 * u} {2 * u}")
     qemu.qemu_io(base, *bw, fmt=spec.base_fmt)
+    if spec.extra.get("snapshot"):
+        qemu.snapshot_create(base, "s1")
+        qemu.qemu_io(base, f"write -P 0x16 {3 * u} {2 * u}")
     files = [base]
     fmts = [spec.base_fmt]
     layer_writes = []
@@ -151,6 +160,9 @@ def build_chain(tmp: Path, spec: ChainSpec) -> Chain:
         sz = top_size if name == "top.qcow2" else None
         qemu.create(p, sz, *opts, backing=backing, backing_fmt=fmts[-1], cwd=d)
         qemu.qemu_io(p, *writes)
+        if spec.extra.get("snapshot"):
+            qemu.snapshot_create(p, "s1")
+            qemu.qemu_io(p, f"write -P 0x3a {u} {u}", f"write -z {16 * u} {u}")
         files.append(p)
         fmts.append("qcow2")
     return Chain(d, files, fmts, spec.absolute)
@@ -201,7 +213,8 @@ def make(tmp_path):
 # --------------------------------------------------------------------------- commit
 
 KEY_SPECS = ["qcow2", "raw_base", "deep3", "compressed", "extl2", "larger_top"]
-OTHER_SPECS = ["deep3_raw", "c512", "c2m", "larger_top_raw", "absolute", "v2"]
+OTHER_SPECS = ["deep3_raw", "c512", "c2m", "larger_top_raw", "absolute", "v2", "v2_deep3", "refcount1",
+               "lazy", "prealloc", "snapshots", "extl2_compressed"]
 
 
 def _commit_case(make, tmp_path, spec_name, backend, *, base_arg: bool):
@@ -239,7 +252,7 @@ def test_commit_matches_qemu_more_shapes(make, tmp_path, spec_name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec_name", ["deep3", "deep3_raw", "absolute"])
+@pytest.mark.parametrize("spec_name", ["deep3", "deep3_raw", "absolute", "v2_deep3", "snapshots"])
 def test_commit_b_into_deepest_base(make, tmp_path, spec_name, backend):
     _commit_case(make, tmp_path, spec_name, backend, base_arg=True)
 
