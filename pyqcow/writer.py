@@ -130,7 +130,8 @@ class WriterMixin:
 
     # ------------------------------------------------------------------ L2 access
     def _evict_l2(self) -> None:
-        for off in list(self._l2_cache):
+        # never the newest entry: the caller of l2_table() is about to use it
+        for off in list(self._l2_cache)[:-1]:
             if off not in self.dirty_l2:
                 del self._l2_cache[off]
                 if len(self._l2_cache) <= 64:

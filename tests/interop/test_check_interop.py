@@ -463,19 +463,11 @@ def test_open_rw_repairs_dirty_image(tmp_path: Path) -> None:
 # --- the writer against both checkers ---------------------------------------------------------
 
 
-_L2_EVICTION_BUG = pytest.mark.xfail(
-    reason="writer: QcowImage.l2_table -> WriterMixin._evict_l2 can evict the L2 table it has "
-    "just loaded when every older cached table is dirty; the caller's change to that table is "
-    "then lost (qemu-img check: 'refcount=0 reference=1' after a discard)",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     "opts",
     [
         (),
-        pytest.param(("cluster_size=512",), marks=_L2_EVICTION_BUG),
+        ("cluster_size=512",),
         ("refcount_bits=1",),
         ("refcount_bits=64",),
         ("compat=0.10",),
