@@ -27,6 +27,7 @@ _COPIED = spec.QCOW_OFLAG_COPIED
 _ZERO = spec.QCOW_OFLAG_ZERO
 # kinds of a coalesced run in readinto
 _DATA, _ZEROS_KIND, _BACKING = 1, 2, 3
+_UNALLOCATED = -2  # _single_cluster_host: the range reads from the backing file (or zeros)
 # zero source for fills: calloc'd, so every page maps the kernel's zero page
 _ZERO_BUFFER = memoryview(bytes(1 << 21))
 
@@ -323,17 +324,20 @@ class QcowImage(WriterMixin):
         return bytes(buf)
 
     def _single_cluster_host(self, offset: int, length: int, l1) -> int:
-        """Host offset when [offset, offset+length) is inside one plain data cluster, else -1."""
+        """Host offset when [offset, offset+length) is inside one plain data cluster;
+        _UNALLOCATED when it is inside one unallocated cluster; else -1."""
         cmask = self.cluster_size - 1
         if (offset & cmask) + length > cmask + 1 or self.extended_l2 or self.has_data_file:
             return -1
         l1_index = offset >> self._l2_shift
         if l1_index >= len(l1):
-            return -1
+            return _UNALLOCATED
         l2_offset = l1[l1_index] & spec.L1E_OFFSET_MASK
         if not l2_offset:
-            return -1
+            return _UNALLOCATED
         e = self.l2_table(l2_offset)[(offset >> self.cluster_bits) & (self.l2_entries - 1)]
+        if not e:
+            return _UNALLOCATED
         host = e & spec.L2E_OFFSET_MASK
         if e & self._l2_special_mask or not 0 < host < self.file_size:
             return -1
@@ -355,6 +359,9 @@ class QcowImage(WriterMixin):
             got = os.preadv(self.hf.fd, [mv], host)
             if got < length:
                 self.hf.preadinto(mv[got:], host + got)
+            return
+        if host == _UNALLOCATED:
+            self._read_backing(mv, offset)
             return
         if self.extended_l2:
             self._readinto_runs(mv, offset, l1)

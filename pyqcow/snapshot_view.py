@@ -13,7 +13,7 @@ The view owns nothing: closing it does nothing, closing the image ends it.
 from __future__ import annotations
 
 from . import entries, spec
-from .errors import FormatError, OperationError
+from .errors import FormatError
 from .hostfile import check_range
 
 __all__ = ["SnapshotView", "open_snapshot"]
@@ -110,13 +110,13 @@ class SnapshotView:
 
 def open_snapshot(image, name_or_id: str) -> SnapshotView:
     """The view of snapshot ``name_or_id`` of ``image`` (an exact ID first, then a name)."""
-    from .snapshot import find_snapshot, read_snapshot_table
+    from .snapshot import SnapshotNotFoundError, find_snapshot, read_snapshot_table
 
     snapshots = read_snapshot_table(image)
     info = find_snapshot(snapshots, str(name_or_id))
     if info is None:
         known = ", ".join(f"{s.id_str} ({s.name})" for s in snapshots) or "none"
-        raise OperationError(
+        raise SnapshotNotFoundError(
             image.path, f"no internal snapshot with ID or name {name_or_id!r} (snapshots: {known})"
         )
     return SnapshotView(image, info)
