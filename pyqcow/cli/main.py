@@ -57,7 +57,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(self, message)
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The full parser, or (``only``) one that imports and knows just that subcommand."""
     parser = ArgumentParser(
         prog="pyqcow",
         description="Inspect, convert and manage qcow2 images and backing chains.",
@@ -67,7 +68,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pyqcow {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else [only]:
         module = importlib.import_module(f"{__package__}.{name}")
         sub = module.register(subparsers)
         sub.error_status = getattr(module, "ERROR_STATUS", 1)
@@ -110,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = len(argv)
     debug = "--debug" in argv[:cut]
     error_status = 1
+    # import only the chosen subcommand's module (start-up time), unless asking for help
+    first = next((a for a in argv[:cut] if a != "--debug"), None)
+    only = first if first in SUBCOMMANDS else None
     try:
-        parser = build_parser()
+        parser = build_parser(only)
         try:
             args = parser.parse_args(argv)
         except UsageError as e:
