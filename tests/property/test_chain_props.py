@@ -173,7 +173,7 @@ def _assert_reads(p: Path, expected: bytes, tmp: Path, what: str) -> None:
 
 def _assert_clean(paths) -> None:
     for p in paths:
-        if p.exists() and p.suffix == ".qcow2":
+        if p.exists() and qemu.info_json(p)["format"] == "qcow2":
             res, rc = qemu.check_json(p)
             assert rc == 0 and not res.get("leaks"), (p, res)
 

@@ -1,0 +1,122 @@
+"""The chain-operation planner: pieces above a base, unallocated ranges, byte counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import pyqcow
+import qemu
+from pyqcow.ops.commit import plan_commit
+from pyqcow.ops.merge import plan_merge
+from pyqcow.ops.plan import Piece, _add, data_bytes, pieces_above, unallocated_ranges
+from pyqcow.ops.stream import plan_stream
+
+KiB = 1024
+C = 64 * KiB
+
+pytestmark = pytest.mark.usefixtures("qemu_img_path", "qemu_io_path")
+
+
+def _chain(d: Path, *, top_size: int | None = None) -> Path:
+    """base (1 MiB): data 0-4C, zero 6C, data 8C-10C; mid: data 2C, zero 9C; top: data 3C, 12C."""
+    base = qemu.create(d / "base.qcow2", 16 * C)
+    qemu.qemu_io(base, f"write -P 1 0 {4 * C}", f"write -z {6 * C} {C}", f"write -P 2 {8 * C} {2 * C}")
+    mid = qemu.create(d / "mid.qcow2", None, backing="base.qcow2", backing_fmt="qcow2", cwd=d)
+    qemu.qemu_io(mid, f"write -P 3 {2 * C} {C}", f"write -z {9 * C} {C}")
+    top = qemu.create(d / "top.qcow2", top_size, backing="mid.qcow2", backing_fmt="qcow2", cwd=d)
+    qemu.qemu_io(top, f"write -P 4 {3 * C} {C}", f"write -P 5 {12 * C} {C}")
+    return top
+
+
+def _kinds(pieces: list[Piece]) -> list[tuple[int, int, str, str | None]]:
+    return [(p.guest_offset // C, p.length // C, p.kind,
+             None if p.layer is None else Path(p.layer.path).stem) for p in pieces]
+
+
+def test_pieces_above_base(tmp_path):
+    top_path = _chain(tmp_path)
+    with pyqcow.open(str(top_path)) as top:
+        mid = top.backing
+        base = mid.backing
+        pieces = pieces_above(top, base, 0, top.virtual_size)
+        assert _kinds(pieces) == [
+            (0, 2, "below", None),
+            (2, 1, "data", "mid"),
+            (3, 1, "data", "top"),
+            (4, 5, "below", None),
+            (9, 1, "zero", "mid"),
+            (10, 2, "below", None),
+            (12, 1, "data", "top"),
+            (13, 3, "below", None),
+        ]
+        assert sum(p.length for p in pieces) == top.virtual_size
+        assert data_bytes(pieces) == 3 * C
+        # above the mid only: the top's two clusters
+        assert data_bytes(pieces_above(top, mid, 0, top.virtual_size)) == 2 * C
+        # with no base (the whole chain): the base's data and zeros show up too
+        whole = pieces_above(top, None, 0, top.virtual_size)
+        assert data_bytes(whole) == (4 + 2) * C
+        # adjacent zero pieces merge whatever their origin (zero cluster or no data at all)
+        assert [(p.guest_offset // C, p.length // C) for p in whole if p.kind == "zero"] == [
+            (4, 4), (9, 3), (13, 3)]
+        assert not [p for p in whole if p.kind == "below"]
+
+
+def test_pieces_above_sub_range_and_past_backing_end(tmp_path):
+    top_path = _chain(tmp_path, top_size=20 * C)
+    with pyqcow.open(str(top_path)) as top:
+        base = top.backing.backing
+        pieces = pieces_above(top, base, 2 * C + 100, 2 * C)
+        assert [(p.guest_offset, p.length, p.kind) for p in pieces] == [
+            (2 * C + 100, C - 100, "data"), (3 * C, C, "data"), (4 * C, 100, "below")]
+        # the top is bigger than its backing: past the backing's end reads zeros
+        tail = pieces_above(top, base, 14 * C, 6 * C)
+        assert [(p.guest_offset // C, p.length // C, p.kind) for p in tail] == [(14, 2, "below"), (16, 4, "zero")]
+
+
+def test_unallocated_ranges_and_plans(tmp_path):
+    top_path = _chain(tmp_path)
+    with pyqcow.open(str(top_path)) as top:
+        assert unallocated_ranges(top) == [(0, 3 * C), (4 * C, 8 * C), (13 * C, 3 * C)]
+        assert unallocated_ranges(top, 3 * C, 2 * C) == [(4 * C, C)]
+        mid = top.backing
+        assert data_bytes(plan_commit(top, mid)) == 2 * C
+        # stream into the top from everything below: base data 0-4C minus the top's 3C,
+        # the mid's 2C (already counted), base 8C-10C minus the mid's zero at 9C
+        assert data_bytes(plan_stream(top, None)) == (3 + 1) * C
+        assert data_bytes(plan_stream(top, mid.backing)) == 1 * C  # the mid's cluster 2
+
+
+def test_plan_merge_counts_and_steps(tmp_path):
+    top_path = _chain(tmp_path)
+    plan = plan_merge(top_path, keep="base", via="auto")
+    assert plan.commit_bytes == 2 * C
+    # streaming the mid into the top: what the mid (above the base) shows, minus the top
+    assert plan.stream_bytes == C
+    assert plan.via == "stream"
+    assert plan.new_backing == "base.qcow2" and plan.new_backing_format == "qcow2"
+    assert plan.kept_path.endswith("mid.qcow2") and plan.removed_path.endswith("top.qcow2")
+    assert any("rename" in s for s in plan.steps)
+    plan = plan_merge(top_path, keep="top", via="commit")
+    assert plan.via == "commit" and any("rename" in s for s in plan.steps)
+    plan = plan_merge(top_path, keep="top", via="stream")
+    assert not any("rename" in s for s in plan.steps)
+    with pytest.raises(pyqcow.QcowError, match="--keep"):
+        plan_merge(top_path, keep="middle")
+    with pytest.raises(pyqcow.QcowError, match="--via"):
+        plan_merge(top_path, via="teleport")
+
+
+def test_add_merges_adjacent_holes_only():
+    out: list[Piece] = []
+    _add(out, Piece(0, 10, "below"))
+    _add(out, Piece(10, 5, "below"))
+    _add(out, Piece(15, 5, "zero"))
+    _add(out, Piece(20, 5, "zero"))
+    _add(out, Piece(25, 0, "zero"))
+    _add(out, Piece(25, 5, "data"))
+    _add(out, Piece(30, 5, "data"))
+    assert [(p.guest_offset, p.length, p.kind) for p in out] == [
+        (0, 15, "below"), (15, 10, "zero"), (25, 5, "data"), (30, 5, "data")]
