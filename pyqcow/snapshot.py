@@ -225,6 +225,10 @@ def _open_ro(img):
 
 
 def _require_snapshot_writable(img) -> None:
+    if getattr(img, "format", None) != "qcow2" or not hasattr(img, "refcounts"):
+        raise UnsupportedFeatureError(
+            getattr(img, "path", None), "internal snapshots need a qcow2 image"
+        )
     if not getattr(img, "writable", False):
         raise OperationError(img.path, "image is open read-only (internal snapshots need 'r+')")
     if img._closed:
@@ -610,10 +614,9 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
             raise FormatError(img.path, f"snapshot {sn.id_str} disk size is too large")
         from .header import size_to_l1
 
-        if size_to_l1(sn.disk_size, img.cluster_bits, img.header.l2_entry_size) > sn.l1_size:
-            raise CorruptImageError(
-                img.path, f"snapshot {sn.id_str} L1 table is too small for its disk size"
-            )
+        need_l1 = size_to_l1(sn.disk_size, img.cluster_bits, img.header.l2_entry_size)
+        if need_l1 * 8 > spec.MAX_L1_SIZE_BYTES:
+            raise FormatError(img.path, f"snapshot {sn.id_str} disk size needs too large an L1")
         sn_l1 = _read_l1(img, sn)
         new_l2s, new_data = _reach(img, sn_l1, f"snapshot {sn.id_str}")
         old_l2s, old_data = _reach(img, img.l1, "active L1")
@@ -622,7 +625,9 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
         _check_increments(img, inc)
         _check_decrements(img, dec)
         old_l1_offset, old_l1_size = img.header.l1_table_offset, img.header.l1_size
-        new_l1_size = max(old_l1_size, sn.l1_size)  # qemu grows the L1, never shrinks it
+        # qemu grows the L1, never shrinks it; a snapshot without a disk size in
+        # its extra data (old qemu) gets today's size, maybe past its own L1
+        new_l1_size = max(old_l1_size, sn.l1_size, need_l1)
 
         # -- from here on the image changes ------------------------------------
         img._begin_write()
