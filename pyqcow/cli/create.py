@@ -121,6 +121,12 @@ def _run(args: argparse.Namespace) -> int:
             )
 
     if args.dry_run:
+        if backing is None and size is None:
+            raise OperationError(image, "image size required (no backing file to take it from)")
+        if backing is not None and not args.unsafe:
+            bpath = resolve_backing(image, backing)
+            if not os.path.exists(bpath):
+                raise OperationError(image, f"backing file {backing!r} not found ({bpath})")
         desc = f"would create {image} (qcow2"
         if size is not None:
             desc += f", {format_size(size)}"

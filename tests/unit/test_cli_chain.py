@@ -508,3 +508,11 @@ def test_no_traceback_on_help(capsys):
         assert main([cmd, "--help"]) == 0
     out, err = capsys.readouterr()
     assert "--domain-xml" in out and "Traceback" not in err
+
+
+def test_create_dry_run_checks_input(tmp_path, capsys):
+    status, _, err = run(capsys, "create", "--dry-run", tmp_path / "a.qcow2")
+    assert_one_line_error(status, err, "size")
+    status, _, err = run(capsys, "create", "--dry-run", "-b", "nope.qcow2", tmp_path / "a.qcow2")
+    assert_one_line_error(status, err, "not found")
+    assert not (tmp_path / "a.qcow2").exists()
