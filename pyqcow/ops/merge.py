@@ -118,6 +118,15 @@ def _check_kept_name(plan: MergePlan, force: bool) -> None:
             "is also the backing file of " + ", ".join(users)
             + "; merging would change or remove what they read (use --force to merge anyway)",
         )
+    if plan.keep == "base":
+        # TOP's name goes away: overlays of TOP would lose their backing file
+        users = dependents(plan.top, exclude=(plan.base,))
+        if users and not force:
+            raise OperationError(
+                plan.top,
+                "is the backing file of " + ", ".join(users)
+                + "; merging with --keep base removes it (use --keep top, or --force)",
+            )
 
 
 def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = False,

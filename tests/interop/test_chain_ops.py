@@ -555,6 +555,20 @@ def test_shared_base_commit_warns_merge_refuses(make, tmp_path):
     assert other.exists()
 
 
+def test_top_with_overlays_merge_keep_base_refused(make, tmp_path):
+    orig, ours, _ = make("qcow2")
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    child = qemu.create(ours.dir / "child.qcow2", None, backing=ours.top.name, backing_fmt="qcow2",
+                        cwd=ours.dir)
+    with _guarded(ours.dir):
+        for via in ("commit", "stream"):
+            with pytest.raises(QcowError, match="child.qcow2"):
+                merge(ours.top, keep="base", via=via)
+    # keeping the top's name keeps the child's chain intact
+    merge(ours.top, keep="top", via="commit")
+    assert raw_of(child, tmp_path / "child.raw") == before
+
+
 def test_shared_base_merge_force(make, tmp_path):
     orig, ours, _ = make("qcow2")
     before = raw_of(orig.top, tmp_path / "before.raw")
