@@ -25,6 +25,7 @@ from ..chain import chain_description, open_image
 from ..errors import BackingChainError
 from ..libvirt import ChainElement
 from ..ops import merge as merge_op
+from ..ops.common import dependents
 from ..units import format_size
 from .progress import add_progress_args, progress_from_args, quiet_warnings
 from .xml import DomainXmlUpdate, add_domain_xml_args
@@ -99,6 +100,12 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(doc, indent=4) + "\n")
         else:
             sys.stdout.write(human_plan(plan))
+            users = dependents(plan.base, exclude=(plan.top,))
+            if users:
+                sys.stdout.write(
+                    f"  note:    {plan.base} is also the backing file of {', '.join(users)}; "
+                    "the merge refuses to run without --force\n"
+                )
             if update is not None:
                 update.print_diff()
         return 0

@@ -516,3 +516,13 @@ def test_create_dry_run_checks_input(tmp_path, capsys):
     status, _, err = run(capsys, "create", "--dry-run", "-b", "nope.qcow2", tmp_path / "a.qcow2")
     assert_one_line_error(status, err, "not found")
     assert not (tmp_path / "a.qcow2").exists()
+
+
+def test_merge_dry_run_notes_other_users(chain, capsys, tmp_path):
+    _, top = chain
+    create(tmp_path / "sibling.qcow2", backing="base.qcow2", backing_format="qcow2")
+    status, out, _ = run(capsys, "merge", "--dry-run", top)
+    assert status == 0 and "sibling.qcow2" in out and "--force" in out
+    status, out, err = run(capsys, "merge", "--force", top)
+    assert status == 0 and out == ""
+    assert err.startswith("pyqcow: warning: ") and "sibling.qcow2" in err
