@@ -526,3 +526,26 @@ def test_merge_dry_run_notes_other_users(chain, capsys, tmp_path):
     status, out, err = run(capsys, "merge", "--force", top)
     assert status == 0 and out == ""
     assert err.startswith("pyqcow: warning: ") and "sibling.qcow2" in err
+
+
+@pytest.mark.parametrize(
+    "xml, needle",
+    [
+        (("<domain type='kvm'><devices><disk type='network' device='disk'>"
+         "<source protocol='nbd' name='x'/><target dev='vda'/></disk></devices></domain>"),
+         "not type='file'"),
+        (("<!DOCTYPE domain [<!ENTITY e SYSTEM 'file:///etc/passwd'>]>"
+         "<domain type='kvm'><name>&e;</name><devices/></domain>"), "entities"),
+        ("<domain type='kvm'><devices>", "not well-formed"),
+    ],
+)
+def test_bad_domain_xml_touches_nothing(chain, capsys, xml, needle):
+    base, top = chain
+    dom = base.parent / "dom.xml"
+    dom.write_text(xml)
+    x, b, t = dom.read_bytes(), base.read_bytes(), top.read_bytes()
+    for argv in (["merge", top], ["commit", top], ["xml", "sync", dom]):
+        status, _, err = run(capsys, *argv, *([] if argv[0] == "xml" else ["--domain-xml", dom]),
+                             "--disk", "vda")
+        assert_one_line_error(status, err, needle)
+    assert dom.read_bytes() == x and base.read_bytes() == b and top.read_bytes() == t
