@@ -578,8 +578,13 @@ def create_snapshot(img, name: str, *, date=None, vm_clock_nsec: int = 0) -> Sna
 
         # -- from here on the image changes ------------------------------------
         img._begin_write()
+        # 1. the tree is about to be shared: clear its COPIED flags first, so no
+        #    crash can leave COPIED on a cluster whose refcount is 2 (the other
+        #    direction, COPIED missing at refcount 1, only costs a copy-on-write)
+        _mark_copied(img, img.l1, only_clear=True)
+        img.flush()
         rc = img.refcounts
-        for c, n in counts.items():  # 1. increments (durable at the next flush)
+        for c, n in counts.items():  # 2. increments (durable at the next flush)
             rc.incref(c, n)
         snap_l1 = array("Q", (e & _L1_MASK for e in img.l1))
         l1_offset = _write_new_clusters(img, entries.encode_u64_table(snap_l1))
@@ -588,9 +593,7 @@ def create_snapshot(img, name: str, *, date=None, vm_clock_nsec: int = 0) -> Sna
             date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec,
             disk_size=img.virtual_size,
         )
-        # 2. the tables are shared now: no COPIED flag anywhere in the active tree
-        _mark_copied(img, img.l1, only_clear=True)
-        # 3. new table, flush (data, refcounts, L2, L1), header switch
+        # 3. new table, flush (snapshot L1 + table, refcounts), header switch
         _switch_table(img, [*blobs, entry], snaps)
         img.flush()  # 4. free the old table
         return read_snapshot_table(img)[-1]
@@ -631,14 +634,16 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
 
         # -- from here on the image changes ------------------------------------
         img._begin_write()
-        rc = img.refcounts
-        for c, n in inc.items():  # 1. the snapshot's tree gains a reference
-            rc.incref(c, n)
         # every table and cluster of the new active tree is shared with the
         # snapshot: the new L1 carries no COPIED flag, neither do those L2s
+        # (cleared before the increments, as in create)
         new_l1 = array("Q", (e & _L1_MASK for e in sn_l1))
         new_l1.extend(array("Q", bytes(8 * (new_l1_size - len(new_l1)))))
         _mark_copied(img, new_l1, only_clear=True)
+        img.flush()
+        rc = img.refcounts
+        for c, n in inc.items():  # 1. the snapshot's tree gains a reference
+            rc.incref(c, n)
         new_l1_offset = _write_new_clusters(img, entries.encode_u64_table(new_l1))
         img.flush()  # 2. data (new L1), increments, L2 flags durable
         # 3. one header write switches L1 and size (copy-then-switch)
