@@ -87,6 +87,8 @@ def create(
         if len(backing.encode()) > spec.MAX_BACKING_FILE_NAME:
             raise OperationError(path, "backing file name too long (maximum 1023 bytes)")
         bpath = resolve_backing(path, backing)
+        if os.path.exists(path) and os.path.exists(bpath) and os.path.samefile(path, bpath):
+            raise OperationError(path, "an image cannot be its own backing file")
         if backing_format not in (None, "qcow2", "raw"):
             raise OperationError(path, f"unsupported backing format {backing_format!r}")
         if not unsafe or size is None:
