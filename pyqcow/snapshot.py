@@ -26,6 +26,7 @@ import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from itertools import compress
 
 from . import entries, layout, spec
 from .errors import CorruptImageError, FormatError, OperationError, UnsupportedFeatureError
@@ -303,8 +304,7 @@ def _reach(img, l1, what: str) -> tuple[list[int], Counter]:
             )
         l2s.append(off)
         table = img.l2_table(off)
-        for j in range(0, len(table), step):
-            e = table[j]
+        for e in filter(None, table if step == 1 else table[::2]):  # skip zeros in C
             if not e & ~_COPIED:
                 continue
             if e & _COMPRESSED:
@@ -463,7 +463,8 @@ def _mark_copied(img, l1, *, only_clear: bool) -> None:
             continue
         table = img.l2_table(off)
         changed = False
-        for j in range(0, len(table), step):
+        descriptors = table if step == 1 else table[::2]
+        for j in compress(range(0, len(table), step), descriptors):  # nonzero ones only
             e = table[j]
             host = e & _L2_MASK
             if not host or e & _COMPRESSED:
@@ -663,6 +664,7 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
             rc.free_later(old_l1_offset, _clusters(img, old_l1_size * 8))
         img.flush()
         _forget_l2(img, old_l2s)
+        img._decomp_cache = None  # freed compressed clusters may be reused
         # 5. COPIED where refcounts are 1 (none expected: the snapshot shares all)
         _mark_copied(img, img.l1, only_clear=False)
         img.flush()
@@ -700,6 +702,7 @@ def delete_snapshot(img, name_or_id: str) -> SnapshotInfo:
                 rc.free_later(c << img.cluster_bits)
         img.flush()
         _forget_l2(img, l2s)
+        img._decomp_cache = None
         # 3. what the active tree now owns alone gets its COPIED flag back
         _mark_copied(img, img.l1, only_clear=False)
         img.flush()
