@@ -646,6 +646,8 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
         for c, n in inc.items():  # 1. the snapshot's tree gains a reference
             rc.incref(c, n)
         new_l1_offset = _write_new_clusters(img, entries.encode_u64_table(new_l1))
+        if not new_l1_size:  # a 0-byte disk: keep the (empty) table where it is
+            new_l1_offset = old_l1_offset
         img.flush()  # 2. data (new L1), increments, L2 flags durable
         # 3. one header write switches L1 and size (copy-then-switch)
         img.header = img.header.replace(

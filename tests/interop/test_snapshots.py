@@ -455,6 +455,7 @@ def test_cli_list_matches_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str
     qemu_img("snapshot", "-c", "qemu-made", p)
     assert cli_main(["snapshot", "-c", "ours", str(p)]) == 0
     assert cli_main(["snapshot", "-c", "a much longer snapshot name", str(p)]) == 0
+    assert cli_main(["snapshot", "-c", "ünï", str(p)]) == 0  # qemu pads by bytes
     capsys.readouterr()
     assert cli_main(["snapshot", "-l", str(p)]) == 0
     assert capsys.readouterr().out == qemu_img("snapshot", "-l", p)
@@ -463,7 +464,7 @@ def test_cli_list_matches_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert ours == json.loads(qemu_img("info", "--output=json", p))["snapshots"]
     assert cli_main(["snapshot", "-a", "ours", str(p)]) == 0
     assert cli_main(["snapshot", "-d", "qemu-made", str(p)]) == 0
-    assert [n for _, n in qemu_snapshots(p)] == ["ours", "a much longer snapshot name"]
+    assert [n for _, n in qemu_snapshots(p)] == ["ours", "a much longer snapshot name", "ünï"]
     assert_clean(p)
 
 
@@ -733,3 +734,14 @@ def test_crash_at_every_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
             else:
                 assert data == expected[name], (i, name)
     assert (tuple(after_list), True) in seen and (tuple(before_list), before[None] == after[None]) in seen
+
+
+def test_zero_sized_disk(tmp_path: Path) -> None:
+    p = create(tmp_path / "a.qcow2", 0)
+    create_snapshot(p, "a")
+    qemu_img("snapshot", "-c", "b", p)
+    apply_snapshot(p, "a")
+    qemu_img("snapshot", "-a", "b", p)
+    delete_snapshot(p, "b")
+    assert qemu_snapshots(p) == [("1", "a")]
+    assert_clean(p)
