@@ -499,6 +499,11 @@ _ops = st.lists(
         ),
         st.tuples(st.just("qwrite"), st.integers(0, _SIZE // 512 - 1), st.integers(1, 16),
                   st.integers(1, 255)),
+        st.tuples(
+            st.sampled_from(["zero", "discard"]),
+            st.integers(0, _SIZE - 1),
+            st.integers(1, 3 * _CLUSTER),
+        ),
         st.tuples(st.just("create")),
         st.tuples(st.just("apply"), st.integers(0, 7)),
         st.tuples(st.just("delete"), st.integers(0, 7)),
@@ -508,11 +513,19 @@ _ops = st.lists(
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=_ops)
-def test_random_sequences_match_model(tmp_path_factory: pytest.TempPathFactory, ops) -> None:
+@settings(
+    max_examples=int(os.environ.get("SNAPSHOT_EXAMPLES", "12")),  # more: SNAPSHOT_EXAMPLES=200
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=_ops, extended=st.booleans())
+def test_random_sequences_match_model(
+    tmp_path_factory: pytest.TempPathFactory, ops, extended: bool
+) -> None:
     tmp = tmp_path_factory.mktemp("hyp")
-    p = create(tmp / "m.qcow2", _SIZE, f"cluster_size={_CLUSTER}")
+    cluster = 16 * _CLUSTER if extended else _CLUSTER
+    opts = [f"cluster_size={cluster}"] + (["extended_l2=on"] if extended else [])
+    p = create(tmp / "m.qcow2", _SIZE, *opts)
     active = bytearray(_SIZE)
     snaps: dict[str, bytes] = {}
     counter = 0
@@ -529,6 +542,20 @@ def test_random_sequences_match_model(tmp_path_factory: pytest.TempPathFactory, 
             off, n = sector * 512, min(count * 512, _SIZE - sector * 512)
             qemu_io(p, f"write -P {b} {off} {n}")
             active[off : off + n] = bytes([b]) * n
+        elif kind in ("zero", "discard"):
+            _, off, n = op
+            n = min(n, _SIZE - off)
+            with pyqcow.open(p, "r+") as img:
+                if kind == "zero":
+                    img.write_zeroes(off, n)
+                    active[off : off + n] = bytes(n)
+                else:  # whole clusters only (writer.discard); nothing behind: zeros
+                    img.discard(off, n)
+                    start, end = -(-off // cluster) * cluster, (off + n) // cluster * cluster
+                    if off + n == _SIZE:
+                        end = _SIZE
+                    if end > start:
+                        active[start:end] = bytes(end - start)
         elif kind == "create":
             counter += 1
             create_snapshot(p, f"s{counter}")
