@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -504,6 +505,7 @@ _ops = st.lists(
             st.integers(0, _SIZE - 1),
             st.integers(1, 3 * _CLUSTER),
         ),
+        st.tuples(st.just("cwrite"), st.integers(0, 63), st.integers(0, 255)),
         st.tuples(st.just("create")),
         st.tuples(st.just("apply"), st.integers(0, 7)),
         st.tuples(st.just("delete"), st.integers(0, 7)),
@@ -542,6 +544,14 @@ def test_random_sequences_match_model(
             off, n = sector * 512, min(count * 512, _SIZE - sector * 512)
             qemu_io(p, f"write -P {b} {off} {n}")
             active[off : off + n] = bytes([b]) * n
+        elif kind == "cwrite":  # one compressed cluster (packed by the writer)
+            _, index, b = op
+            off = index * cluster % _SIZE
+            data = bytes([b]) * (cluster // 2) + bytes(range(256)) * (cluster // 512)
+            z = zlib.compressobj(6, zlib.DEFLATED, -12)
+            with pyqcow.open(p, "r+") as img:
+                img.write_compressed(off, z.compress(data) + z.flush())
+            active[off : off + cluster] = data
         elif kind in ("zero", "discard"):
             _, off, n = op
             n = min(n, _SIZE - off)
