@@ -32,35 +32,97 @@ def _src_fd(layer) -> int:
     return hf.fd
 
 
+# Prepared clusters must be filled before the destination flushes its L2
+# tables (a crash in between would expose unwritten clusters).  The writer
+# flushes by itself once more than MAX_DIRTY_L2 tables are dirty, so a
+# prepare_write call touches at most PREPARE_TABLES tables, and the copier
+# copies what is pending and flushes first when the next call could cross it.
+PREPARE_TABLES = 32
+BATCH_BYTES = 256 * 1024 * 1024
+
+
+class _Batch:
+    """Prepared (source fd, source offset, host offset, length) runs not yet copied."""
+
+    def __init__(self, dest, progress: Progress | None = None) -> None:
+        self.dest = dest
+        self.fd = -1
+        self.runs: list[tuple[int, int, int]] = []
+        self.bytes = 0
+        self.progress = progress
+        self.unreported = 0  # progress is reported once the bytes are really there
+
+    def done(self, n: int) -> None:
+        self.unreported += n
+        if not self.runs:
+            self.report()
+
+    def report(self) -> None:
+        if self.progress is not None and self.unreported:
+            self.progress.advance(self.unreported)
+        self.unreported = 0
+
+    def add(self, src_fd: int, runs: list[tuple[int, int, int]]) -> None:
+        if src_fd != self.fd:
+            self.drain()
+            self.fd = src_fd
+        self.runs.extend(runs)
+        self.bytes += sum(r[2] for r in runs)
+        if self.bytes >= BATCH_BYTES:
+            self.drain()
+
+    def drain(self) -> None:
+        if self.runs:
+            fastcopy.copy_runs(self.fd, self.dest.data_hf.fd, self.runs)
+            self.runs = []
+            self.bytes = 0
+        self.report()
+
+    def before_prepare(self) -> None:
+        """Make sure the next prepare_write cannot flush uncopied clusters."""
+        from ..writer import MAX_DIRTY_L2
+
+        if len(self.dest.dirty_l2) + PREPARE_TABLES + 2 > MAX_DIRTY_L2:
+            self.drain()
+            self.dest.flush()
+
+
 def execute(pieces: list[Piece], dest, *, write_zero: bool = True, progress: Progress | None = None) -> int:
     """Copy ``pieces`` into ``dest``; returns the number of data bytes copied."""
     copied = 0
+    batch = _Batch(dest, progress)
     for p in pieces:
         if p.kind == "below":
             continue
         if p.kind == "zero":
             if write_zero:
+                batch.drain()
                 dest.write_zeroes(p.guest_offset, p.length)
             continue
         pos = p.guest_offset
         while pos < p.end:
             n = min(CHUNK, p.end - pos)
-            _copy_data(p, pos, n, dest)
+            _copy_data(p, pos, n, dest, batch)
             copied += n
-            if progress is not None:
-                progress.advance(n)
+            batch.done(n)
             pos += n
+    batch.drain()
     return copied
 
 
-def _copy_data(p: Piece, pos: int, n: int, dest) -> None:
+def _read_write(layer, dest, batch: _Batch, pos: int, n: int) -> None:
+    batch.drain()  # dest.write may flush
+    buf = bytearray(n)
+    layer.readinto(buf, pos)
+    dest.write(pos, buf)
+
+
+def _copy_data(p: Piece, pos: int, n: int, dest, batch: _Batch) -> None:
     run = p.run
     layer = p.layer
     direct = run is not None and run.type == ClusterType.NORMAL and run.host_offset is not None
     if not direct:
-        buf = bytearray(n)
-        layer.readinto(buf, pos)
-        dest.write(pos, buf)
+        _read_write(layer, dest, batch, pos, n)
         return
     src_fd = _src_fd(layer)
     src_base = run.host_offset + (pos - run.guest_offset)
@@ -74,18 +136,17 @@ def _copy_data(p: Piece, pos: int, n: int, dest) -> None:
     if end == dest.virtual_size:
         b = end
     if a >= b:
-        buf = bytearray(n)
-        layer.readinto(buf, pos)
-        dest.write(pos, buf)
+        _read_write(layer, dest, batch, pos, n)
         return
     if a > pos:
-        buf = bytearray(a - pos)
-        layer.readinto(buf, pos)
-        dest.write(pos, buf)
-    hosts = dest.prepare_write(a, b - a)
-    runs = [(src_base + (g - pos), h, ln) for g, h, ln in hosts]
-    fastcopy.copy_runs(src_fd, dest.data_hf.fd, runs)
+        _read_write(layer, dest, batch, pos, a - pos)
+    span = PREPARE_TABLES * dest.l2_entries * cs
+    g = a
+    while g < b:
+        m = min(b - g, span - g % span)
+        batch.before_prepare()
+        hosts = dest.prepare_write(g, m)
+        batch.add(src_fd, [(src_base + (h_g - pos), h, ln) for h_g, h, ln in hosts])
+        g += m
     if end > b:
-        buf = bytearray(end - b)
-        layer.readinto(buf, b)
-        dest.write(b, buf)
+        _read_write(layer, dest, batch, b, end - b)
