@@ -244,7 +244,9 @@ def _require_snapshot_writable(img) -> None:
 
 
 def _not_found(img, snaps: list[SnapshotInfo], name_or_id: str) -> SnapshotNotFoundError:
-    known = ", ".join(f"{s.id_str} ({s.name})" for s in snaps) or "none"
+    known = ", ".join(f"{s.id_str} ({s.name})" for s in snaps[:10]) or "none"
+    if len(snaps) > 10:
+        known += f", ... {len(snaps)} in all"
     return SnapshotNotFoundError(
         img.path, f"no internal snapshot with ID or name {name_or_id!r} (snapshots: {known})"
     )
