@@ -625,3 +625,56 @@ def test_rebase_onto_itself_refused(make):
         rebase(ours.base, "top.qcow2", backing_format="qcow2")
     with _guarded(ours.dir), pytest.raises(QcowError):
         rebase(ours.top, "top.qcow2", backing_format="qcow2")
+
+
+# --------------------------------------------------------------------------- write ordering
+
+
+def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
+    """No flush of the destination may make L2 entries durable before their data is copied.
+
+    512-byte clusters: one L2 table maps 32 KiB, so a 12 MiB commit touches ~400
+    tables, more than the writer keeps dirty before flushing on its own.
+    """
+    from pyqcow import writer
+    from pyqcow.ops import copier
+
+    d = tmp_path
+    base = qemu.create(d / "base.qcow2", 16 * MiB, "cluster_size=512")
+    qemu.qemu_io(base, f"write -P 0x11 0 {16 * MiB}")  # L2 tables the writer must load
+    top = qemu.create(d / "top.qcow2", None, "cluster_size=65536", backing="base.qcow2",
+                      backing_fmt="qcow2", cwd=d)
+    qemu.qemu_io(top, f"write -P 0x5a {MiB} {12 * MiB}")
+    pending: set[int] = set()
+    flushes = []
+    real_prepare, real_flush = writer.WriterMixin.prepare_write, writer.WriterMixin.flush
+    real_copy = fastcopy.copy_runs
+
+    inside = []
+
+    def prepare(self, offset, length):
+        inside.append(1)
+        try:
+            runs = real_prepare(self, offset, length)
+        finally:
+            inside.pop()
+        pending.update(h for _, h, _ in runs)
+        return runs
+
+    def copy_runs(src_fd, dst_fd, runs, **kw):
+        for _, h, _ in runs:
+            pending.discard(h)
+        return real_copy(src_fd, dst_fd, runs, **kw)
+
+    def flush(self):
+        flushes.append(len(pending) + len(inside))
+        return real_flush(self)
+
+    monkeypatch.setattr(writer.WriterMixin, "prepare_write", prepare)
+    monkeypatch.setattr(writer.WriterMixin, "flush", flush)
+    monkeypatch.setattr(copier.fastcopy, "copy_runs", copy_runs)
+    before = raw_of(top, tmp_path / "before.raw")
+    commit(top)
+    assert len(flushes) > 2 and set(flushes) == {0}, flushes
+    assert raw_of(top, tmp_path / "after.raw") == before
+    assert qemu.check_json(base)[1] == 0
