@@ -550,38 +550,59 @@ class WriterMixin:
         out: list[tuple[int, int, int]] = []
         end = offset + length
         pos = offset
+        rc = self.refcounts
+        step = 2 if self.extended_l2 else 1
+        l2_mask = self.l2_entries - 1
         while pos < end:
-            n = min(cs, end - pos)
+            # one L2 table at a time: the clusters of [pos, seg_end) share it
             cluster = pos >> cb
             table, l2_off = self._l2_for_write(cluster)
-            i = cluster & (self.l2_entries - 1)
+            seg_end = min(end, ((cluster | l2_mask) + 1) << cb)
+            count = (seg_end - pos + cs - 1) >> cb
+            i0 = cluster & l2_mask
+            self.dirty_l2.add(l2_off)
             if self.has_data_file:
-                host = pos
-                if self.extended_l2:
-                    table[2 * i] = host | COPIED
-                    table[2 * i + 1] = 0xFFFFFFFF
-                else:
-                    table[i] = host | COPIED
-                self.dirty_l2.add(l2_off)
+                hosts = [pos + (k << cb) for k in range(count)]
             else:
-                e = table[2 * i] if self.extended_l2 else table[i]
-                host = e & OFFSET_MASK
-                private = host and e & COPIED and not e & spec.QCOW_OFLAG_COMPRESSED
-                if not private:
-                    host = self.refcounts.alloc(1)
-                    self._free_entry_allocation(e)
-                if self.extended_l2:
-                    table[2 * i] = host | COPIED
-                    table[2 * i + 1] = 0xFFFFFFFF
+                hosts = [0] * count
+                k = 0
+                while k < count:
+                    e = table[(i0 + k) * step]
+                    host = e & OFFSET_MASK
+                    if host and e & COPIED and not e & spec.QCOW_OFLAG_COMPRESSED:
+                        hosts[k] = host  # private already: overwrite in place
+                        k += 1
+                        continue
+                    # a run of clusters needing new host clusters
+                    j = k + 1
+                    while j < count:
+                        e2 = table[(i0 + j) * step]
+                        if e2 & OFFSET_MASK and e2 & COPIED and not e2 & spec.QCOW_OFLAG_COMPRESSED:
+                            break
+                        j += 1
+                    while k < j:
+                        # contiguous when nothing below the used area is free
+                        # (alloc(n) would rescan the file for a run of n otherwise)
+                        n_alloc = j - k if rc.free_hint >= rc.end_cluster else 1
+                        host = rc.alloc(n_alloc)
+                        for m in range(n_alloc):
+                            self._free_entry_allocation(table[(i0 + k + m) * step])
+                            hosts[k + m] = host + (m << cb)
+                        k += n_alloc
+            for k, host in enumerate(hosts):
+                if step == 2:
+                    table[2 * (i0 + k)] = host | COPIED
+                    table[2 * (i0 + k) + 1] = 0xFFFFFFFF
                 else:
-                    table[i] = host | COPIED
-                self.dirty_l2.add(l2_off)
-            if out and out[-1][0] + out[-1][2] == pos and out[-1][1] + out[-1][2] == host:
-                g, h, ln = out[-1]
-                out[-1] = (g, h, ln + n)
-            else:
-                out.append((pos, host, n))
-            pos += n
+                    table[i0 + k] = host | COPIED
+                g = pos + (k << cb)
+                n = min(cs, end - g)
+                if out and out[-1][0] + out[-1][2] == g and out[-1][1] + out[-1][2] == host:
+                    gg, h, ln = out[-1]
+                    out[-1] = (gg, h, ln + n)
+                else:
+                    out.append((g, host, n))
+            pos = seg_end
         self._note_alloc()
         self._data_written = True
         return out
