@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import check  # callable: pyqcow.check(path, repair=None) -> CheckResult
+from . import create  # callable: pyqcow.create(path, size, **options)
 from .errors import (
     BackingChainError,
     ChainError,
@@ -29,6 +30,35 @@ def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None,
     )
 
 
+def commit(top, base=None, *, drop: bool = False, progress=None):
+    """Copy what TOP (and every image above BASE) allocates into BASE."""
+    from .ops.commit import commit as _commit
+
+    return _commit(top, base, drop=drop, progress=progress)
+
+
+def stream(top, base=None, *, progress=None):
+    """Pull backing data into TOP; afterwards TOP's backing is BASE (or none)."""
+    from .ops.stream import stream as _stream
+
+    return _stream(top, base, progress=progress)
+
+
+def rebase(path, backing, *, backing_format=None, unsafe: bool = False, progress=None):
+    """Change PATH's backing file; safe mode keeps the guest content."""
+    from .ops.rebase import rebase as _rebase
+
+    return _rebase(path, backing, backing_format=backing_format, unsafe=unsafe, progress=progress)
+
+
+def merge(top, *, keep: str = "base", via: str = "auto", dry_run: bool = False, progress=None,
+          force: bool = False):
+    """Merge TOP and its backing into one image at the kept name; returns the MergePlan."""
+    from .ops.merge import merge as _merge
+
+    return _merge(top, keep=keep, via=via, dry_run=dry_run, progress=progress, force=force)
+
+
 __all__ = [
     "BackingChainError",
     "ChainError",
@@ -42,5 +72,10 @@ __all__ = [
     "UnsupportedFeature",
     "UnsupportedFeatureError",
     "check",
+    "commit",
+    "create",
+    "merge",
     "open",
+    "rebase",
+    "stream",
 ]

@@ -38,12 +38,12 @@ consistent with the disk.
 
 from __future__ import annotations
 
+from ._callmod import make_callable
+
 import contextlib
 import contextvars
 import copy
 import os
-import sys
-import types
 import warnings
 from array import array
 from collections.abc import Callable
@@ -1075,17 +1075,4 @@ def repair_dirty(img) -> None:
         raise CorruptImageError(img.path, f"could not repair dirty image ({detail})")
 
 
-class _CallableModule(types.ModuleType):
-    """``pyqcow.check`` is this module *and* the check function.
-
-    ``pyqcow.check(path, repair=None)`` is the public API (DESIGN.md section 6)
-    while ``from pyqcow import check; check.repair_dirty(img)`` and
-    ``from pyqcow.check import CheckResult`` keep working: a function exported
-    under the module's own name would shadow the module.
-    """
-
-    def __call__(self, path_or_img, repair: str | None = None, **kwargs) -> CheckResult:
-        return check(path_or_img, repair, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, check)

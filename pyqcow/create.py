@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._callmod import make_callable
+
 import os
 
 from . import layout, spec
@@ -234,3 +236,6 @@ def parse_options(path: str, opts: str) -> dict:
         else:
             raise OperationError(path, f"unknown or unsupported option {key!r}")
     return out
+
+
+make_callable(__name__, create)

@@ -479,6 +479,12 @@ class QcowImage(WriterMixin):
         if inside < n:
             zero_fill(dst[inside:])
 
+    def map(self, start: int = 0, length: int | None = None) -> list:
+        """qemu-img map's extents (pyqcow.mapping.Extent) through the backing chain."""
+        from .mapping import chain_status
+
+        return chain_status(self, start, length)
+
     # -- forensic views (pyqcow/reader.py, pyqcow/snapshot_view.py) --------------------
     def reader(self):
         """A read-only, seekable io.RawIOBase over the guest disk."""

@@ -37,6 +37,12 @@ class RawImage:
     def readinto(self, buf, offset: int) -> None:
         self.hf.preadinto(buf, offset)
 
+    def map(self, start: int = 0, length: int | None = None) -> list:
+        """qemu-img map's extents (pyqcow.mapping.Extent) through the backing chain."""
+        from .mapping import chain_status
+
+        return chain_status(self, start, length)
+
     def reader(self):
         from .reader import GuestReader
 
