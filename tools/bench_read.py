@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Read benchmark: pyqcow's reader() beside dissect.hypervisor, libqcow and qemu-img.
 
-    tools/bench read [--size-gib 2] [--data-gib 1] [--random-reads 20000] [--repeat 3]
+    tools/bench read [--size-gib 2] [--data-gib 1] [--random-reads 20000] [--repeat 5]
                      [--dir DIR] [--cache-dir DIR] [--no-others] [--keep]
 
 Builds, in a scratch directory, a qcow2 image (64 KiB clusters) of SIZE GiB
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-gib", type=float, default=2)
     ap.add_argument("--data-gib", type=float, default=1)
     ap.add_argument("--random-reads", type=int, default=20000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--seed", type=int, default=20240601)
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "pyqcow-bench"),
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             if py:
                 readers.append(("libqcow", str(py), "libqcow-python (libyal)"))
         results: dict = {}
+        load_before = os.getloadavg()[0]
         for img in (base, top):
             label = "image" if img == base else "overlay"
             for kind, py, _ in readers:
@@ -363,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             results[(label, "qemu-img")] = (
                 {"seq_mbs": qemu_img_bench(img, size, args.repeat)}, "(not checked)")
         report(results, readers, size, data, args)
+        log(f"load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+            f"the measurements, on {os.cpu_count()} CPUs: figures drop when the machine is busy")
     finally:
         if args.keep:
             log(f"kept {scratch}")
