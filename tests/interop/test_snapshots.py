@@ -782,3 +782,34 @@ def test_zero_sized_disk(tmp_path: Path) -> None:
     delete_snapshot(p, "b")
     assert qemu_snapshots(p) == [("1", "a")]
     assert_clean(p)
+
+
+def test_image_in_use_by_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu's image locks are honoured: a running qemu-io keeps us out (-l -U reads)."""
+    import time
+
+    from pyqcow.errors import ImageLockedError
+
+    p = create(tmp_path / "a.qcow2", "1M")
+    create_snapshot(p, "a")
+    proc = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", "-c", "sleep 20000", str(p)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # until qemu-io holds its locks
+            try:
+                list_snapshots(p)
+            except ImageLockedError:
+                break
+            assert time.monotonic() < deadline, "qemu-io never locked the image"
+            time.sleep(0.05)
+        _unchanged(p, lambda: create_snapshot(p, "b"), ImageLockedError, "in use")
+        _unchanged(p, lambda: delete_snapshot(p, "a"), ImageLockedError, "in use")
+        capsys.readouterr()
+        assert cli_main(["snapshot", "-l", "-U", str(p)]) == 0
+        assert " a " in capsys.readouterr().out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
