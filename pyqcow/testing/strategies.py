@@ -366,7 +366,7 @@ def _compressed_only_fresh(ops: list[Op], cs: int, touched: set[int]) -> list[Op
 
 def _build_image(draw, directory: str, name: str, p: ImageParams, *, backing: str | None,
                  backing_format: str | None, initial: bytes, max_ops: int,
-                 max_snapshots: int) -> GeneratedImage:
+                 max_snapshots: int, min_ops: int = 0) -> GeneratedImage:
     path = os.path.join(directory, name)
     _create(path, p, backing, backing_format)
     model = bytearray(initial[: p.virtual_size].ljust(p.virtual_size, b"\0"))
@@ -379,7 +379,8 @@ def _build_image(draw, directory: str, name: str, p: ImageParams, *, backing: st
     if max_snapshots and have_qemu() and p.refcount_bits >= 8:
         n_snap = draw(st.integers(0, min(max_snapshots, (1 << min(p.refcount_bits, 8)) - 2)))
     for seg in range(n_snap + 1):
-        ops = draw(operations(p.virtual_size, p.cluster_size, max_ops=max_ops, kinds=kinds))
+        ops = draw(operations(p.virtual_size, p.cluster_size, max_ops=max_ops, kinds=kinds,
+                              min_ops=min(min_ops, max_ops) if seg == 0 else 0))
         ops = _compressed_only_fresh(ops, p.cluster_size, touched)
         if ops:
             apply_ops(path, ops, writer=p.writer)
@@ -403,11 +404,13 @@ def images(
     *,
     params: st.SearchStrategy[ImageParams] | None = None,
     max_ops: int = 8,
+    min_ops: int = 0,
     snapshots: int = 0,
     directory: str | None = None,
 ) -> GeneratedImage:
     """A standalone qcow2 image with data written into it, and its expected content.
 
+    ``min_ops``/``max_ops`` bound the number of guest operations written.
     ``params``: a strategy for :class:`ImageParams` (default :func:`image_params`).
     ``snapshots``: at most this many internal snapshots (qemu-img snapshot -c)
     taken between batches of operations; their content is in ``.snapshots``.
@@ -415,7 +418,8 @@ def images(
     p = draw(params if params is not None else image_params())
     d = _new_dir(directory)
     img = _build_image(draw, d, "image.qcow2", p, backing=None, backing_format=None,
-                       initial=b"", max_ops=max_ops, max_snapshots=snapshots)
+                       initial=b"", max_ops=max_ops, max_snapshots=snapshots,
+                       min_ops=min_ops)
     img.files = [img.path]
     return img
 
@@ -459,6 +463,7 @@ def chains(
     raw_base: bool | None = None,
     params: st.SearchStrategy[ImageParams] | None = None,
     max_ops: int = 6,
+    min_ops: int = 0,
     same_size: bool = False,
     subdir: bool | None = None,
     directory: str | None = None,
@@ -493,7 +498,8 @@ def chains(
         size = -(-size // 512) * 512
         path = os.path.join(base_dir, "base.raw")
         model = bytearray(size)
-        ops = draw(operations(size, 512, max_ops=max_ops, kinds=("write", "zero")))
+        ops = draw(operations(size, 512, max_ops=max_ops, min_ops=min(min_ops, max_ops),
+                              kinds=("write", "zero")))
         for op in ops:
             op.apply_to_model(model)
         with open(path, "wb") as f:
@@ -505,7 +511,8 @@ def chains(
         all_ops.append(ops)
     else:
         img = _build_image(draw, base_dir, "base.qcow2", first, backing=None,
-                           backing_format=None, initial=b"", max_ops=max_ops, max_snapshots=0)
+                           backing_format=None, initial=b"", max_ops=max_ops, max_snapshots=0,
+                           min_ops=min_ops)
         layers.append(img.path)
         formats.append("qcow2")
         expected.append(img.expected)
@@ -529,7 +536,7 @@ def chains(
         rel = os.path.relpath(below, d)
         img = _build_image(draw, d, f"layer{i}.qcow2", p, backing=rel,
                            backing_format=formats[-1], initial=expected[-1], max_ops=max_ops,
-                           max_snapshots=0)
+                           max_snapshots=0, min_ops=min_ops)
         layers.append(img.path)
         formats.append("qcow2")
         expected.append(img.expected)
