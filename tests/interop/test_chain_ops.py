@@ -195,6 +195,11 @@ def depth0_data(path: Path) -> list[dict]:
 BACKENDS = ["native", "python"]
 
 
+def with_backends(specs, python_specs):
+    """(spec, backend) pairs: every spec natively, ``python_specs`` with the fallback too."""
+    return [(s, "native") for s in specs] + [(s, "python") for s in python_specs]
+
+
 def backend_ctx(name: str):
     if name == "native" and not fastcopy.native_available():
         pytest.skip("native fastcopy helper not built")
@@ -217,8 +222,8 @@ OTHER_SPECS = ["deep3_raw", "c512", "c2m", "larger_top_raw", "absolute", "v2", "
                "lazy", "prealloc", "snapshots", "extl2_compressed"]
 
 
-def _commit_case(make, tmp_path, spec_name, backend, *, base_arg: bool):
-    orig, ours, theirs = make(spec_name)
+def _commit_case(make, tmp_path, spec_name, backend, *, base_arg: bool, chains=None):
+    orig, ours, theirs = chains or make(spec_name)
     before = raw_of(orig.top, tmp_path / "before.raw")
     target = 0 if base_arg else -2
     with backend_ctx(backend), warnings.catch_warnings():
@@ -240,19 +245,33 @@ def _commit_case(make, tmp_path, spec_name, backend, *, base_arg: bool):
         assert not res.emptied
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec_name", KEY_SPECS)
+PYTHON_SPECS = ["qcow2", "deep3", "compressed"]
+
+
+@pytest.mark.parametrize(("spec_name", "backend"), with_backends(KEY_SPECS, PYTHON_SPECS))
 def test_commit_matches_qemu(make, tmp_path, spec_name, backend):
     _commit_case(make, tmp_path, spec_name, backend, base_arg=False)
 
 
-@pytest.mark.parametrize("spec_name", OTHER_SPECS)
-def test_commit_matches_qemu_more_shapes(make, tmp_path, spec_name):
-    _commit_case(make, tmp_path, spec_name, "native", base_arg=False)
+def _more_shapes(make, tmp_path, spec_name):
+    orig, ours, theirs = make(spec_name)
+    _commit_case(make, tmp_path, spec_name, "native", base_arg=False, chains=(orig, ours, theirs))
+    chains = (orig, orig.copy("ours-stream"), orig.copy("theirs-stream"))
+    _stream_case(make, tmp_path, spec_name, "native", to_base=False, chains=chains)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec_name", ["deep3", "deep3_raw", "absolute", "v2_deep3", "snapshots"])
+@pytest.mark.parametrize("spec_name", [s for s in OTHER_SPECS if s != "c2m"])
+def test_commit_and_stream_more_shapes(make, tmp_path, spec_name):
+    _more_shapes(make, tmp_path, spec_name)
+
+
+@pytest.mark.slow
+def test_commit_and_stream_2m_clusters(make, tmp_path):
+    _more_shapes(make, tmp_path, "c2m")
+
+
+@pytest.mark.parametrize(("spec_name", "backend"), with_backends(
+    ["deep3", "deep3_raw", "absolute", "v2_deep3", "snapshots"], ["deep3"]))
 def test_commit_b_into_deepest_base(make, tmp_path, spec_name, backend):
     _commit_case(make, tmp_path, spec_name, backend, base_arg=True)
 
@@ -274,8 +293,8 @@ def _info(path: Path) -> dict:
     return qemu.info_json(path)
 
 
-def _stream_case(make, tmp_path, spec_name, backend, *, to_base: bool):
-    orig, ours, theirs = make(spec_name)
+def _stream_case(make, tmp_path, spec_name, backend, *, to_base: bool, chains=None):
+    orig, ours, theirs = chains or make(spec_name)
     before = raw_of(orig.top, tmp_path / "before.raw")
     below = [f.read_bytes() for f in ours.files[:-1]]
     with backend_ctx(backend):
@@ -305,19 +324,12 @@ def _stream_case(make, tmp_path, spec_name, backend, *, to_base: bool):
     assert [f.read_bytes() for f in ours.files[:-1]] == below
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec_name", KEY_SPECS)
+@pytest.mark.parametrize(("spec_name", "backend"), with_backends(KEY_SPECS, PYTHON_SPECS))
 def test_stream_full_matches_rebase_empty(make, tmp_path, spec_name, backend):
     _stream_case(make, tmp_path, spec_name, backend, to_base=False)
 
 
-@pytest.mark.parametrize("spec_name", OTHER_SPECS)
-def test_stream_full_more_shapes(make, tmp_path, spec_name):
-    _stream_case(make, tmp_path, spec_name, "native", to_base=False)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec_name", ["deep3", "deep3_raw", "absolute"])
+@pytest.mark.parametrize(("spec_name", "backend"), with_backends(["deep3", "deep3_raw", "absolute"], ["deep3"]))
 def test_stream_to_base_matches_safe_rebase(make, tmp_path, spec_name, backend):
     _stream_case(make, tmp_path, spec_name, backend, to_base=True)
 
@@ -348,15 +360,13 @@ def _make_other(chain: Chain) -> Path:
     return other
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec_name", ["qcow2", "raw_base", "deep3", "compressed", "larger_top", "extl2"])
-def test_safe_rebase_matches_qemu(make, tmp_path, spec_name, backend):
+def test_safe_rebase_matches_qemu(make, tmp_path, spec_name):  # (rebase does not use fastcopy)
     orig, ours, theirs = make(spec_name)
     _make_other(ours)
     _make_other(theirs)
     before = raw_of(orig.top, tmp_path / "before.raw")
-    with backend_ctx(backend):
-        rebase(ours.top, "other.qcow2", backing_format="qcow2")
+    rebase(ours.top, "other.qcow2", backing_format="qcow2")
     qemu.qemu_img("rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", theirs.top)
     assert_same(ours.top, theirs.top)
     assert raw_of(ours.top, tmp_path / "after.raw") == before
@@ -400,13 +410,15 @@ def test_unsafe_rebase_header_only(make):
 # --------------------------------------------------------------------------- merge
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("via", ["commit", "stream", "auto"])
-@pytest.mark.parametrize("keep", ["base", "top"])
-@pytest.mark.parametrize("spec_name", ["deep3", "qcow2"])
+MERGE_CASES = (
+    [("deep3", keep, via, "native") for keep in ("base", "top") for via in ("commit", "stream", "auto")]
+    + [("deep3", keep, via, "python") for keep in ("base", "top") for via in ("commit", "stream")]
+    + [("qcow2", keep, "auto", "native") for keep in ("base", "top")]
+)
+
+
+@pytest.mark.parametrize(("spec_name", "keep", "via", "backend"), MERGE_CASES)
 def test_merge_combinations(make, tmp_path, spec_name, keep, via, backend):
-    if backend == "python" and spec_name == "qcow2":
-        pytest.skip("python backend covered by the deep3 chain")
     orig, ours, _ = make(spec_name)
     before = raw_of(orig.top, tmp_path / "before.raw")
     base, top = ours.files[-2], ours.top

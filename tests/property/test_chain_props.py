@@ -248,7 +248,7 @@ def cases(draw):
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=8, **_common)
+@settings(max_examples=5, **_common)
 @given(cases())
 def test_chain_ops_match_model(case):
     run_case(*case)
