@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Chain-operation benchmark: pyqcow beside qemu-img on identical copies.
+
+    tools/bench chain [--size-gib 2] [--data-gib 1] [--rounds 3] [--dir DIR]
+                      [--cache-dir DIR] [--only commit5,commit50,stream,convert]
+                      [--api] [--keep]
+
+Builds (once, cached under --cache-dir) a qcow2 base of SIZE GiB (64 KiB
+clusters) holding DATA GiB of random bytes in 256 KiB chunks spread over the
+disk, and two overlays in which 5% and 50% of the disk's 64 KiB clusters
+(chosen at random, holes included) were rewritten by ``qemu-io`` with other
+random bytes (each overlay holds exactly the rewritten clusters).  Then, for each operation, --rounds times,
+on fresh copies (``cp --reflink=never``, untimed, page cache hot), it times
+qemu-img and pyqcow alternately (the order flips every round):
+
+  commit5   qemu-img commit TOP5            pyqcow commit TOP5
+  commit50  qemu-img commit TOP50           pyqcow commit TOP50
+  stream    qemu-img rebase -b '' TOP5      pyqcow stream TOP5
+  convert   qemu-img convert -O raw TOP5    pyqcow convert -O raw TOP5
+
+pyqcow runs as ``python -m pyqcow.cli.main ...`` (--api: a python -c calling
+the ops API), a fresh process each time like qemu-img, so both timings include
+process start-up.  Reported: median wall time of each, the ratio pyqcow/qemu
+(goal <= 0.8), and the peak RSS of each process (os.wait4; goal < 100 MiB).
+The first round's results are checked with ``qemu-img compare`` (a wrong
+answer is reported, not hidden).  A benchmark, not a test: it always exits 0
+unless its own set-up fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+CLUSTER = 64 * 1024
+CHUNK = 256 * 1024
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in argv], check=True, **kw)
+
+
+def timed(argv, cwd=None) -> tuple[float, int, int, str]:
+    """(seconds, peak RSS bytes, exit status, stderr) of one child process."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, ru = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return dt, ru.ru_maxrss * 1024, proc.returncode, err
+
+
+# --------------------------------------------------------------------------- images
+
+
+def build(cache: Path, size: int, data: int, seed: int) -> dict[str, Path]:
+    tag = f"s{size // MiB}m-d{data // MiB}m-r{seed}"
+    d = cache / tag
+    done = d / "DONE"
+    paths = {"base": d / "base.qcow2", "top5": d / "top5.qcow2", "top50": d / "top50.qcow2"}
+    if done.exists():
+        return paths
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    rng = random.Random(seed)
+    raw = d / "disk.raw"
+    log(f"building {size // GiB} GiB base with {data // MiB} MiB of random data in {d} ...")
+    nchunks = size // CHUNK
+    chunks = sorted(rng.sample(range(nchunks), data // CHUNK))
+    with open(raw, "wb") as f:
+        f.truncate(size)
+        for c in chunks:
+            f.seek(c * CHUNK)
+            f.write(os.urandom(CHUNK))
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, paths["base"]])
+    nclusters = size // CLUSTER
+    pats = []
+    for i in range(16):  # qemu-io fills each write from one of these random files
+        pat = d / f"pattern{i}.bin"
+        pat.write_bytes(os.urandom(CLUSTER))
+        pats.append(pat)
+    for name, frac in (("top5", 0.05), ("top50", 0.50)):
+        log(f"building {name}: {int(frac * 100)}% of the clusters rewritten ...")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             paths[name].name], cwd=d)
+        picks = sorted(rng.sample(range(nclusters), int(nclusters * frac)))
+        script = "".join(f"write -q -s {pats[i % len(pats)]} {c * CLUSTER} {CLUSTER}\n"
+                         for i, c in enumerate(picks))
+        subprocess.run(["qemu-io", "-f", "qcow2", paths[name]], input=script.encode(), check=True,
+                       stdout=subprocess.DEVNULL)
+    for pat in pats:
+        pat.unlink()
+    raw.unlink()
+    done.touch()
+    return paths
+
+
+def fresh_copy(src: dict[str, Path], top: str, dest: Path) -> Path:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for key in ("base", top):
+        run(["cp", "--reflink=never", "--sparse=always", src[key], dest / src[key].name])
+    return dest / src[top].name
+
+
+# --------------------------------------------------------------------------- operations
+
+PY = sys.executable
+
+
+def _api(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def ops(api: bool) -> dict[str, dict]:
+    cli = [PY, "-m", "pyqcow.cli.main"]
+
+    def py(sub: list[str], code: str):
+        return (lambda top, out: _api(code.format(top=str(top), out=str(out)))) if api else (
+            lambda top, out: cli + [a.format(top=str(top), out=str(out)) for a in sub])
+
+    return {
+        "commit5": dict(top="top5", copy=True,
+                        qemu=lambda top, out: ["qemu-img", "commit", "-q", top],
+                        pyqcow=py(["commit", "-q", "{top}"],
+                                  "from pyqcow.ops.commit import commit; commit({top!r})"),
+                        result="base"),
+        "commit50": dict(top="top50", copy=True,
+                         qemu=lambda top, out: ["qemu-img", "commit", "-q", top],
+                         pyqcow=py(["commit", "-q", "{top}"],
+                                   "from pyqcow.ops.commit import commit; commit({top!r})"),
+                         result="base"),
+        "stream": dict(top="top5", copy=True,
+                       qemu=lambda top, out: ["qemu-img", "rebase", "-q", "-b", "", top],
+                       pyqcow=py(["stream", "-q", "{top}"],
+                                 "from pyqcow.ops.stream import stream; stream({top!r})"),
+                       result="top"),
+        "convert": dict(top="top5", copy=False,
+                        qemu=lambda top, out: ["qemu-img", "convert", "-O", "raw", top, out],
+                        pyqcow=py(["convert", "-O", "raw", "{top}", "{out}"],
+                                  "from pyqcow.ops.convert import convert; convert({top!r}, {out!r})"),
+                        result="out"),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=2)
+    ap.add_argument("--data-gib", type=float, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dir", help="scratch directory for the copies (default: a temp dir)")
+    ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pyqcow-bench/chain"))
+    ap.add_argument("--only", default="commit5,commit50,stream,convert")
+    ap.add_argument("--api", action="store_true", help="run pyqcow through the API, not the CLI")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args(argv)
+    if shutil.which("qemu-img") is None:
+        log("bench chain: qemu-img not found; nothing to compare with")
+        return 0
+    size = int(args.size_gib * GiB) // CLUSTER * CLUSTER
+    data = int(args.data_gib * GiB) // CHUNK * CHUNK
+    src = build(Path(args.cache_dir), size, data, args.seed)
+    scratch = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-chain-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    table = ops(args.api)
+    rows = []
+    try:
+        for name in args.only.split(","):
+            op = table[name]
+            times = {"qemu": [], "pyqcow": []}
+            rss = {"qemu": 0, "pyqcow": 0}
+            problems = []
+            for rnd in range(args.rounds):
+                order = ("qemu", "pyqcow") if rnd % 2 == 0 else ("pyqcow", "qemu")
+                results = {}
+                for who in order:
+                    d = scratch / who
+                    if op["copy"]:
+                        top = fresh_copy(src, op["top"], d)
+                    else:
+                        shutil.rmtree(d, ignore_errors=True)
+                        d.mkdir(parents=True)
+                        top = src[op["top"]]
+                    out = d / "out.raw"
+                    os.sync()
+                    dt, peak, rc, err = timed(op[who](top, out), cwd=d)
+                    if rc != 0:
+                        problems.append(f"{who} exit {rc}: {err.strip()[-300:]}")
+                    times[who].append(dt)
+                    rss[who] = max(rss[who], peak)
+                    results[who] = {"base": d / src["base"].name, "top": top, "out": out}[op["result"]]
+                    log(f"  {name} round {rnd + 1} {who}: {dt:.2f} s, {peak / MiB:.0f} MiB")
+                if rnd == 0 and not problems:
+                    same = subprocess.run(["qemu-img", "compare", "-q", results["qemu"], results["pyqcow"]])
+                    if same.returncode != 0:
+                        problems.append("results differ (qemu-img compare)")
+            q, p = statistics.median(times["qemu"]), statistics.median(times["pyqcow"])
+            rows.append((name, q, p, p / q if q else float("inf"), rss["qemu"], rss["pyqcow"], problems))
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"chain benchmark: {size / GiB:g} GiB disk, {data / GiB:g} GiB data, "
+          f"median of {args.rounds} rounds, pyqcow via {'API' if args.api else 'CLI'}, "
+          f"fastcopy native={'off' if os.environ.get('PYQCOW_NO_NATIVE') else 'on'}")
+    print(f"{'operation':<10} {'qemu-img s':>10} {'pyqcow s':>9} {'ratio':>6} {'goal':>5} "
+          f"{'qemu RSS':>9} {'pyqcow RSS':>10}")
+    for name, q, p, r, rq, rp, problems in rows:
+        ok = "ok" if r <= 0.8 else "MISS"
+        print(f"{name:<10} {q:>10.2f} {p:>9.2f} {r:>6.2f} {ok:>5} {rq / MiB:>7.0f}Mi {rp / MiB:>8.0f}Mi"
+              + ("" if rp < 100 * MiB else "  RSS over 100 MiB"))
+        for msg in problems:
+            print(f"    problem: {msg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
