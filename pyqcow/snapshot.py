@@ -243,6 +243,32 @@ def _require_snapshot_writable(img) -> None:
         raise UnsupportedFeatureError(img.path, "cannot change snapshots of encrypted images")
 
 
+def _has_bitmaps(img) -> bool:
+    """Persistent dirty bitmaps qemu would load (the autoclear bit says they are valid)."""
+    h = img.header
+    ext = h.bitmaps
+    return (
+        h.version == 3
+        and bool(h.autoclear_features & spec.Autoclear.BITMAPS)
+        and ext is not None
+        and ext.nb_bitmaps > 0
+    )
+
+
+def _begin_metadata_change(img) -> None:
+    """Before create/delete: they change metadata but not the guest data, so persistent
+    bitmaps stay valid (qemu-img snapshot -c/-d leaves them alone).  Other autoclear
+    bits we do not maintain are cleared, as the writer does on its first change."""
+    if img._write_started:
+        return
+    h = img.header
+    keep = spec.Autoclear.DATA_FILE_RAW | spec.Autoclear.BITMAPS
+    if h.version == 3 and h.autoclear_features & ~keep:
+        img.header = h.replace(autoclear_features=h.autoclear_features & keep)
+        img._write_header()
+        img.hf.fsync()
+
+
 def _not_found(img, snaps: list[SnapshotInfo], name_or_id: str) -> SnapshotNotFoundError:
     known = ", ".join(f"{s.id_str} ({s.name})" for s in snaps[:10]) or "none"
     if len(snaps) > 10:
@@ -580,7 +606,7 @@ def create_snapshot(img, name: str, *, date=None, vm_clock_nsec: int = 0) -> Sna
         _check_increments(img, counts)
 
         # -- from here on the image changes ------------------------------------
-        img._begin_write()
+        _begin_metadata_change(img)
         # 1. the tree is about to be shared: clear its COPIED flags first, so no
         #    crash can leave COPIED on a cluster whose refcount is 2 (the other
         #    direction, COPIED missing at refcount 1, only costs a copy-on-write)
@@ -616,6 +642,14 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
         sn = find_snapshot(snaps, str(name_or_id))
         if sn is None:
             raise _not_found(img, snaps, str(name_or_id))
+        if _has_bitmaps(img):
+            # qemu-img 7.2: "Could not apply snapshot: Device has active dirty bitmaps"
+            # (enabled or not); the bitmaps would describe the wrong disk content
+            raise OperationError(
+                img.path,
+                "cannot apply a snapshot to an image with persistent dirty bitmaps "
+                "(remove them first, as qemu-img requires)",
+            )
         if sn.disk_size > spec.MAX_VIRTUAL_SIZE:
             raise FormatError(img.path, f"snapshot {sn.id_str} disk size is too large")
         from .header import size_to_l1
@@ -698,7 +732,7 @@ def delete_snapshot(img, name_or_id: str) -> SnapshotInfo:
         blobs = [_entry_bytes(img, s) for s in snaps if s is not sn]
 
         # -- from here on the image changes ------------------------------------
-        img._begin_write()
+        _begin_metadata_change(img)
         _switch_table(img, blobs, snaps)  # 1. the entry is gone (header switch)
         rc = img.refcounts
         for c, n in dec.items():  # 2. then its tree loses its references
