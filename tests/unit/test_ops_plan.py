@@ -120,3 +120,41 @@ def test_add_merges_adjacent_holes_only():
     _add(out, Piece(30, 5, "data"))
     assert [(p.guest_offset, p.length, p.kind) for p in out] == [
         (0, 15, "below"), (15, 10, "zero"), (25, 5, "data"), (30, 5, "data")]
+
+
+# --------------------------------------------------------------------------- prepare_write
+
+
+@pytest.mark.parametrize("opts", [(), ("extended_l2=on",), ("cluster_size=512",)])
+def test_prepare_write_contiguous_and_in_place(tmp_path, opts):
+    import os
+
+    from pyqcow.image import QcowImage
+
+    img_path = qemu.create(tmp_path / "d.qcow2", 4 * 1024 * KiB, *opts)
+    with pyqcow.open(str(img_path)) as probe:
+        cs = probe.cluster_size
+    # clusters 2-3 private already, cluster 5 compressed (must be replaced)
+    qemu.qemu_io(img_path, f"write -P 0x11 {2 * cs} {2 * cs}", f"write -c -P 0x22 {5 * cs} {cs}")
+    length = 300 * cs if cs == 512 else 10 * cs  # 512-byte clusters: across several L2 tables
+    with QcowImage(str(img_path), "r+") as img:
+        def per_cluster(runs):
+            return {(g + k) // cs: h + k for g, h, n in runs for k in range(0, n, cs)}
+
+        old = per_cluster(img.prepare_write(2 * cs, 2 * cs))
+        runs = img.prepare_write(0, length)
+        assert sum(n for _, _, n in runs) == length
+        hosts = per_cluster(runs)
+        assert hosts[2] == old[2] and hosts[3] == old[3]
+        # fresh clusters come in contiguous runs, broken only where a new L2 table
+        # (512-byte clusters: every 64 clusters) takes a cluster of its own
+        per_l2 = cs // (16 if "extended_l2=on" in opts else 8)
+        breaks = sum(1 for c in range(7, length // cs) if hosts[c] != hosts[c - 1] + cs)
+        assert breaks <= length // cs // per_l2 + 1, breaks
+        for c, h in hosts.items():
+            os.pwrite(img.data_hf.fd, bytes([0x40 + c % 64]) * cs, h)
+        img.flush()
+    res, rc = qemu.check_json(img_path)
+    assert rc == 0 and not res.get("leaks"), res
+    for c in (0, 2, 5, length // cs - 1):
+        qemu.qemu_io(img_path, f"read -P {0x40 + c % 64:#x} {c * cs} {cs}", read_only=True)
