@@ -24,7 +24,9 @@ class RawImage:
         except BaseException:
             self.hf.close()
             raise
-        self.virtual_size = self.hf.size()
+        # qemu's block layer counts whole 512-byte sectors: a raw file of 1000 bytes is
+        # a 1024-byte disk whose tail reads as zeros (info, map, convert all say so)
+        self.virtual_size = -(-self.hf.size() // 512) * 512
 
     @property
     def chain(self) -> list:

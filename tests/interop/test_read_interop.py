@@ -207,3 +207,35 @@ def test_compare_shape_pairs(shape: Shape, other: str, strict: bool, built, shap
 def test_compare_with_itself(shape: Shape, capsys) -> None:
     for strict in (False, True):
         _compare_both(capsys, shape.path, shape.path, strict)
+
+
+def test_info_edge_cases_equal_qemu(tmp_path: Path, capsys) -> None:
+    """A disabled bitmap (empty "flags" list), a raw image, an odd-sized raw backing."""
+    bm = tmp_path / "bm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", bm, "1M")
+    qemu_img("bitmap", "--add", "--disable", bm, "off")
+    raw = tmp_path / "odd.raw"
+    raw.write_bytes(b"\1" * 1000)
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "odd.raw", "-F", "raw", top, "1M")
+    for argv in (["info", "--output=json", bm], ["info", bm], ["info", "--output=json", raw],
+                 ["info", "--output=json", "--backing-chain", top], ["map", "--output=json", top],
+                 ["map", top]):
+        theirs = qemu_img(*argv)
+        status, ours, err = pyqcow_cli(capsys, *argv)
+        assert status == 0, err
+        assert ours == theirs, argv
+
+
+def test_odd_sized_raw_is_sector_rounded_like_qemu(tmp_path: Path, capsys) -> None:
+    raw = tmp_path / "odd.raw"
+    raw.write_bytes(b"\1" * 1000)
+    theirs = convert_raw(raw, tmp_path / "qemu.raw")
+    status, _, err = pyqcow_cli(capsys, "convert", raw, tmp_path / "ours.raw")
+    assert status == 0, err
+    assert (tmp_path / "ours.raw").read_bytes() == theirs.read_bytes()  # 1024 bytes
+    for strict in (False, True):
+        _compare_both(capsys, raw, theirs, strict)
+    with pyqcow.open(raw) as img:
+        assert img.virtual_size == 1024
+        assert img.read(0, 1024) == b"\1" * 1000 + bytes(24)
