@@ -140,8 +140,14 @@ def qemu_made(tmp: Path, *opts: str, size: str = "4M") -> Path:
 
 @pytest.mark.parametrize(
     "opts",
-    [(), ("compat=0.10",), ("cluster_size=512",), ("extended_l2=on",), ("refcount_bits=4",)],
-    ids=["v3", "v2", "c512", "extl2", "rc4"],  # refcount_bits=64: the "refcount64" shape
+    [
+        pytest.param((), id="v3"),
+        pytest.param(("cluster_size=512",), id="c512"),
+        # v2, extended L2 and wide refcounts also go through test_every_shape
+        pytest.param(("compat=0.10",), id="v2", marks=pytest.mark.slow),
+        pytest.param(("extended_l2=on",), id="extl2", marks=pytest.mark.slow),
+        pytest.param(("refcount_bits=4",), id="rc4", marks=pytest.mark.slow),
+    ],
 )
 def test_cycle_with_qemu_snapshots(tmp_path: Path, opts: tuple[str, ...]) -> None:
     p = qemu_made(tmp_path, *opts)
