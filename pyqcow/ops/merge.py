@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from ..errors import BackingChainError, OperationError
+from ..errors import BackingChainError, OperationError, QcowError
 from ..hostfile import fsync_dir
 from . import commit as commit_mod
 from . import stream as stream_mod
@@ -111,6 +111,14 @@ def _check_kept_name(plan: MergePlan, force: bool) -> None:
         st = os.stat(p)
         if st.st_nlink > 1:
             raise OperationError(p, f"has {st.st_nlink} hard links; merging would leave the others stale")
+    # internal snapshots: TOP's file is removed (commit) or loses its backing
+    # data (stream); BASE's file is removed by a stream
+    for p, lost in ((plan.top, True), (plan.base, plan.via == "stream")):
+        n = _snapshot_count(p)
+        if lost and n and not force:
+            raise OperationError(
+                p, f"has {n} internal snapshot(s) that merging would lose or change "
+                "(use --force to merge anyway)")
     users = dependents(plan.base, exclude=(plan.top,))
     if users and not force:
         raise OperationError(
@@ -127,6 +135,19 @@ def _check_kept_name(plan: MergePlan, force: bool) -> None:
                 "is the backing file of " + ", ".join(users)
                 + "; merging with --keep base removes it (use --keep top, or --force)",
             )
+
+
+def _snapshot_count(path: str) -> int:
+    from ..header import parse_header
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+        if head[:4] != b"QFI\xfb":
+            return 0
+        return parse_header(path, head, os.path.getsize(path)).nb_snapshots
+    except (OSError, QcowError):
+        return 0
 
 
 def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = False,

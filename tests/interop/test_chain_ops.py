@@ -581,6 +581,27 @@ def test_top_with_overlays_merge_keep_base_refused(make, tmp_path):
     assert raw_of(child, tmp_path / "child.raw") == before
 
 
+def test_merge_refuses_losing_internal_snapshots(make, tmp_path):
+    orig, ours, _ = make("qcow2")
+    qemu.snapshot_create(ours.top, "in-top")
+    with _guarded(ours.dir):
+        for keep in ("base", "top"):
+            for via in ("commit", "stream"):
+                with pytest.raises(QcowError, match="internal snapshot"):
+                    merge(ours.top, keep=keep, via=via)
+    orig2, ours2, _ = orig, orig.copy("ours2"), None
+    qemu.snapshot_create(ours2.base, "in-base")
+    with _guarded(ours2.dir):
+        with pytest.raises(QcowError, match="internal snapshot"):
+            merge(ours2.top, keep="top", via="stream")
+    # committing into the base keeps the base's snapshots intact
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    merge(ours2.top, keep="base", via="commit")
+    assert raw_of(ours2.base, tmp_path / "after.raw") == before
+    assert [s["name"] for s in qemu.info_json(ours2.base)["snapshots"]] == ["in-base"]
+    assert qemu.check_json(ours2.base)[1] == 0
+
+
 def test_shared_base_merge_force(make, tmp_path):
     orig, ours, _ = make("qcow2")
     before = raw_of(orig.top, tmp_path / "before.raw")
