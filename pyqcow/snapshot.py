@@ -694,6 +694,7 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
         img.l1 = new_l1
         img.l1_dirty = False
         img.virtual_size = sn.disk_size
+        img._metadata_prealloc = None  # a cached guess about the old active tree
         # 4. the old active tree loses its reference (decrements last)
         for c, n in dec.items():
             for _ in range(n):

@@ -557,13 +557,16 @@ _ops = st.lists(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(ops=_ops, extended=st.booleans())
+@given(ops=_ops, kind=st.sampled_from(["v3", "v2", "extended_l2"]))
 def test_random_sequences_match_model(
-    tmp_path_factory: pytest.TempPathFactory, ops, extended: bool
+    tmp_path_factory: pytest.TempPathFactory, ops, kind: str
 ) -> None:
     tmp = tmp_path_factory.mktemp("hyp")
+    extended = kind == "extended_l2"
     cluster = 16 * _CLUSTER if extended else _CLUSTER
     opts = [f"cluster_size={cluster}"] + (["extended_l2=on"] if extended else [])
+    if kind == "v2":
+        opts.append("compat=0.10")
     p = create(tmp / "m.qcow2", _SIZE, *opts)
     active = bytearray(_SIZE)
     snaps: dict[str, bytes] = {}
