@@ -246,6 +246,10 @@ class _Checker:
             raise _RefcountReadError(
                 f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})"
             )
+        if offset > (1 << 63) - 1 - self.cs:  # os.pread cannot even seek there
+            raise _RefcountReadError(
+                f"Refblock offset {offset:#x} is outside the image (reftable index: {index:#x})"
+            )
         blk = entries.RefcountBlock(self.hf.pread(self.cs, offset), self.order)
         self.blocks[index] = blk
         return blk
