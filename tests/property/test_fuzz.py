@@ -327,7 +327,7 @@ def test_corpus_is_valid():
 # Minimal images for crashes the fuzzer found (each was fixed where it belonged).
 REGRESSIONS: list[tuple[str, list]] = [
     # refcount table entry with bit 63 set: check() passed 2**63+ to os.pread, which
-    # raised OverflowError (fixed in check._Refcounts._stored_block: "outside the image")
+    # raised OverflowError (fixed in check._Checker._stored_block: "outside the image")
     ("p-v3-64k.qcow2", [("bytes", 65536, b"\x80")]),
 ]
 

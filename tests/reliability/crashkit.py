@@ -613,6 +613,14 @@ def run_faults(name: str, pristine: str, work: str, op, expect_fn, *, indices=No
                 except (OSError, QcowError) as e:
                     raised = e
             prefix = "completed-despite-error," if mode != "crash" and raised is None else ""
+            if mode != "crash":
+                # the process lives on after ENOSPC/EIO: nothing temporary may remain
+                extra = sorted(set(_names(work)) - set(_names(pristine)) - {"converted.raw"})
+                if extra:
+                    e = Inconsistent(f"{name} {mode}@{i}:{kind}: left behind {extra}")
+                    if failures is None:
+                        raise e
+                    failures.append((name, mode, str(e)))
             record(mode, f"{mode}@{i}:{kind}", raised, prefix)
             n += 1
             if mode == "crash" and torn:
@@ -632,6 +640,13 @@ def run_faults(name: str, pristine: str, work: str, op, expect_fn, *, indices=No
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(work + ".q", ignore_errors=True)
     return n
+
+
+def _names(directory: str) -> list[str]:
+    out = []
+    for root, _dirs, names in os.walk(directory):
+        out += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+    return out
 
 
 def _check(work, expect_fn, use_qemu, name, label, raised) -> str:
