@@ -772,16 +772,39 @@ def _snapshot_contents(path: Path, tmp: Path) -> tuple[list[tuple[str, str]], di
     return snaps, got
 
 
-@pytest.mark.parametrize("op", ["create", "apply", "delete"])
-def test_crash_at_every_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+@pytest.mark.parametrize(
+    ("op", "grow"),
+    [
+        ("create", False), ("apply", False), ("delete", False),
+        # 512-byte clusters, the refcount table full: the operation adds refcount
+        # blocks and moves the refcount table (its own header switch)
+        pytest.param("create", True, id="create-grow", marks=pytest.mark.slow),
+        pytest.param("apply", True, id="apply-grow", marks=pytest.mark.slow),
+    ],
+)
+def test_crash_at_every_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, op: str, grow: bool
+) -> None:
     import random
 
-    p = create(tmp_path / "a.qcow2", "2M", "cluster_size=4k")
+    if grow:
+        p = create(tmp_path / "a.qcow2", "12M", "cluster_size=512")
+    else:
+        p = create(tmp_path / "a.qcow2", "2M", "cluster_size=4k")
     qemu_io(p, "write -P 1 0 64k", "write -c -P 2 1M 8k")
     qemu_img("snapshot", "-c", "s1", p)
     qemu_io(p, "write -P 3 4k 8k", "write -P 4 1536k 4k")
     qemu_img("snapshot", "-c", "s2", p)
     qemu_io(p, "write -P 5 0 4k")
+    if grow:  # fill the file up to 3 clusters below what the refcount table covers
+        capacity = 64 * 256  # one 512-byte table cluster: 64 blocks of 256 refcounts
+        guest = 2 * MiB
+        while (gap := capacity - os.path.getsize(p) // 512) > 3:
+            n = max(1, (gap - 3) * 64 // 66) * 512  # data plus its share of L2 tables
+            qemu_io(p, f"write -P 9 {guest} {n}")
+            guest += n
+        with pyqcow.open(p) as img:
+            table = (img.header.refcount_table_offset, img.header.refcount_table_clusters)
     original = p.read_bytes()
     before_list, before = _snapshot_contents(p, tmp_path)
     journal = _Journal(monkeypatch, p)
@@ -794,6 +817,9 @@ def test_crash_at_every_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
     monkeypatch.undo()
     after_list, after = _snapshot_contents(p, tmp_path)
     assert_clean(p)
+    if grow:
+        with pyqcow.open(p) as img:
+            assert (img.header.refcount_table_offset, img.header.refcount_table_clusters) != table
     states = journal.states(original, random.Random(7))
     assert len(states) > 4
     seen: set = set()
