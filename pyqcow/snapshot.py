@@ -555,6 +555,10 @@ def list_snapshots(img) -> list[SnapshotInfo]:
     """The snapshot table of ``img`` (an open image or a path)."""
     img, owned = _open_ro(img)
     try:
+        if getattr(img, "format", None) != "qcow2":
+            raise UnsupportedFeatureError(
+                getattr(img, "path", None), "internal snapshots need a qcow2 image"
+            )
         return read_snapshot_table(img)
     finally:
         if owned:

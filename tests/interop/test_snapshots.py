@@ -667,6 +667,11 @@ def test_raw_image_refused(tmp_path: Path) -> None:
         pytest.raises(UnsupportedFeatureError, match="qcow2"),
     ):
         create_snapshot(img, "x")
+    with (
+        pyqcow.open(raw, format="raw") as img,
+        pytest.raises(UnsupportedFeatureError, match="qcow2"),
+    ):
+        list_snapshots(img)
 
 
 # --- crash consistency: replay the writes of one operation up to every fsync ----------
