@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from .. import spec
 from ..bitmaps import read_bitmap_directory
 from ..chain import open_image, resolve_backing
 from ..errors import BackingChainError, QcowError
 from ..snapshot import read_snapshot_table
-from .output import format_size, qdict_order, qemu_json
+from .output import format_size, qdict_order, qemu_json, snapshot_row
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -188,17 +187,9 @@ def human_info(info: dict) -> str:
 
 
 def _snapshot_line(sn: dict) -> str:
-    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
-    nsec = sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"]
-    secs = nsec // 1_000_000_000
-    clock = (
-        f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}."
-        f"{(nsec // 1_000_000) % 1000:03d}"
-    )
-    icount = str(sn["icount"]) if "icount" in sn else ""
-    return (
-        f"{sn['id']:<9} {sn['name']:<16} {format_size(sn['vm-state-size']):>8}"
-        f"{date:>20}{clock:>13}{icount:>11}"
+    return snapshot_row(
+        sn["id"], sn["name"], sn["vm-state-size"], sn["date-sec"],
+        sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"], sn.get("icount"),
     )
 
 

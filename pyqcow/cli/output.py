@@ -190,3 +190,26 @@ class Progress:
             self._draw(100.0)
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _ljust_bytes(text: str, width: int) -> str:
+    """printf's %-Ns: pads by bytes, not characters (non-ASCII names)."""
+    n = len(text.encode("utf-8", "surrogateescape"))
+    return text + " " * max(0, width - n)
+
+
+def snapshot_row(
+    id_str: str, name: str, vm_state_size: int, date_sec: int, vm_clock_nsec: int,
+    icount: int | None,
+) -> str:
+    """One snapshot row as qemu's bdrv_snapshot_dump prints it ("%-9s %-16s %8s%20s%13s%11s")."""
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(date_sec))
+    secs = vm_clock_nsec // 1_000_000_000
+    clock = (
+        f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}."
+        f"{(vm_clock_nsec // 1_000_000) % 1000:03d}"
+    )
+    return (
+        f"{_ljust_bytes(id_str, 9)} {_ljust_bytes(name, 16)} {format_size(vm_state_size):>8}"
+        f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
+    )

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from ..image import QcowImage
 from ..snapshot import apply_snapshot, create_snapshot, delete_snapshot, read_snapshot_table
-from .output import format_size, qemu_json
+from .output import qemu_json, snapshot_row
 
 HEADER = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
 
@@ -41,26 +40,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _ljust(text: str, width: int) -> str:
-    """printf's %-Ns: pads by bytes, not characters (non-ASCII names)."""
-    n = len(text.encode("utf-8", "surrogateescape"))
-    return text + " " * max(0, width - n)
-
-
 def snapshot_line(sn) -> str:
-    """One row of the table (qemu's bdrv_snapshot_dump: "%-9s %-16s %8s%20s%13s%11s")."""
-    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
-    nsec = sn.vm_clock_nsec
-    secs = nsec // 1_000_000_000
-    clock = (
-        f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}."
-        f"{(nsec // 1_000_000) % 1000:03d}"
-    )
-    icount = str(sn.icount) if sn.icount is not None else ""
-    return (
-        f"{_ljust(sn.id_str, 9)} {_ljust(sn.name, 16)} {format_size(sn.vm_state_size):>8}"
-        f"{date:>20}{clock:>13}{icount:>11}"
-    )
+    return snapshot_row(sn.id_str, sn.name, sn.vm_state_size, sn.date_sec, sn.vm_clock_nsec, sn.icount)
 
 
 def format_snapshot_list(snapshots) -> str:
