@@ -618,14 +618,18 @@ class WriterMixin:
             if not l2_off:
                 continue
             table = self.l2_table(l2_off)
-            step = 2 if self.extended_l2 else 1
-            for j in range(0, len(table), step):
-                self._free_entry_allocation(table[j])
+            # unlink the table before queueing any free: if this loop is interrupted
+            # (KeyboardInterrupt) and close() flushes, the worst case is a leak,
+            # never a freed cluster that an L2 entry still points at
             self.l1[l1_index] = 0
             self.l1_dirty = True
-            rc.free_later(l2_off)
             self.dirty_l2.discard(l2_off)
             self._l2_cache.pop(l2_off, None)
+            step = 2 if self.extended_l2 else 1
+            for e in table[::step] if step == 2 else table:
+                if e:
+                    self._free_entry_allocation(e)
+            rc.free_later(l2_off)
         self.flush()
 
 

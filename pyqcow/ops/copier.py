@@ -89,6 +89,30 @@ class _Batch:
 
 def execute(pieces: list[Piece], dest, *, write_zero: bool = True, progress: Progress | None = None) -> int:
     """Copy ``pieces`` into ``dest``; returns the number of data bytes copied."""
+    try:
+        return _execute(pieces, dest, write_zero, progress)
+    except BaseException:
+        _abandon(dest)
+        raise
+
+
+def _abandon(dest) -> None:
+    """After a failure (KeyboardInterrupt included) in the middle of a copy.
+
+    The destination's in-memory metadata may map clusters that were prepared but
+    never filled; it must not reach the disk when the image is closed.  Dropping
+    it leaves the file as after its last flush (which ran only with every
+    prepared cluster filled): exactly what a crash at that moment would leave.
+    """
+    if getattr(dest, "refcounts", None) is None:
+        return  # raw, or read-only: nothing cached
+    dest.dirty_l2.clear()
+    dest.l1_dirty = False
+    dest.header_dirty = False
+    dest.refcounts = None  # flush() (and so close()) writes nothing from now on
+
+
+def _execute(pieces: list[Piece], dest, write_zero: bool, progress: Progress | None) -> int:
     copied = 0
     batch = _Batch(dest, progress)
     for p in pieces:

@@ -711,3 +711,69 @@ def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
     assert len(flushes) > 2 and set(flushes) == {0}, flushes
     assert raw_of(top, tmp_path / "after.raw") == before
     assert qemu.check_json(base)[1] == 0
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+def _interrupt_after(n: int, real):
+    calls = [0]
+
+    def wrapper(*a, **kw):
+        calls[0] += 1
+        if calls[0] > n:
+            raise _Interrupt()
+        return real(*a, **kw)
+
+    return wrapper
+
+
+def _no_corruption(path: Path) -> None:
+    res, rc = qemu.check_json(path)
+    assert rc in (0, 3) and not res.get("corruptions"), res  # leaks allowed, as after a crash
+
+
+@pytest.mark.parametrize("op", ["commit", "stream"])
+def test_interrupted_copy_leaves_consistent_images(tmp_path, monkeypatch, op):
+    """An exception (KeyboardInterrupt) in the middle of the copy: nothing that
+    maps unfilled clusters reaches the disk; every image reads, block by block,
+    what it read before or what the operation was putting there."""
+    from pyqcow.ops import copier
+
+    d = tmp_path
+    base = qemu.create(d / "base.qcow2", 64 * MiB)
+    qemu.qemu_io(base, f"write -P 0x11 0 {40 * MiB}")
+    top = qemu.create(d / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2", cwd=d)
+    qemu.qemu_io(top, *(f"write -P {0x20 + i} {i * 2 * MiB + 4096} {MiB}" for i in range(30)))
+    top_view = raw_of(top, d / "top.raw")
+    base_view = raw_of(base, d / "base.raw")
+    monkeypatch.setattr(copier.fastcopy, "copy_runs", _interrupt_after(3, fastcopy.copy_runs))
+    monkeypatch.setattr(copier, "BATCH_BYTES", 2 * MiB)
+    with pytest.raises(_Interrupt):
+        commit(top) if op == "commit" else stream(top)
+    for img in (base, top):
+        _no_corruption(img)
+    assert raw_of(top, d / "after.raw") == top_view
+    after = raw_of(base, d / "after.raw")
+    blk = 4096
+    bad = [i for i in range(0, len(after), blk)
+           if after[i:i + blk] not in (base_view[i:i + blk], top_view[i:i + blk])]
+    assert not bad, f"base reads neither old nor new data at {len(bad)} blocks, first {bad[0]:#x}"
+
+
+def test_interrupted_make_empty_leaves_consistent_top(make, tmp_path, monkeypatch):
+    from pyqcow import writer
+    from pyqcow.image import QcowImage
+
+    orig, ours, _ = make("qcow2")
+    before = raw_of(orig.top, tmp_path / "before.raw")
+    commit(ours.top, drop=True)  # the base holds the data: emptying the top keeps its view
+    img = QcowImage(str(ours.top), "r+")
+    monkeypatch.setattr(writer.WriterMixin, "_free_entry_allocation",
+                        _interrupt_after(2, writer.WriterMixin._free_entry_allocation))
+    with pytest.raises(_Interrupt):
+        img.make_empty()
+    img.close()  # flushes what make_empty had done in memory
+    _no_corruption(ours.top)
+    assert raw_of(ours.top, tmp_path / "after.raw") == before
