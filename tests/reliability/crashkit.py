@@ -53,6 +53,9 @@ _real_hf_fsync = hostfile.HostFile.fsync
 _real_copy_runs = fastcopy.copy_runs
 _real_copy_range = fastcopy.copy_range
 
+# power-cut variants with a random subset of un-fsynced writes kept, per crash point
+TORN_RANDOM_VARIANTS = int(os.environ.get("PYQCOW_TORN_VARIANTS", "1"))
+
 WRITE_KINDS = ("pwrite", "truncate", "copy_runs", "copy_range", "os.pwrite", "os.ftruncate")
 
 
@@ -624,7 +627,8 @@ def run_faults(name: str, pristine: str, work: str, op, expect_fn, *, indices=No
             record(mode, f"{mode}@{i}:{kind}", raised, prefix)
             n += 1
             if mode == "crash" and torn:
-                for variant, keep in (("torn-all", None), ("torn-random", rng)):
+                variants = [("torn-all", None)] + [("torn-random", rng)] * TORN_RANDOM_VARIANTS
+                for variant, keep in variants:
                     copy_dir(pristine, work)
                     # replay the same run with the journal on, then cut the power
                     inj2 = Injector(mode="crash", at=i, journal=True, stash=stash + variant)
