@@ -156,7 +156,8 @@ def ops(api: bool) -> dict[str, dict]:
         "convert": dict(top="top5", copy=False,
                         qemu=lambda top, out: ["qemu-img", "convert", "-O", "raw", top, out],
                         pyqcow=py(["convert", "-O", "raw", "{top}", "{out}"],
-                                  "from pyqcow.ops.convert import convert; convert({top!r}, {out!r})"),
+                                  "import pyqcow; from pyqcow.ops.convert import convert_to_raw; "
+                                  "convert_to_raw(pyqcow.open({top!r}), {out!r})"),
                         result="out"),
     }
 
