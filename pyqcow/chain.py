@@ -70,7 +70,7 @@ def open_image(
     path = os.fspath(path)
     root = os.fspath(backing_root) if backing_root is not None else None
     fmt = format or probe_format(path)
-    top = _open_one(path, fmt, mode, force_share)
+    top = _open_one(path, fmt, mode, force_share, root)
     if not backing:
         return top
     seen = {_identity(path)}
@@ -109,7 +109,7 @@ def open_image(
                     cur.path, f"backing file {name!r} is declared qcow2 but is not a qcow2 image"
                 )
             try:
-                nxt = _open_one(bpath, bfmt, backing_mode if cur is top else "r", force_share)
+                nxt = _open_one(bpath, bfmt, backing_mode if cur is top else "r", force_share, root)
             except BackingChainError:
                 raise
             except QcowError as e:
@@ -122,12 +122,12 @@ def open_image(
     return top
 
 
-def _open_one(path: str, fmt: str, mode: str, force_share: bool):
+def _open_one(path: str, fmt: str, mode: str, force_share: bool, root: str | None = None):
     from .image import QcowImage
     from .raw import RawImage
 
     if fmt == "qcow2":
-        return QcowImage(path, mode, force_share=force_share)
+        return QcowImage(path, mode, force_share=force_share, data_root=root)
     if fmt == "raw":
         return RawImage(path, mode, force_share=force_share)
     raise FormatError(path, f"unsupported image format {fmt!r}")

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from . import entries, spec
 from .entries import ClusterType
-from .errors import CorruptImageError, FormatError, QcowError, UnsupportedFeatureError
+from .errors import BackingChainError, CorruptImageError, FormatError, QcowError, UnsupportedFeatureError
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
 from .mapping import Run, detect_metadata_preallocation, merge_runs
@@ -54,6 +54,7 @@ class QcowImage(WriterMixin):
         *,
         force_share: bool = False,
         data_file: str | None = None,
+        data_root: str | None = None,
         _repair: bool = False,
     ) -> None:
         if mode not in ("r", "r+"):
@@ -69,6 +70,7 @@ class QcowImage(WriterMixin):
                 self.hf.lock(LOCK_WRITE if self.writable else LOCK_READ)
             self.file_size = self.hf.size()
             self._load_header(_repair=_repair)
+            self._data_root = data_root
             self._open_data_file(data_file, force_share)
         except BaseException:
             self.hf.close()
@@ -123,6 +125,14 @@ class QcowImage(WriterMixin):
         if not name:
             raise FormatError(self.path, "image needs an external data file but names none")
         full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
+        root = getattr(self, "_data_root", None)
+        if root is not None:
+            from .chain import _inside
+
+            if not _inside(full, root):
+                raise BackingChainError(
+                    self.path, f"external data file {name!r} lies outside the allowed directory {root}"
+                )
         try:
             self.data_hf = HostFile(full, writable=self.writable)
         except QcowError as e:

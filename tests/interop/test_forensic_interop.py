@@ -414,3 +414,16 @@ def test_dump_cli(shapes, capsys) -> None:
     raw = shapes("chain_raw_base").files[1]
     assert main(["dump", str(raw)]) == 1
     assert "not a qcow2 image" in capsys.readouterr().err
+
+
+def test_backing_root_refuses_outside_data_file(tmp_path: Path) -> None:
+    """An external data file outside backing_root is refused like a backing file."""
+    inside = tmp_path / "evidence"
+    inside.mkdir()
+    outside = tmp_path / "elsewhere.raw"
+    img = inside / "disk.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={outside}", str(img), "1M")
+    with pytest.raises(pyqcow.BackingChainError, match="outside the allowed directory"):
+        pyqcow.open(img, backing_root=inside)
+    with pyqcow.open(img, backing_root=tmp_path) as ok:
+        assert ok.read(0, 512) == bytes(512)
