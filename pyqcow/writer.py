@@ -1,8 +1,9 @@
 """Guest writes for QcowImage: allocation, copy-on-write, and the one flush path.
 
 Durable-write order (DESIGN.md section 4), enforced only in ``flush()``:
-  1. data clusters (written immediately with pwrite) -> fsync
-  2. refcount blocks (increments only) -> fsync
+  1. data clusters (written immediately with pwrite) and
+  2. refcount blocks (increments only) -> one fsync (no order between 1 and 2:
+     either alone on disk is at worst a leak)
   3. refcount table; if it moved: header switch -> fsync
   4. L2 tables -> fsync
   5. L1 table; if it moved: header switch -> fsync
@@ -182,15 +183,75 @@ class WriterMixin:
         self._begin_write()
         cb, cs = self.cluster_bits, self.cluster_size
         pos = 0
-        while pos < len(mv):
+        total = len(mv)
+        batch = not (self.extended_l2 or self.has_data_file)
+        while pos < total:
             g = offset + pos
             a = g & (cs - 1)
-            n = min(cs - a, len(mv) - pos)
+            if batch and not a and total - pos >= 2 * cs:
+                done = self._write_full_clusters(g >> cb, mv[pos:])
+                if done:
+                    pos += done
+                    continue
+            n = min(cs - a, total - pos)
             self._write_in_cluster(g >> cb, a, mv[pos : pos + n])
             pos += n
         self._data_written = True
         if len(self.dirty_l2) > MAX_DIRTY_L2:
             self.flush()
+
+    def _write_full_clusters(self, cluster: int, mv: memoryview) -> int:
+        """Whole clusters from ``cluster`` on, up to the end of its L2 table, with one
+        allocation per run of clusters that need new host clusters and one pwrite
+        per run of contiguous host clusters.  Same result as _write_in_cluster per
+        cluster: private clusters (normal or zero-with-offset, COPIED) are written
+        in place, everything else gets a new cluster and its old allocation is
+        freed (deferred).  Returns the bytes written (0: fewer than 2 clusters)."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        l2_mask = self.l2_entries - 1
+        i0 = cluster & l2_mask
+        count = min(len(mv) >> cb, l2_mask + 1 - i0)
+        if count < 2:
+            return 0
+        table, l2_off = self._l2_for_write(cluster)
+        rc = self.refcounts
+        special = spec.QCOW_OFLAG_COMPRESSED
+
+        def private(e: int) -> bool:
+            return bool(e & COPIED and e & OFFSET_MASK and not e & special)
+
+        hosts: list[int] = []
+        k = 0
+        while k < count:
+            e = table[i0 + k]
+            if private(e):
+                hosts.append(e & OFFSET_MASK)
+                k += 1
+                continue
+            j = k + 1
+            while j < count and not private(table[i0 + j]):
+                j += 1
+            while k < j:
+                # contiguous when nothing below the used area is free (alloc(n)
+                # would otherwise rescan the file for a long enough free run)
+                n_alloc = j - k if rc.free_hint >= rc.end_cluster else 1
+                host = rc.alloc(n_alloc)
+                for m in range(n_alloc):
+                    self._free_entry_allocation(table[i0 + k + m])
+                    hosts.append(host + (m << cb))
+                k += n_alloc
+        self._note_alloc()
+        s = 0
+        while s < count:
+            t = s + 1
+            while t < count and hosts[t] == hosts[t - 1] + cs:
+                t += 1
+            self.hf.pwrite(mv[s << cb : t << cb], hosts[s])
+            s = t
+        for k in range(count):
+            table[i0 + k] = hosts[k] | COPIED
+        self.dirty_l2.add(l2_off)
+        return count << cb
 
     def _guest_bytes(self, guest_offset: int, length: int) -> bytearray:
         """Current guest view of a range, zero-padded past the virtual size."""
@@ -237,8 +298,14 @@ class WriterMixin:
         if t == ClusterType.NORMAL and e & COPIED:
             self.hf.pwrite(chunk, (e & OFFSET_MASK) + a)
             return
+        # the rest of the cluster reads as zeros (nothing to copy on write)?
+        zero_rest = t == ClusterType.ZERO_PLAIN and self.header.version >= 3 or (
+            t in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN) and self.backing is None
+        )
         if a == 0 and n == cs:
             buf = chunk
+        elif zero_rest:
+            buf = None
         else:
             buf = self._guest_bytes(base, cs)
             buf[a : a + n] = chunk
@@ -248,7 +315,17 @@ class WriterMixin:
             host = self.refcounts.alloc(1)
             self._note_alloc()
             self._free_entry_allocation(e)
-        self.hf.pwrite(buf, host)
+        if buf is None:
+            if host >= self.hf.size():
+                # a cluster past the end of the file was never written: its
+                # other bytes read as zeros already (holes), write the chunk only
+                self.hf.pwrite(chunk, host + a)
+            else:
+                buf = bytearray(cs)
+                buf[a : a + n] = chunk
+                self.hf.pwrite(buf, host)
+        else:
+            self.hf.pwrite(buf, host)
         table[i] = host | COPIED
         self.dirty_l2.add(l2_off)
 
@@ -482,14 +559,15 @@ class WriterMixin:
         ):
             return
         hf = self.hf
-        # 1. data
-        self.data_hf.fsync()
+        # 1. data and 2. refcount blocks (increments only): no order is needed
+        # between the two (either one on disk without the other is at worst a
+        # leak), so one fsync makes both durable before anything points at them
+        rc.write_blocks()
         if self.data_hf is not hf:
-            hf.fsync()
+            self.data_hf.fsync()
+        hf.fsync()
         self._data_written = False
-        # 2. refcount blocks (increments), 3. refcount table
-        if rc.write_blocks():
-            hf.fsync()
+        # 3. refcount table
         if rc.table_dirty:
             moved = rc.write_table()
             hf.fsync()
