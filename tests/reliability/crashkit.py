@@ -497,6 +497,7 @@ def verify_state(directory: str, expect: Expect, *, use_qemu: bool = True,
         raise Inconsistent(f"{path}: pyqcow reads neither the data before nor after "
                            f"({_diff(got, states)})")
     if use_qemu:
+        os.makedirs(directory + ".q", exist_ok=True)
         qgot = qemu_read(path, directory + ".q")
         if _which(qgot, states, expect.bytewise) is None:
             raise Inconsistent(f"{path}: qemu-img reads neither the data before nor after "
