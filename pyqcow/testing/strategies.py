@@ -124,7 +124,7 @@ class Op:
 @st.composite
 def operations(
     draw,
-    virtual_size: int,
+    virtual_size: int = 1 << 20,
     cluster_size: int = 65536,
     *,
     max_ops: int = 8,
