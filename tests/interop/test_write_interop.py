@@ -371,3 +371,34 @@ def test_io_error_during_write_leaves_old_or_new(tmp_path: Path, monkeypatch, ki
             s1 = qemu.convert_raw(p, d / "s1.raw", "s1").read_bytes()
             assert s1 == qemu.convert_raw(orig, d / "s1o.raw", "s1").read_bytes()
         shutil.rmtree(d)
+
+
+# --- persistent bitmaps -------------------------------------------------------------------------
+
+
+def test_write_marks_bitmaps_in_use_and_check_stays_clean(tmp_path: Path) -> None:
+    """pyqcow does not update dirty bitmaps: on the first write it flags every bitmap
+    in use (as a qemu that crashed would leave them), so qemu never trusts them,
+    while their clusters stay referenced and qemu-img check stays clean."""
+    p = create(tmp_path / "bm.qcow2", 4 * MiB)
+    qemu_io(p, "write -P 0x1 0 64k")
+    qemu.bitmap_add(p, "b0")
+    qemu.bitmap_add(p, "b1", granularity=128 * KiB)
+    with pyqcow.open(p) as img:  # read-only: nothing changes
+        pass
+    flags = {b["name"]: b["flags"] for b in info_json(p)["format-specific"]["data"]["bitmaps"]}
+    assert flags == {"b0": ["auto"], "b1": ["auto"]}
+    with pyqcow.open(p, "r+") as img:
+        img.write(1 * MiB, b"y" * 5000)
+    info = info_json(p)
+    flags = {b["name"]: b["flags"] for b in info["format-specific"]["data"]["bitmaps"]}
+    assert flags == {"b0": ["in-use", "auto"], "b1": ["in-use", "auto"]}
+    result, rc = check_json(p)
+    assert rc == 0, result
+    # qemu can still use the image and drop the stale bitmaps
+    qemu_io(p, "write -P 0x2 2M 4k")
+    qemu_img("bitmap", "--remove", p, "b0")
+    qemu_img("bitmap", "--remove", p, "b1")
+    result, rc = check_json(p)
+    assert rc == 0, result
+    assert "bitmaps" not in info_json(p)["format-specific"]["data"]
