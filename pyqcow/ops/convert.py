@@ -213,6 +213,12 @@ def convert_to_qcow2(
         for hf in {id(h): h for h in (layer.hf, getattr(layer, "data_hf", layer.hf))}.values():
             if _same_file(hf.fd, dst):
                 raise OperationError(dst, f"destination is the source image file {hf.path}")
+    if os.path.isfile(dst):
+        # never truncate an image a VM (or qemu-io) has open: take and drop its lock
+        from ..hostfile import LOCK_WRITE, HostFile
+
+        with HostFile(dst, writable=True) as hf:
+            hf.lock(LOCK_WRITE)
     opts = dict(options or {})
     if backing is not None:
         opts["backing"] = backing

@@ -145,3 +145,15 @@ def test_locks_released_on_failed_open(tmp_path: Path) -> None:
         pyqcow.open(p, "r+")
     r = _qemu("qemu-io", "-f", "qcow2", "-c", "read 0 512", os.fspath(p))
     assert "Failed to get" not in r.stderr + r.stdout, r
+
+
+def test_convert_refuses_destination_in_use(image: Path, tmp_path: Path) -> None:
+    """convert -O qcow2 never truncates an image a running qemu holds."""
+    from pyqcow.cli.main import main as cli
+
+    dst = create(tmp_path / "busy.qcow2", 1 * MiB)
+    before = _sha(dst)
+    with running_qemu_io(dst):
+        assert cli(["convert", "-O", "qcow2", str(image), str(dst)]) == 1
+    assert _sha(dst) == before
+    assert cli(["convert", "-O", "qcow2", str(image), str(dst)]) == 0
