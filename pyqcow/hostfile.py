@@ -192,11 +192,15 @@ class HostFile:
                 self.unlock()
                 raise ImageLockedError(self.path, f"cannot lock byte {b}: {e.strerror}") from e
             self._locked.append(b)
-        # Re-check after locking: a racing process may have locked in between.
-        for perm in used:
-            if self._held_by_other(spec.RAW_LOCK_SHARED_BASE + perm):
-                self.unlock()
-                raise ImageLockedError(self.path, "image is in use by another process")
+        # Re-check after locking: a racing process may have locked in between
+        # (both directions, as qemu's raw_check_lock_bytes after raw_apply_lock_bytes).
+        racing = [spec.RAW_LOCK_SHARED_BASE + p for p in used]
+        racing += [spec.RAW_LOCK_PERM_BASE + p for p in unshared]
+        if any(self._held_by_other(b) for b in racing):
+            self.unlock()
+            raise ImageLockedError(
+                self.path, "image is in use by another process (it was opened at the same time)"
+            )
 
     def unlock(self) -> None:
         for b in self._locked:
