@@ -70,6 +70,7 @@ CONVERT_OPTS = [
     ["-c", "-o", "extended_l2=on,cluster_size=32k"],
     ["-c", "-o", "cluster_size=2M,refcount_bits=64"],
     ["-o", "lazy_refcounts=on,refcount_bits=8"],
+    ["-c", "-o", "refcount_bits=1,cluster_size=4k"],
 ]
 
 
