@@ -213,6 +213,12 @@ def convert_to_qcow2(
         for hf in {id(h): h for h in (layer.hf, getattr(layer, "data_hf", layer.hf))}.values():
             if _same_file(hf.fd, dst):
                 raise OperationError(dst, f"destination is the source image file {hf.path}")
+    if backing is not None and os.path.exists(dst):
+        from ..chain import resolve_backing
+
+        bpath = resolve_backing(dst, backing)
+        if os.path.exists(bpath) and os.path.samefile(bpath, dst):
+            raise OperationError(dst, "the backing file (-B) is the destination itself")
     if os.path.isfile(dst):
         # never truncate an image a VM (or qemu-io) has open: take and drop its lock
         from ..hostfile import LOCK_WRITE, HostFile

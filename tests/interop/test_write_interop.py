@@ -163,6 +163,12 @@ def test_convert_refuses_options_for_raw_and_same_file(source: Path, tmp_path: P
     assert cli(["convert", "-O", "qcow2", "-U", str(source), str(source)]) == 1
     assert "destination is the source" in capsys.readouterr().err
     assert _sha(source) == before
+    other = tmp_path / "other.qcow2"
+    shutil.copy(source, other)
+    before = _sha(other)
+    assert cli(["convert", "-O", "qcow2", "-B", "other.qcow2", str(source), str(other)]) == 1
+    assert "is the destination itself" in capsys.readouterr().err
+    assert _sha(other) == before
 
 
 # --- refcount table relocation ------------------------------------------------------------
