@@ -111,10 +111,11 @@ class Refcounts:
                 run = 1
                 while run < n and c + run < end and self._is_free(c + run):
                     run += 1
-                if run == n or c + run >= end:
-                    # a run reaching the end of the used area can extend past it
-                    if all(x not in self._reserved for x in range(c, c + n)):
-                        return c, first_free
+                # a run reaching the end of the used area can extend past it
+                if (run == n or c + run >= end) and all(
+                    x not in self._reserved for x in range(c, c + n)
+                ):
+                    return c, first_free
                 c += run
             else:
                 c += 1
@@ -213,8 +214,7 @@ class Refcounts:
             self.set(c, v - n)
             if v - n == 0:
                 freed.append(c)
-                if c < self.free_hint:
-                    self.free_hint = c
+                self.free_hint = min(self.free_hint, c)
         return freed
 
     @property

@@ -142,8 +142,7 @@ class WriterMixin:
 
     def _note_alloc(self) -> None:
         end = self.refcounts.end_cluster << self.cluster_bits
-        if end > self.file_size:
-            self.file_size = end
+        self.file_size = max(self.file_size, end)
 
     def _l2_for_write(self, cluster: int) -> tuple[array, int]:
         """The L2 table holding ``cluster``, private to the active L1 (COW if shared)."""
