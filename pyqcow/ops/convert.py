@@ -85,6 +85,15 @@ def _same_file(fd: int, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
+def _refuse_if_in_use(dst: str) -> None:
+    """Never truncate an image a VM (or qemu-io) has open: take and drop its lock."""
+    if os.path.isfile(dst):
+        from ..hostfile import LOCK_WRITE, HostFile
+
+        with HostFile(dst, writable=True) as hf:
+            hf.lock(LOCK_WRITE)
+
+
 def execute_raw(img, plan: RawPlan, dst: str | os.PathLike, progress: ProgressFn | None = None) -> int:
     """Write ``plan`` into ``dst`` (created or truncated). Returns bytes written."""
     dst = os.fspath(dst)
@@ -92,6 +101,7 @@ def execute_raw(img, plan: RawPlan, dst: str | os.PathLike, progress: ProgressFn
         for hf in {id(h): h for h in (layer.hf, getattr(layer, "data_hf", layer.hf))}.values():
             if _same_file(hf.fd, dst):
                 raise OperationError(dst, f"destination is the source image file {hf.path}")
+    _refuse_if_in_use(dst)
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         sparse = stat.S_ISREG(os.fstat(fd).st_mode)
@@ -219,12 +229,7 @@ def convert_to_qcow2(
         bpath = resolve_backing(dst, backing)
         if os.path.exists(bpath) and os.path.samefile(bpath, dst):
             raise OperationError(dst, "the backing file (-B) is the destination itself")
-    if os.path.isfile(dst):
-        # never truncate an image a VM (or qemu-io) has open: take and drop its lock
-        from ..hostfile import LOCK_WRITE, HostFile
-
-        with HostFile(dst, writable=True) as hf:
-            hf.lock(LOCK_WRITE)
+    _refuse_if_in_use(dst)
     opts = dict(options or {})
     if backing is not None:
         opts["backing"] = backing

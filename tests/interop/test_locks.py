@@ -147,13 +147,14 @@ def test_locks_released_on_failed_open(tmp_path: Path) -> None:
     assert "Failed to get" not in r.stderr + r.stdout, r
 
 
-def test_convert_refuses_destination_in_use(image: Path, tmp_path: Path) -> None:
-    """convert -O qcow2 never truncates an image a running qemu holds."""
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_convert_refuses_destination_in_use(image: Path, tmp_path: Path, out_fmt: str) -> None:
+    """convert never truncates an image a running qemu holds."""
     from pyqcow.cli.main import main as cli
 
     dst = create(tmp_path / "busy.qcow2", 1 * MiB)
     before = _sha(dst)
     with running_qemu_io(dst):
-        assert cli(["convert", "-O", "qcow2", str(image), str(dst)]) == 1
+        assert cli(["convert", "-O", out_fmt, str(image), str(dst)]) == 1
     assert _sha(dst) == before
-    assert cli(["convert", "-O", "qcow2", str(image), str(dst)]) == 0
+    assert cli(["convert", "-O", out_fmt, str(image), str(dst)]) == 0
