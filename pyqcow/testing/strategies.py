@@ -175,7 +175,11 @@ def apply_ops(path: str, ops: Sequence[Op], *, writer: str = "pyqcow", fmt: str 
     groups: list[tuple[str, list[Op]]] = []
     for op in ops:
         w = "qemu-io" if op.kind == "compressed" else writer
-        if groups and groups[-1][0] == w:
+        # a compressed write runs in a qemu-io process of its own: qemu 7.2 keeps
+        # appending compressed data to a host cluster it has freed and reused for a
+        # copy-on-write in the same session, overwriting guest data
+        alone = op.kind == "compressed" or (groups and groups[-1][1][-1].kind == "compressed")
+        if groups and groups[-1][0] == w and not alone:
             groups[-1][1].append(op)
         else:
             groups.append((w, [op]))
