@@ -485,12 +485,7 @@ def verify_state(directory: str, expect: Expect, *, use_qemu: bool = True,
         raise Inconsistent(f"none of {[p for p, _ in expect.alternatives]} exists")
     files = qcow2_files(directory)
     leaks = False
-    if use_qemu:
-        for f in files:
-            rc, data = qemu_check(f)
-            if rc not in (0, 3) or data.get("corruptions", 0):
-                raise Inconsistent(f"qemu-img check {f}: exit {rc}: {data}")
-            leaks |= rc == 3
+    # the data promise first, so that a metadata complaint below says the data was right
     got = pyqcow_read(path)
     which = _which(got, states, expect.bytewise)
     if which is None:
@@ -504,6 +499,13 @@ def verify_state(directory: str, expect: Expect, *, use_qemu: bool = True,
                                f"({_diff(qgot, states)})")
     if expect.extra is not None:
         expect.extra(path)
+    if use_qemu:
+        for f in files:
+            rc, data = qemu_check(f)
+            if rc not in (0, 3) or data.get("corruptions", 0):
+                raise Inconsistent(f"qemu-img check {f}: exit {rc} (the guest data read "
+                                   f"right): {data}")
+            leaks |= rc == 3
     if repair and pyqcow_check is not None:
         for f in files:
             res = pyqcow_check(f, repair="leaks")
