@@ -30,7 +30,6 @@ def main() -> None:
     while True:
         work = os.path.join(root, f"it{it}")
         shutil.copytree(ch.directory, work, symlinks=True)
-        os.makedirs(work + ".q", exist_ok=True)
         tmp = os.path.join(root, "current.tmp")
         with open(tmp, "w") as f:
             f.write(str(it))

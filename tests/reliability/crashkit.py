@@ -32,6 +32,7 @@ import random
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -427,16 +428,15 @@ def qemu_check(path: str, repair: str | None = None) -> tuple[int, dict]:
     return r.returncode, data | {"stderr": r.stderr}
 
 
-def qemu_read(path: str, tmpdir: str) -> bytes:
-    out = os.path.join(tmpdir, "qemu-read.raw")
-    r = subprocess.run(["qemu-img", "convert", "-O", "raw", path, out],
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise Inconsistent(f"qemu-img convert {path} failed: {r.stderr.strip()}")
-    with open(out, "rb") as f:
-        data = f.read()
-    _real_os_unlink(out)
-    return data
+def qemu_read(path: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="pyqcow-qemu-read-") as tmpdir:
+        out = os.path.join(tmpdir, "qemu-read.raw")
+        r = subprocess.run(["qemu-img", "convert", "-O", "raw", path, out],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise Inconsistent(f"qemu-img convert {path} failed: {r.stderr.strip()}")
+        with open(out, "rb") as f:
+            return f.read()
 
 
 def pyqcow_read(path: str) -> bytes:
@@ -492,8 +492,7 @@ def verify_state(directory: str, expect: Expect, *, use_qemu: bool = True,
         raise Inconsistent(f"{path}: pyqcow reads neither the data before nor after "
                            f"({_diff(got, states)})")
     if use_qemu:
-        os.makedirs(directory + ".q", exist_ok=True)
-        qgot = qemu_read(path, directory + ".q")
+        qgot = qemu_read(path)
         if _which(qgot, states, expect.bytewise) is None:
             raise Inconsistent(f"{path}: qemu-img reads neither the data before nor after "
                                f"({_diff(qgot, states)})")
@@ -563,7 +562,6 @@ def copy_dir(src: str, dst: str) -> None:
     if os.path.exists(dst):
         shutil.rmtree(dst)
     shutil.copytree(src, dst, symlinks=True)
-    os.makedirs(dst + ".q", exist_ok=True)
 
 
 def count_points(pristine: str, work: str, op) -> list[str]:
@@ -645,7 +643,6 @@ def run_faults(name: str, pristine: str, work: str, op, expect_fn, *, indices=No
                     n += 1
                     shutil.rmtree(stash + variant, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(work + ".q", ignore_errors=True)
     return n
 
 
