@@ -10,6 +10,7 @@ from . import layout, spec
 from .chain import probe_format, resolve_backing
 from .errors import OperationError, QcowError
 from .header import Extension, Header, build_cluster0
+from .hostfile import fsync_dir
 
 # QEMU's feature name table (written into every v3 image)
 FEATURE_TABLE = [
@@ -167,6 +168,7 @@ def create(
         os.fsync(tmp_fd)
     finally:
         os.close(tmp_fd)
+    fsync_dir(path)
 
     from .image import QcowImage
 

@@ -382,6 +382,10 @@ def build_cluster0(hdr: Header) -> bytes:
     v2["backing_file_size"] = len(name)
     out = layout.build(layout.HeaderV2, v2) + tail + bytes(extra) + ext_area + name
     if len(out) > hdr.cluster_size:
+        if hdr.extension(spec.ExtType.FEATURE_TABLE) is not None:
+            # the feature name table is only informational: drop it to make room,
+            # as qemu-img does with small clusters
+            return build_cluster0(with_extension(hdr, spec.ExtType.FEATURE_TABLE, None))
         raise FormatError(
             None,
             "header, extensions and backing file name do not fit in the first cluster "

@@ -48,3 +48,14 @@ def test_merge_and_rebase_api(tmp_path: Path) -> None:
     with pyqcow.open(top) as img:
         assert img.backing is None
         assert img.read(0, 1 << 20) == expected
+
+
+def test_create_small_cluster_with_backing_drops_feature_table(tmp_path: Path) -> None:
+    """512-byte clusters leave no room for the feature name table next to a backing name."""
+    base = tmp_path / "base.qcow2"
+    pyqcow.create(base, 1 << 20, cluster_size=512)
+    top = tmp_path / ("t" * 200 + ".qcow2")
+    pyqcow.create(top, backing=base.name, backing_format="qcow2", cluster_size=512)
+    info = json.loads(qemu.qemu_img("info", "--output=json", str(top)))
+    assert info["backing-filename"] == base.name and info["cluster-size"] == 512
+    assert json.loads(qemu.qemu_img("check", "--output=json", str(top)))["check-errors"] == 0
