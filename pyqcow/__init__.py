@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from . import check  # callable: pyqcow.check(path, repair=None) -> CheckResult
-from . import create  # callable: pyqcow.create(path, size, **options)
+from . import (
+    check,  # callable: pyqcow.check(path, repair=None) -> CheckResult
+    create,  # callable: pyqcow.create(path, size, **options)
+)
 from .errors import (
     BackingChainError,
     ChainError,
@@ -21,7 +23,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 
-def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):  # noqa: A001
+def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):
     """Open an image and its backing chain.  ``mode`` is "r" or "r+"."""
     from .chain import open_image
 

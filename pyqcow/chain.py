@@ -30,8 +30,7 @@ def resolve_backing(image_path: str, name: str) -> str:
     """Backing file path as QEMU resolves it: relative to the image's directory."""
     if name.startswith(("json:", "nbd:", "http:", "https:", "ssh:", "rbd:", "iscsi:")):
         raise BackingChainError(image_path, f"backing file {name!r} is not a local file")
-    if name.startswith("file:"):
-        name = name[5:]
+    name = name.removeprefix("file:")
     if os.path.isabs(name):
         return name
     # qemu's path_combine(): the image path up to its last '/', then the name
@@ -64,8 +63,6 @@ def open_image(
     backing_mode: str = "r",
 ):
     """Open ``path`` and (unless ``backing=False``) its whole backing chain, read-only."""
-    from .image import QcowImage
-    from .raw import RawImage
 
     path = os.fspath(path)
     root = os.fspath(backing_root) if backing_root is not None else None

@@ -38,8 +38,6 @@ consistent with the disk.
 
 from __future__ import annotations
 
-from ._callmod import make_callable
-
 import contextlib
 import contextvars
 import copy
@@ -50,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import entries, layout, spec
+from ._callmod import make_callable
 from .errors import CorruptImageError, OperationError, QcowError
 from .header import build_cluster0, with_extension
 

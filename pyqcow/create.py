@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from ._callmod import make_callable
-
 import os
 
 from . import layout, spec
+from ._callmod import make_callable
 from .chain import probe_format, resolve_backing
 from .errors import OperationError, QcowError
 from .header import Extension, Header, build_cluster0

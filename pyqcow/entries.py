@@ -118,7 +118,7 @@ def extended_bitmap_valid(entry: int, bitmap: int, has_data_file: bool = False) 
 class RefcountBlock:
     """One refcount block, any refcount_order 0..6, edited in place."""
 
-    __slots__ = ("data", "order", "bits", "count", "_typed")
+    __slots__ = ("_typed", "bits", "count", "data", "order")
 
     _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 

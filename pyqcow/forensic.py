@@ -117,7 +117,7 @@ def walk_references(img) -> ReferenceWalk:
     rt_size = h.refcount_table_clusters * cs
     refs.append(Reference(h.refcount_table_offset, rt_size, "refcount_table", "image"))
     reftable = entries.decode_u64_table(img.hf.pread(rt_size, h.refcount_table_offset))
-    for index, e in enumerate(reftable):
+    for e in reftable:
         off = e & spec.REFT_OFFSET_MASK
         if off:
             refs.append(Reference(off, cs, "refcount_block", "image"))

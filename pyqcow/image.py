@@ -13,7 +13,13 @@ from collections import OrderedDict
 
 from . import entries, spec
 from .entries import ClusterType
-from .errors import BackingChainError, CorruptImageError, FormatError, QcowError, UnsupportedFeatureError
+from .errors import (
+    BackingChainError,
+    CorruptImageError,
+    FormatError,
+    QcowError,
+    UnsupportedFeatureError,
+)
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
 from .mapping import Run, detect_metadata_preallocation, merge_runs
@@ -533,7 +539,7 @@ class QcowImage(WriterMixin):
             else:
                 d = zlib.decompressobj(-15)
                 data = d.decompress(raw, cs)
-        except Exception as e:  # noqa: BLE001 - any decoder failure is corruption
+        except Exception as e:
             raise CorruptImageError(
                 self.path, f"compressed cluster at host offset {host:#x} cannot be decompressed: {e}"
             ) from e

@@ -147,7 +147,7 @@ L2Entry = cs.Int64ub
 ExtendedL2Entry = cs.Struct("entry" / cs.Int64ub, "bitmap" / cs.Int64ub)
 
 
-def RefcountBlock(refcount_order: int, count: int) -> cs.Construct:  # noqa: N802
+def RefcountBlock(refcount_order: int, count: int) -> cs.Construct:
     """A refcount block of ``count`` entries of ``1 << refcount_order`` bits."""
     bits = 1 << refcount_order
     if bits >= 8:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
+from .entries import ClusterType
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
 from .mapping import Run
-from .entries import ClusterType
 
 
 class RawImage:

@@ -157,7 +157,7 @@ def map_human(extents) -> str:
 
 def _hex16(v: int) -> str:
     # printf("%#-16"PRIx64): 0 prints as "0", others with 0x
-    return f"{('0x%x' % v) if v else '0':<16}"
+    return f"{f'{v:#x}' if v else '0':<16}"
 
 
 # -- progress ---------------------------------------------------------------------

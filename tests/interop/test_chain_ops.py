@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 import qemu
+
 from pyqcow import fastcopy
 from pyqcow.errors import QcowError
 from pyqcow.ops.commit import commit
@@ -599,7 +598,7 @@ def test_merge_refuses_losing_internal_snapshots(make, tmp_path):
             for via in ("commit", "stream"):
                 with pytest.raises(QcowError, match="internal snapshot"):
                     merge(ours.top, keep=keep, via=via)
-    orig2, ours2, _ = orig, orig.copy("ours2"), None
+    ours2 = orig.copy("ours2")
     qemu.snapshot_create(ours2.base, "in-base")
     with _guarded(ours2.dir):
         with pytest.raises(QcowError, match="internal snapshot"):

@@ -11,18 +11,17 @@ must pass ``qemu-img check``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
+import qemu
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyqcow
-import qemu
 from pyqcow import fastcopy
 from pyqcow.ops.commit import commit
 from pyqcow.ops.merge import merge

@@ -15,8 +15,9 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyqcow
 from crashkit import Expect, Inconsistent, pyqcow_read
+
+import pyqcow
 from pyqcow.testing import GeneratedChain, Op
 
 

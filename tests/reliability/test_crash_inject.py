@@ -20,12 +20,12 @@ import random
 import re
 import shutil
 
+import crashkit
 import pytest
+import scenarios
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-import crashkit
-import scenarios
 from pyqcow.create import create
 from pyqcow.errors import QcowError
 from pyqcow.testing import GeneratedChain, ImageParams, Op, apply_ops, chains, image_params

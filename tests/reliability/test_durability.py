@@ -8,9 +8,8 @@ import errno
 import os
 import stat
 
-import pytest
-
 import crashkit
+import pytest
 import scenarios
 from test_crash_inject import fixed_chain
 

@@ -16,15 +16,15 @@ import subprocess
 import sys
 import time
 
+import crashkit
 import pytest
+import scenarios
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from test_crash_inject import fixed_chain
 
-import crashkit
-import scenarios
 from pyqcow.errors import QcowError
 from pyqcow.testing import chains, image_params
-from test_crash_inject import fixed_chain
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "child.py")

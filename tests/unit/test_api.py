@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyqcow
 import qemu
+
+import pyqcow
 
 
 def test_create_write_map_commit(tmp_path: Path) -> None:

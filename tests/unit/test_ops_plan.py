@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import qemu
 
 import pyqcow
-import qemu
 from pyqcow.ops.commit import plan_commit
 from pyqcow.ops.merge import plan_merge
 from pyqcow.ops.plan import Piece, _add, data_bytes, pieces_above, unallocated_ranges
