@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from . import (
-    check,  # callable: pyqcow.check(path, repair=None) -> CheckResult
-    create,  # callable: pyqcow.create(path, size, **options)
-)
 from .errors import (
     BackingChainError,
     ChainError,
@@ -21,6 +17,18 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+# pyqcow.check(path, repair=None) -> CheckResult and pyqcow.create(path, size, **options)
+# are modules that are also callable (pyqcow/_callmod.py); imported on first use.
+_LAZY_MODULES = ("check", "create")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):
