@@ -11,28 +11,7 @@ import this package).
 
 from __future__ import annotations
 
-from .strategies import (
-    GeneratedChain,
-    GeneratedImage,
-    ImageParams,
-    Op,
-    apply_ops,
-    chains,
-    have_qemu,
-    image_params,
-    images,
-    operations,
-)
+from . import strategies
+from .strategies import *  # noqa: F403 - the public names, listed once in strategies.__all__
 
-__all__ = [
-    "GeneratedChain",
-    "GeneratedImage",
-    "ImageParams",
-    "Op",
-    "apply_ops",
-    "chains",
-    "have_qemu",
-    "image_params",
-    "images",
-    "operations",
-]
+__all__ = ["strategies", *strategies.__all__]
