@@ -325,9 +325,13 @@ def _ops(img) -> None:
     img.flush()
 
 
-@pytest.mark.parametrize("kind", ["snap", "c512", "backing"])
-@pytest.mark.parametrize("method, err", [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO),
-                                         ("fsync", errno.EIO), ("truncate", errno.ENOSPC)])
+@pytest.mark.parametrize(
+    "method, err, kind",
+    [(m, e, k) for m, e in [("pwrite", errno.ENOSPC), ("pwrite", errno.EIO), ("fsync", errno.EIO)]
+     for k in ("snap", "c512", "backing")]
+    # only the snapshot image's writes grow the file through truncate
+    + [("truncate", errno.ENOSPC, "snap")],
+)
 def test_io_error_during_write_leaves_old_or_new(tmp_path: Path, monkeypatch, kind, method, err):
     """Fail the Nth host write/fsync/truncate: the error reaches the caller with its
     errno, and the image (reopened) reads old or new data, leaks at worst."""
@@ -348,8 +352,7 @@ def test_io_error_during_write_leaves_old_or_new(tmp_path: Path, monkeypatch, ki
             total[0] = 0
             _ops(img)
             n_calls = total[0]
-    if n_calls == 0:
-        pytest.skip(f"these operations make no {method} call")
+    assert n_calls, f"these operations make no {method} call"
     for after in sorted({a for a in (0, 1, 2, 3, n_calls // 3, n_calls // 2, n_calls - 1) if a < n_calls}):
         d = tmp_path / f"run{after}"
         shutil.copytree(d0, d)
