@@ -335,3 +335,18 @@ def header_bytes(path: PathLike, offset: int, length: int) -> bytes:
 def incompatible_features(path: PathLike) -> int:
     """The v3 header's incompatible_features field (bytes 72..79, big-endian)."""
     return int.from_bytes(header_bytes(path, 72, 8), "big")
+
+
+def create_luks(path: PathLike, size: str = "1M") -> Path:
+    """A LUKS-encrypted qcow2 (secret "123456").  qemu's PBKDF benchmark
+    sometimes fails ("Unable to get accurate CPU usage"): retried up to 5 times."""
+    for attempt in range(5):
+        try:
+            qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456",
+                     "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                     path, size)
+            break
+        except QemuError:
+            if attempt == 4:
+                raise
+    return Path(path)

@@ -96,6 +96,13 @@ class Shape:
 
 Builder = Callable[[Path], Shape]
 SHAPES: dict[str, Builder] = {}
+#: each shape's tags, known before it is built (tests filter parameter lists with it)
+SHAPE_TAGS: dict[str, frozenset[str]] = {}
+
+
+def shapes_without(*tags: str) -> list[str]:
+    """Names of the shapes carrying none of ``tags``."""
+    return [n for n, t in SHAPE_TAGS.items() if not t & set(tags)]
 
 
 def _shape(name: str, *tags: str) -> Callable[[Callable[[Path], Shape]], Builder]:
@@ -113,6 +120,7 @@ def _shape(name: str, *tags: str) -> Callable[[Callable[[Path], Shape]], Builder
         build.__name__ = build.__qualname__ = f"build_{name}"
         build.__doc__ = fn.__doc__
         SHAPES[name] = build
+        SHAPE_TAGS[name] = frozenset(tags)
         return build
 
     return register

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from interop.shapes import SHAPES
+from interop.shapes import SHAPES, shapes_without
 from qemu import (
     QemuError,
     check_json,
@@ -282,15 +282,14 @@ def test_apply_resizes_like_qemu(tmp_path: Path) -> None:
 
 # --- every image shape ------------------------------------------------------------
 
-_SKIP_TAGS = {"huge", "dirty", "data_file"}
-_SHAPES = [n for n, b in SHAPES.items() if n != "refcount1"]
+# no internal snapshots with an external data file; a dirty image is repaired
+# first; 16 TiB cannot be converted to a raw file on ext4
+_SHAPES = [n for n in shapes_without("huge", "dirty", "data_file") if n != "refcount1"]
 
 
 @pytest.mark.parametrize("name", _SHAPES)
 def test_every_shape(tmp_path: Path, name: str) -> None:
     shape = SHAPES[name](tmp_path)
-    if shape.tags & _SKIP_TAGS:
-        pytest.skip(f"shape {name} is tagged {sorted(shape.tags & _SKIP_TAGS)}")
     p = shape.path
     c = Contents(tmp_path)
     before = c.all(p)

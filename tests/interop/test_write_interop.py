@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from qemu import QemuError, check_json, compare, create, info_json, map_json, qemu_img, qemu_io
+from qemu import check_json, compare, create, info_json, map_json, qemu_img, qemu_io
 
 import pyqcow
 from pyqcow.cli.main import main as cli
@@ -222,16 +222,7 @@ def _poke(p: Path, offset: int, value: int, size: int) -> None:
 
 
 def _luks(p: Path) -> Path:
-    for attempt in range(5):
-        try:
-            qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456",
-                     "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-                     p, "1M")
-            return p
-        except QemuError:
-            if attempt == 4:
-                raise
-    return p
+    return qemu.create_luks(p)
 
 
 @pytest.mark.parametrize(

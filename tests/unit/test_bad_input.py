@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from qemu import QemuError, create, qemu_img, qemu_io, require_tool
+from qemu import create, create_luks, qemu_img, qemu_io, require_tool
 
 from pyqcow.cli.main import main
 
@@ -295,18 +295,7 @@ def _unknown_bit_named(d: Path) -> Path:
 
 
 def _luks(d: Path) -> Path:
-    p = d / "luks.qcow2"
-    # qemu's PBKDF benchmark sometimes fails ("Unable to get accurate CPU usage"): retry
-    for attempt in range(5):
-        try:
-            qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456",
-                     "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-                     p, "1M")
-            return p
-        except QemuError:
-            if attempt == 4:
-                raise
-    return p
+    return create_luks(d / "luks.qcow2")
 
 
 def _sub(name: str) -> Callable[[Path], Path]:
