@@ -21,6 +21,7 @@ refcount is 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from array import array
@@ -215,6 +216,18 @@ def _open_rw(img):
 
         return QcowImage(os.fsdecode(img), "r+"), True
     return img, False
+
+
+@contextlib.contextmanager
+def _for_update(img):
+    """An image open "r+" that snapshots may be changed in (closed after, if we opened it)."""
+    img, owned = _open_rw(img)
+    try:
+        _require_snapshot_writable(img)
+        yield img
+    finally:
+        if owned:
+            img.close()
 
 
 def _open_ro(img):
@@ -571,9 +584,7 @@ def create_snapshot(img, name: str, *, date=None, vm_clock_nsec: int = 0) -> Sna
     ``date``: None (now), seconds since the epoch, a datetime, or (sec, nsec).
     Duplicate names are refused (qemu-img 7.2 would accept them).
     """
-    img, owned = _open_rw(img)
-    try:
-        _require_snapshot_writable(img)
+    with _for_update(img) as img:
         if not isinstance(name, str):
             raise TypeError("snapshot name must be a str")
         name_raw = _encode_name(name)
@@ -630,17 +641,12 @@ def create_snapshot(img, name: str, *, date=None, vm_clock_nsec: int = 0) -> Sna
         _switch_table(img, [*blobs, entry], snaps)
         img.flush()  # 4. free the old table
         return read_snapshot_table(img)[-1]
-    finally:
-        if owned:
-            img.close()
 
 
 def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
     """Revert the active layer to snapshot ``name_or_id`` (``qemu-img snapshot -a``:
     an ID first, then a name).  The virtual size becomes the snapshot's."""
-    img, owned = _open_rw(img)
-    try:
-        _require_snapshot_writable(img)
+    with _for_update(img) as img:
         img.flush()
         snaps = read_snapshot_table(img)
         sn = find_snapshot(snaps, str(name_or_id))
@@ -712,16 +718,11 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
         _mark_copied(img, img.l1, only_clear=False)
         img.flush()
         return sn
-    finally:
-        if owned:
-            img.close()
 
 
 def delete_snapshot(img, name_or_id: str) -> SnapshotInfo:
     """Delete snapshot ``name_or_id`` (``qemu-img snapshot -d``: a name first, then an ID)."""
-    img, owned = _open_rw(img)
-    try:
-        _require_snapshot_writable(img)
+    with _for_update(img) as img:
         img.flush()
         snaps = read_snapshot_table(img)
         sn = _find_for_delete(snaps, str(name_or_id))
@@ -750,9 +751,6 @@ def delete_snapshot(img, name_or_id: str) -> SnapshotInfo:
         _mark_copied(img, img.l1, only_clear=False)
         img.flush()
         return sn
-    finally:
-        if owned:
-            img.close()
 
 
 def snapshot(path, op: str, name: str | None = None):
