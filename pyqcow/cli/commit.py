@@ -25,7 +25,7 @@ from ..ops import commit as commit_op
 from ..ops.common import find_layer
 from ..ops.plan import data_bytes
 from ..units import format_size
-from .progress import add_progress_args, progress_from_args, quiet_warnings
+from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
 
 
@@ -63,11 +63,6 @@ def locate_base(top, base: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    with quiet_warnings(args):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
     with open_image(args.top, "r", force_share=True) as top:
         _parent, base_img = locate_base(top, args.base)

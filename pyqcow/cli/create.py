@@ -26,7 +26,7 @@ from ..create import create, parse_options
 from ..errors import OperationError
 from ..libvirt import ChainElement
 from ..units import format_size, parse_size
-from .progress import notice, quiet_warnings
+from .progress import notice
 from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
 
 
@@ -62,11 +62,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    with quiet_warnings(args):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     image = args.image
     kwargs: dict = {}
     for opts in args.options:

@@ -127,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         error_status = args._error_status
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            if getattr(args, "quiet", False):
+                warnings.simplefilter("ignore")  # -q silences everything, warnings too
             status = args._run(args)
         return int(status or 0)
     except KeyboardInterrupt:

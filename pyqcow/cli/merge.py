@@ -27,7 +27,7 @@ from ..libvirt import ChainElement
 from ..ops import merge as merge_op
 from ..ops.common import dependents
 from ..units import format_size
-from .progress import add_progress_args, progress_from_args, quiet_warnings
+from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
 
 
@@ -76,11 +76,6 @@ def human_plan(plan: merge_op.MergePlan) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    with quiet_warnings(args):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
     with open_image(args.top, "r", force_share=True) as top:
         plan = merge_op.plan_merge(args.top, keep=args.keep, via=args.via, _top=top)

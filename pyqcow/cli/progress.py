@@ -13,16 +13,13 @@ line.  A disabled bar costs one comparison per callback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from typing import TextIO
 
 from ..units import format_size
 
-__all__ = ["ProgressBar", "add_progress_args", "notice", "progress_from_args", "quiet_warnings"]
+__all__ = ["ProgressBar", "add_progress_args", "notice", "progress_from_args"]
 
 BAR_WIDTH = 26
 REDRAW_INTERVAL = 0.1
@@ -120,14 +117,3 @@ def notice(args: argparse.Namespace, message: str) -> None:
         return
     sys.stderr.write(f"pyqcow: {' '.join(message.split())}\n")
     sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def quiet_warnings(args: argparse.Namespace) -> Iterator[None]:
-    """Under ``-q``, drop warnings (they are messages, not errors)."""
-    if not getattr(args, "quiet", False):
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield

@@ -24,7 +24,7 @@ from ..chain import probe_format, resolve_backing
 from ..errors import OperationError
 from ..libvirt import ChainElement
 from ..ops import rebase as rebase_op
-from .progress import add_progress_args, progress_from_args, quiet_warnings
+from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
 
 
@@ -50,11 +50,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    with quiet_warnings(args):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     image = args.image
     backing = args.backing or None
     if backing is not None and len(os.fsencode(backing)) > spec.MAX_BACKING_FILE_NAME:

@@ -21,7 +21,7 @@ from ..ops import stream as stream_op
 from ..ops.plan import data_bytes
 from ..units import format_size
 from .commit import locate_base
-from .progress import add_progress_args, progress_from_args, quiet_warnings
+from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
 
 
@@ -42,11 +42,6 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    with quiet_warnings(args):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
     with open_image(args.top, "r", force_share=True) as top:
         full = [ChainElement(p, f) for p, f in chain_description(top)]
