@@ -338,15 +338,19 @@ def incompatible_features(path: PathLike) -> int:
 
 
 def create_luks(path: PathLike, size: str = "1M") -> Path:
-    """A LUKS-encrypted qcow2 (secret "123456").  qemu's PBKDF benchmark
-    sometimes fails ("Unable to get accurate CPU usage"): retried up to 5 times."""
-    for attempt in range(5):
+    """A LUKS-encrypted qcow2 (secret "123456").
+
+    qemu times its PBKDF to pick an iteration count; on a busy machine a short
+    measurement fails ("Unable to get accurate CPU usage"), so each retry
+    measures for longer.
+    """
+    for iter_time in (10, 50, 200, 500, 1000):
         try:
             qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=123456",
-                     "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                     "-o", f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={iter_time}",
                      path, size)
             break
         except QemuError:
-            if attempt == 4:
+            if iter_time == 1000:
                 raise
     return Path(path)
