@@ -26,16 +26,106 @@ def probe_format(path: str) -> str:
     return "raw"
 
 
+def _protocol_prefix(name: str) -> str | None:
+    """QEMU's path_has_protocol(): a ':' before any '/' makes the name a protocol."""
+    colon = name.find(":")
+    if colon < 0:
+        return None
+    slash = name.find("/")
+    if 0 <= slash < colon:
+        return None
+    return name[:colon]
+
+
 def resolve_backing(image_path: str, name: str) -> str:
-    """Backing file path as QEMU resolves it: relative to the image's directory."""
-    if name.startswith(("json:", "nbd:", "http:", "https:", "ssh:", "rbd:", "iscsi:")):
-        raise BackingChainError(image_path, f"backing file {name!r} is not a local file")
-    name = name.removeprefix("file:")
+    """Backing file path as QEMU resolves it.
+
+    A plain relative name is combined with the image's path as given, textually
+    (qemu's path_combine(): the image path up to its last '/', then the name), and
+    the kernel then resolves that through the file system (``link/..`` follows the
+    link).  A name with a protocol prefix is used as it is: ``file:x`` is the file
+    ``x`` relative to the *current directory* (qemu's file driver strips the
+    prefix), every other protocol is not a local file.
+    """
+    proto = _protocol_prefix(name)
+    if proto is not None:
+        if proto != "file":
+            raise BackingChainError(image_path, f"backing file {name!r} is not a local file")
+        return name[len("file:"):]
     if os.path.isabs(name):
         return name
-    # qemu's path_combine(): the image path up to its last '/', then the name
     # ("top.qcow2" + "sub/b" -> "sub/b", not "./sub/b": info prints this path).
     return image_path[: image_path.rfind("/") + 1] + name
+
+
+def host_path(path: str) -> str:
+    """An absolute name for ``path`` that opens the same file (for libvirt XML).
+
+    ``os.path.abspath`` removes ``..`` lexically, which is wrong after a symbolic
+    link to a directory (the kernel goes up from the link's target).  Use the
+    lexical form when it names the same file, else the resolved one.
+    """
+    joined = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    lexical = os.path.normpath(joined)
+    if ".." not in joined.split("/"):
+        return lexical  # only '.' and '//' were dropped: always the same file
+    try:
+        if os.path.samefile(lexical, joined):
+            return lexical
+    except OSError:
+        pass
+    directory, base = os.path.split(joined)
+    return os.path.join(os.path.realpath(directory), base)
+
+
+def validate_backing_name(image_path: str, name: str) -> None:
+    """Refuse a backing name QEMU would not read as the plain file meant."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > spec.MAX_BACKING_FILE_NAME:
+        raise BackingChainError(
+            image_path, f"backing file name is {len(raw)} bytes long; qcow2 allows at most "
+            f"{spec.MAX_BACKING_FILE_NAME} (too long)"
+        )
+    if not name or "\0" in name:
+        raise BackingChainError(image_path, f"backing file name {name!r} is empty or has a NUL")
+    if _protocol_prefix(name) is not None:
+        raise BackingChainError(
+            image_path,
+            f"backing file name {name!r} has a ':' before any '/': QEMU reads it as a protocol "
+            f"prefix (write './{name}' or an absolute path)",
+        )
+
+
+def backing_name(image_path: str, target_path: str, *, relative: bool = True) -> str:
+    """The name to store in ``image_path``'s header so QEMU opens ``target_path``.
+
+    Relative names are relative to the directory of ``image_path`` *as given*
+    (QEMU combines them textually with the name it opened the image by) and are
+    resolved by the kernel, so ``..`` after a symbolic link goes up from the
+    link's target: the name is computed from resolved directories whenever the
+    lexical one would name another file.  ``image_path`` may not exist yet (a
+    rename target); its directory must.  The result is validated.
+    """
+    target_abs = host_path(target_path)
+    if relative:
+        img_dir = os.path.dirname(image_path if os.path.isabs(image_path)
+                                  else os.path.join(os.getcwd(), image_path))
+        name = os.path.relpath(target_abs, os.path.normpath(img_dir))
+        if not _names_same(os.path.join(img_dir, name), target_abs):
+            name = os.path.relpath(os.path.realpath(target_abs), os.path.realpath(img_dir))
+        if _protocol_prefix(name) is not None:
+            name = "./" + name
+    else:
+        name = target_abs
+    validate_backing_name(image_path, name)
+    return name
+
+
+def _names_same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.normpath(a) == os.path.normpath(b) and ".." not in a.split("/")
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -132,4 +222,4 @@ def _open_one(path: str, fmt: str, mode: str, force_share: bool, root: str | Non
 
 def chain_description(img) -> list[tuple[str, str]]:
     """[(absolute path, format), ...] from top to bottom."""
-    return [(os.path.abspath(i.path), i.format) for i in img.chain]
+    return [(host_path(i.path), i.format) for i in img.chain]

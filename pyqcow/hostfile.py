@@ -238,3 +238,25 @@ def check_range(path: str, offset: int, length: int, limit: int) -> None:
         raise OperationError(
             path, f"request at offset {offset} length {length} is outside the disk (size {limit})"
         )
+
+
+def lock_conflict(path: str, profile: tuple[tuple[int, ...], tuple[int, ...]]) -> str | None:
+    """Why taking ``profile`` on ``path`` would fail now (None: it would not).
+
+    A probe for plans and dry runs: it takes no lock itself.
+    """
+    try:
+        hf = HostFile(path)
+    except QcowError:
+        return None  # the real open reports it
+    try:
+        used, unshared = profile
+        for perm in used:
+            if hf._held_by_other(spec.RAW_LOCK_SHARED_BASE + perm):
+                return f'another process (qemu?) does not share the "{_PERM_NAMES[perm]}" permission'
+        for perm in unshared:
+            if hf._held_by_other(spec.RAW_LOCK_PERM_BASE + perm):
+                return f'another process (qemu?) holds the "{_PERM_NAMES[perm]}" permission'
+        return None
+    finally:
+        hf.close()

@@ -20,7 +20,7 @@ from array import array
 
 from . import entries, spec
 from .entries import ClusterType
-from .errors import FormatError, OperationError, UnsupportedFeatureError
+from .errors import FormatError, OperationError, QcowError, UnsupportedFeatureError
 from .header import build_cluster0, size_to_l1
 from .hostfile import check_range
 
@@ -548,6 +548,58 @@ class WriterMixin:
         self.virtual_size = new_size
         self.header_dirty = True
 
+    def shrink(self, new_size: int) -> None:
+        """Cut the guest disk to ``new_size`` bytes, freeing every cluster past the end.
+
+        For merge (BASE larger than TOP: the kept image must be exactly TOP's
+        size).  The partial last cluster is zeroed past the end, so a later grow
+        reads zeros there, as after qemu-img resize --shrink.  Refused with
+        internal snapshots (their tables share the clusters).
+        """
+        self._check_writable()
+        if new_size >= self.virtual_size:
+            return
+        if self.header.nb_snapshots:
+            raise OperationError(self.path, "cannot shrink an image with internal snapshots")
+        cs, cb = self.cluster_size, self.cluster_bits
+        first_gone = (new_size + cs - 1) >> cb
+        tail_end = min(first_gone << cb, self.virtual_size)
+        if tail_end > new_size:
+            self.write_zeroes(new_size, tail_end - new_size)
+        self._begin_write()
+        step = 2 if self.extended_l2 else 1
+        keep_tables = (first_gone + self.l2_entries - 1) // self.l2_entries
+        for l1_index in range(first_gone // self.l2_entries, len(self.l1)):
+            l2_off = self.l1[l1_index] & spec.L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            if l1_index >= keep_tables:
+                # the whole table lies past the end: unlink it first (as make_empty)
+                table = self.l2_table(l2_off)
+                self.l1[l1_index] = 0
+                self.l1_dirty = True
+                self.dirty_l2.discard(l2_off)
+                self._l2_cache.pop(l2_off, None)
+                for e in table[::step] if step == 2 else table:
+                    if e:
+                        self._free_entry_allocation(e)
+                self.refcounts.free_later(l2_off)
+                continue
+            table, l2_off = self._l2_for_write(l1_index * self.l2_entries)
+            for i in range(first_gone - l1_index * self.l2_entries, self.l2_entries):
+                e = table[step * i]
+                if e or (step == 2 and table[2 * i + 1]):
+                    table[step * i] = 0
+                    if step == 2:
+                        table[2 * i + 1] = 0
+                    self.dirty_l2.add(l2_off)
+                    if e:
+                        self._free_entry_allocation(e)
+        self.header = self.header.replace(size=new_size)
+        self.virtual_size = new_size
+        self.header_dirty = True
+        self.flush()
+
     # ------------------------------------------------------------------ flush
     def flush(self) -> None:
         if not self.writable or self.refcounts is None:
@@ -711,10 +763,19 @@ class WriterMixin:
 
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
-        """Rewrite the backing file name and format extension (one header write)."""
+        """Rewrite the backing file name and format extension (one header write).
+
+        The name is validated first (length, no protocol prefix QEMU would misread).
+        """
+        from .chain import validate_backing_name
         from .header import with_extension
 
         self._check_writable()
+        if name:
+            try:
+                validate_backing_name(self.path, name)
+            except QcowError as e:
+                raise OperationError(self.path, f"cannot store backing name: {e.message}") from None
         hdr = with_extension(
             self.header,
             spec.ExtType.BACKING_FORMAT,

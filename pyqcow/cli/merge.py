@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from ..chain import chain_description, open_image
+from ..chain import chain_description, host_path, open_image
 from ..errors import BackingChainError
 from ..libvirt import ChainElement
 from ..ops import merge as merge_op
-from ..ops.common import dependents
 from ..units import format_size
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
@@ -45,7 +43,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", choices=("human", "json"), default="human",
                    help="format of the plan printed by --dry-run (json also after a merge)")
     p.add_argument("--force", action="store_true",
-                   help="merge even if other images use BASE as their backing file")
+                   help="merge even though other images use BASE (or TOP) as their backing "
+                        "file, internal snapshots or persistent bitmaps would be lost, a file has "
+                        "other hard links, or a name would change format")
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("top", metavar="TOP")
@@ -60,32 +60,35 @@ def human_plan(plan: merge_op.MergePlan) -> str:
     cheaper = "commit" if plan.commit_bytes <= plan.stream_bytes else "stream"
     lines = [
         f"merge {plan.top} into one image at {plan.kept_path} (--keep {plan.keep})",
-        f"  top:     {plan.top}",
-        f"  base:    {plan.base}",
+        f"  top:     {plan.top} ({plan.top_size} bytes)",
+        f"  base:    {plan.base} ({plan.base_size} bytes)",
         f"  commit:  {_bytes(plan.commit_bytes)}  copy top's clusters into base",
         (f"  stream:  {_bytes(plan.stream_bytes)}  copy base's clusters top does not override "
         "into top"),
         f"  via:     {plan.via}" + (" (the cheaper direction)" if plan.via == cheaper else ""),
-        f"  result:  {plan.kept_path}, backing file "
+        f"  result:  {plan.kept_path} ({plan.kept_format}, {plan.top_size} bytes), backing file "
         + (f"{plan.new_backing} ({plan.new_backing_format})" if plan.new_backing else "none"),
-        f"  removed: {plan.removed_path}",
+        f"  removed: {plan.removed_path}" + "".join(f", {p}" for p in plan.removed_files),
         "  steps:",
     ]
     lines += [f"    {i}. {step}" for i, step in enumerate(plan.steps, 1)]
+    for r in plan.refusals:
+        overridden = plan.force and r.forceable
+        lines.append(("  forced:  " if overridden else "  refused: ") + r.line())
     return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
     with open_image(args.top, "r", force_share=True) as top:
-        plan = merge_op.plan_merge(args.top, keep=args.keep, via=args.via, _top=top)
+        plan = merge_op.plan_merge(args.top, keep=args.keep, via=args.via, force=args.force,
+                                   _top=top, _probe_locks=True)
         base = top.backing
         assert base is not None  # plan_merge refuses a top without backing
-        kept_format = base.format if plan.via == "commit" else top.format
         rest = [ChainElement(p, f) for p, f in chain_description(base)][1:]
     if update is not None:
         update.require_source(args.top, "the image")
-        update.plan([ChainElement(os.path.abspath(plan.kept_path), kept_format), *rest])
+        update.plan([ChainElement(host_path(plan.kept_path), plan.kept_format), *rest])
     if args.dry_run:
         if args.output == "json":
             doc = plan.as_json()
@@ -95,27 +98,22 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(doc, indent=4) + "\n")
         else:
             sys.stdout.write(human_plan(plan))
-            users = dependents(plan.base, exclude=(plan.top,))
-            if users:
-                sys.stdout.write(
-                    f"  note:    {plan.base} is also the backing file of {', '.join(users)}; "
-                    "the merge refuses to run without --force\n"
-                )
             if update is not None:
                 update.print_diff()
+        # exit as the real run would
+        plan.raise_refusals()
         return 0
+    plan.raise_refusals()
     bar = progress_from_args(args)
     try:
         done = merge_op.merge(args.top, keep=args.keep, via=plan.via, progress=bar,
-                              force=args.force)
+                              force=args.force, xml_update=update)
     except BaseException:
         bar.abort()
         raise
     bar.finish()
     if done.via != plan.via or done.kept_path != plan.kept_path:  # pragma: no cover
         raise BackingChainError(args.top, "merge did not follow its plan")
-    if update is not None:
-        update.apply(done.kept_path, kept_format)
     if args.output == "json" and not args.quiet:
         sys.stdout.write(json.dumps(done.as_json(), indent=4) + "\n")
     return 0

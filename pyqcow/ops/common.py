@@ -40,6 +40,8 @@ def reopen_rw(parent, img):
     from ..image import QcowImage
     from ..raw import RawImage
 
+    if img.writable:
+        return img
     backing = img.backing
     img.backing = None
     img.close()

@@ -5,23 +5,49 @@ Directions (``via``): *commit* copies TOP's allocated clusters into BASE;
 surviving file is not the one that received the data, an atomic rename puts it
 at the kept name.
 
-Crash promise: at every instant, TOP's file name, while it exists, reads TOP's
-guest content (through its chain); once TOP's name is gone (removed, or
-replaced by the rename), the kept name reads that content.  The rename (or, for
-keep=base via commit, the removal of TOP) is the commit point.
+The plan (:func:`plan_merge`) knows everything that can make the run fail or
+surprise and lists it as :class:`Refusal` records: sizes, formats at each name,
+internal snapshots, other overlays, hard links, permissions, file systems (a
+rename cannot cross one), backing-name limits, persistent bitmaps, external
+data files, other processes' locks.  ``--dry-run`` shows them all; the real run
+refuses on the same list before its first write (``force`` overrides exactly
+the refusals marked ``forceable``).
+
+Crash promise: the images are opened (QEMU's locks taken) before the plan the
+run follows is made, and stay open until after the commit point.  At every
+instant, TOP's file name, while it exists, reads TOP's guest content (through
+its chain); once TOP's name is gone (removed, or replaced by the rename), the
+kept name reads that content.  The rename (or, for keep=base via commit, the
+removal of TOP) is the commit point.  An intent record written before the
+first change lets :func:`pyqcow.ops.intent.recover` finish the operation (and
+the domain XML update that goes with it) after a crash or a failed later step.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 
+from ..chain import backing_name, host_path, open_image
 from ..errors import BackingChainError, OperationError, QcowError
-from ..hostfile import fsync_dir
+from ..hostfile import LOCK_WRITE, fsync_dir, lock_conflict
 from . import commit as commit_mod
 from . import stream as stream_mod
-from .common import backing_name_for, dependents, open_chain, same_file
+from .common import dependents, reopen_rw, same_file
 from .plan import data_bytes
+
+
+@dataclass
+class Refusal:
+    """A reason the merge will not run.  ``forceable``: ``force=True`` overrides it."""
+
+    path: str
+    reason: str
+    forceable: bool
+
+    def line(self) -> str:
+        return f"{self.path}: {self.reason}" + (" (use --force to merge anyway)" if self.forceable else "")
 
 
 @dataclass
@@ -39,171 +65,424 @@ class MergePlan:
     steps: list[str] = field(default_factory=list)
     bytes_copied: int = 0
     done: bool = False
+    top_size: int = 0
+    base_size: int = 0
+    kept_format: str = "qcow2"
+    removed_files: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    force: bool = False
+    interim_backing: str | None = None
 
     def as_json(self) -> dict:
         return asdict(self)
 
+    def blocking(self, force: bool | None = None) -> list[Refusal]:
+        """The refusals that stop the run (all of them, or the unforceable ones with force)."""
+        f = self.force if force is None else force
+        return [r for r in self.refusals if not (f and r.forceable)]
 
-def plan_merge(top_path, *, keep: str = "base", via: str = "auto", _top=None) -> MergePlan:
+    def raise_refusals(self) -> None:
+        block = self.blocking()
+        if block:
+            first = block[0]
+            more = "; ".join(r.line() for r in block[1:])
+            raise OperationError(first.path, first.reason
+                                 + (" (use --force to merge anyway)" if first.forceable else "")
+                                 + (f"; also {more}" if more else ""))
+
+
+# -- names, files, file systems ------------------------------------------------------------
+def _real(path: str) -> str:
+    """The file a name opens (symbolic links followed)."""
+    return os.path.realpath(path)
+
+
+def _dir_of(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path)) or "/"
+
+
+def _needs_rename(keep: str, via: str) -> bool:
+    return (keep == "base") == (via == "stream")
+
+
+def _data_file(img) -> str | None:
+    return getattr(img, "data_file_path", None) if getattr(img, "has_data_file", False) else None
+
+
+def _snapshot_count(img) -> int:
+    return img.header.nb_snapshots if img.format == "qcow2" else 0
+
+
+# -- planning -------------------------------------------------------------------------------
+def _direction_refusals(top, base, keep: str, via: str) -> list[Refusal]:
+    """What stops one direction (checked for both, so auto can avoid them)."""
+    out: list[Refusal] = []
+    real_top, real_base = _real(top.path), _real(base.path)
+    # the format at the kept name
+    if keep == "base" and via == "stream" and base.format != "qcow2":
+        out.append(Refusal(base.path, f"holds a {base.format} image; merging via stream would put "
+                                      "a qcow2 image at its name", True))
+    if keep == "top" and via == "commit" and base.format != "qcow2":
+        out.append(Refusal(top.path, f"holds a qcow2 image; merging via commit would put BASE's "
+                                     f"{base.format} image ({base.path}) at its name", True))
+    # the file written
+    written = real_base if via == "commit" else real_top
+    if not os.access(written, os.W_OK, effective_ids=True):
+        out.append(Refusal(written, "is not writable (permission denied)", False))
+    # the rename, or the removal
+    if _needs_rename(keep, via):
+        src, dst = (real_top, real_base) if keep == "base" else (real_base, real_top)
+        try:
+            if os.stat(src).st_dev != os.stat(_dir_of(dst)).st_dev:
+                out.append(Refusal(src, f"is on another file system than {dst}; the rename that "
+                                        f"puts it at the kept name cannot cross file systems", False))
+        except OSError as e:
+            out.append(Refusal(src, f"cannot stat: {e.strerror}", False))
+        for d in {_dir_of(src), _dir_of(dst)}:
+            if not os.access(d, os.W_OK | os.X_OK, effective_ids=True):
+                out.append(Refusal(d, "directory is not writable; cannot rename there", False))
+        # a relative external data file name must still resolve after the move
+        moved = top if keep == "base" else base
+        df = _data_file(moved)
+        name = moved.header.data_file if moved.format == "qcow2" else None
+        if df and name and not os.path.isabs(name) and _dir_of(src) != _dir_of(dst):
+            out.append(Refusal(moved.path, f"names its external data file {name!r} relative to its "
+                                           "directory; moving it to another directory would lose "
+                                           "it", False))
+    removed = real_top if keep == "base" else real_base
+    if not os.access(_dir_of(removed), os.W_OK | os.X_OK, effective_ids=True):
+        out.append(Refusal(_dir_of(removed), "directory is not writable; cannot remove "
+                                             f"{removed}", False))
+    # internal snapshots the merge would lose (TOP's always; BASE's when its file goes)
+    n = _snapshot_count(top)
+    if n:
+        out.append(Refusal(top.path, f"has {n} internal snapshot(s) that merging would lose or "
+                                     "change", True))
+    n = _snapshot_count(base)
+    if n and via == "stream":
+        out.append(Refusal(base.path, f"has {n} internal snapshot(s) that merging via stream would "
+                                      "lose", True))
+    out += _bitmap_refusals(top, base, via)
+    return out
+
+
+def _bitmap_refusals(top, base, via: str) -> list[Refusal]:
+    """Persistent bitmaps that could not stay valid in the merged image."""
+    from .. import bitmaps
+
+    problems = getattr(bitmaps, "merge_problems", None)
+    if problems is None or top.format != "qcow2" or base.format != "qcow2":
+        return [Refusal(img.path, "has persistent dirty bitmaps that the merged image cannot keep "
+                                  "valid", True)
+                for img in (top, base)
+                if img.format == "qcow2" and img.header.bitmaps is not None]
+    dest, src = (base, top) if via == "commit" else (top, base)
+    return [Refusal(dest.path, p, True) for p in problems(dest, src)]
+
+
+def _general_refusals(top, base, keep: str, mode_locks: bool) -> list[Refusal]:
+    out: list[Refusal] = []
+    for img in (top, base):
+        st = os.stat(img.path)
+        if st.st_nlink > 1:
+            out.append(Refusal(img.path, f"has {st.st_nlink} hard links; merging would leave the "
+                                         "others naming the old file", True))
+    users = dependents(base.path, exclude=(top.path,))
+    if users:
+        out.append(Refusal(base.path, "is also the backing file of " + ", ".join(users)
+                                      + "; merging would change or remove what they read", True))
+    if keep == "base":
+        users = dependents(top.path, exclude=(base.path,))
+        if users:
+            out.append(Refusal(top.path, "is the backing file of " + ", ".join(users)
+                                         + "; merging with --keep base removes it (use --keep top)",
+                               True))
+    if mode_locks:
+        for img in (top, base):
+            why = lock_conflict(img.path, LOCK_WRITE)
+            if why:
+                out.append(Refusal(img.path, f"image is in use: {why}", False))
+    return out
+
+
+def plan_merge(top_path, *, keep: str = "base", via: str = "auto", force: bool = False,
+               _top=None, _probe_locks: bool = False) -> MergePlan:
+    """The plan, from an open chain (``_top``) or one opened read-only here."""
     if keep not in ("base", "top"):
         raise OperationError(os.fspath(top_path), f"--keep must be 'base' or 'top', not {keep!r}")
     if via not in ("auto", "commit", "stream"):
         raise OperationError(os.fspath(top_path), f"--via must be auto, commit or stream, not {via!r}")
-    top = _top if _top is not None else open_chain(top_path, "r")
+    top = _top if _top is not None else open_image(os.fspath(top_path), "r", force_share=True)
     try:
-        base = top.backing
-        if base is None:
-            raise BackingChainError(top.path, "image has no backing file: nothing to merge")
-        if top.format != "qcow2":
-            raise OperationError(top.path, "merge needs a qcow2 top image")
-        commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
-        stream_bytes = data_bytes(stream_mod.plan_stream(top, base.backing))
-        if via == "auto":
-            # ties go to the direction that needs no rename
-            if commit_bytes < stream_bytes or (commit_bytes == stream_bytes and keep == "base"):
-                chosen = "commit"
-            else:
-                chosen = "stream"
-        else:
-            chosen = via
-        if chosen == "commit" and base.format != "qcow2" and keep == "top":
-            pass  # a raw base renamed to the top's name becomes a raw image: allowed
-        kept = base.path if keep == "base" else top.path
-        removed = top.path if keep == "base" else base.path
-        bb = base.backing
-        new_backing = None
-        new_fmt = None
-        if bb is not None:
-            new_fmt = bb.format
-            new_backing = backing_name_for(kept, bb.path, base.header.backing_file)
-            if os.path.dirname(os.path.abspath(top.path)) != os.path.dirname(os.path.abspath(base.path)):
-                new_backing = os.path.abspath(bb.path)
-        steps = []
-        if chosen == "commit":
-            steps.append(f"commit {top.path} into {base.path} ({commit_bytes} bytes)")
-            if keep == "base":
-                steps.append(f"remove {top.path}")
-            else:
-                if base.format == "qcow2" and new_backing != (base.header.backing_file or None):
-                    steps.append(f"set backing of {base.path} to {new_backing}")
-                steps.append(f"rename {base.path} -> {top.path}")
-        else:
-            steps.append(f"stream {base.path} into {top.path} ({stream_bytes} bytes)")
-            steps.append(f"set backing of {top.path} to {new_backing or 'none'}")
-            if keep == "base":
-                steps.append(f"rename {top.path} -> {base.path}")
-            else:
-                steps.append(f"remove {base.path}")
-        return MergePlan(
-            top=top.path, base=base.path, keep=keep, kept_path=kept, removed_path=removed,
-            via=chosen, commit_bytes=commit_bytes, stream_bytes=stream_bytes,
-            new_backing=new_backing, new_backing_format=new_fmt, steps=steps,
-        )
+        return _plan(top, keep, via, force, _probe_locks)
     finally:
         if _top is None:
             top.close()
 
 
-def _check_kept_name(plan: MergePlan, force: bool) -> None:
-    for p in (plan.top, plan.base):
-        if os.path.islink(p):
-            raise OperationError(p, "is a symbolic link; merge renames files and would replace the link")
-        st = os.stat(p)
-        if st.st_nlink > 1:
-            raise OperationError(p, f"has {st.st_nlink} hard links; merging would leave the others stale")
-    # internal snapshots: TOP's file is removed (commit) or loses its backing
-    # data (stream); BASE's file is removed by a stream
-    for p, lost in ((plan.top, True), (plan.base, plan.via == "stream")):
-        n = _snapshot_count(p)
-        if lost and n and not force:
-            raise OperationError(
-                p, f"has {n} internal snapshot(s) that merging would lose or change "
-                "(use --force to merge anyway)")
-    users = dependents(plan.base, exclude=(plan.top,))
-    if users and not force:
-        raise OperationError(
-            plan.base,
-            "is also the backing file of " + ", ".join(users)
-            + "; merging would change or remove what they read (use --force to merge anyway)",
-        )
-    if plan.keep == "base":
-        # TOP's name goes away: overlays of TOP would lose their backing file
-        users = dependents(plan.top, exclude=(plan.base,))
-        if users and not force:
-            raise OperationError(
-                plan.top,
-                "is the backing file of " + ", ".join(users)
-                + "; merging with --keep base removes it (use --keep top, or --force)",
-            )
-
-
-def _snapshot_count(path: str) -> int:
-    from ..header import parse_header
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(65536)
-        if head[:4] != b"QFI\xfb":
-            return 0
-        return parse_header(path, head, os.path.getsize(path)).nb_snapshots
-    except (OSError, QcowError):
-        return 0
-
-
-def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = False,
-          progress=None, force: bool = False) -> MergePlan:
-    top_path = os.fspath(top_path)
-    plan = plan_merge(top_path, keep=keep, via=via)
-    if dry_run:
-        return plan
-    _check_kept_name(plan, force)
-    if plan.via == "commit":
-        res = commit_mod.commit(plan.top, None, drop=True, progress=progress)
-        plan.bytes_copied = res.bytes_copied
-        if keep == "base":
-            os.unlink(plan.top)
-            fsync_dir(plan.top)
-        else:
-            _fix_backing_name(plan.base, plan.new_backing, plan.new_backing_format)
-            os.replace(plan.base, plan.top)
-            fsync_dir(plan.top)
-            if os.path.dirname(os.path.abspath(plan.base)) != os.path.dirname(os.path.abspath(plan.top)):
-                fsync_dir(plan.base)
+def _plan(top, keep: str, via: str, force: bool, probe_locks: bool) -> MergePlan:
+    base = top.backing
+    if base is None:
+        raise BackingChainError(top.path, "image has no backing file: nothing to merge")
+    if top.format != "qcow2":
+        raise OperationError(top.path, "merge needs a qcow2 top image")
+    commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
+    stream_bytes = data_bytes(stream_mod.plan_stream(top, base.backing))
+    per_dir = {d: _direction_refusals(top, base, keep, d) for d in ("commit", "stream")}
+    if via == "auto":
+        cost = {"commit": commit_bytes, "stream": stream_bytes}
+        # ties go to the direction that needs no rename
+        order = sorted(("commit", "stream"),
+                       key=lambda d: (cost[d], _needs_rename(keep, d)))
+        # prefer a direction nothing stops, then one only --force lets through
+        chosen = next((d for d in order if not per_dir[d]), None)
+        if chosen is None:
+            chosen = next((d for d in order if all(r.forceable for r in per_dir[d])), order[0])
     else:
-        res = stream_mod.stream(plan.top, _base_backing_path(plan), progress=progress,
-                                backing_name=plan.new_backing)
-        plan.bytes_copied = res.bytes_copied
+        chosen = via
+    kept = base.path if keep == "base" else top.path
+    removed = top.path if keep == "base" else base.path
+    bb = base.backing
+    new_backing = new_fmt = None
+    refusals = list(per_dir[chosen])
+    if bb is not None:
+        new_fmt = bb.format
+        original = base.header.backing_file
+        relative = not (original.startswith("file:") and os.path.isabs(original[5:])) \
+            and not os.path.isabs(original)
+        try:
+            new_backing = backing_name(kept, bb.path, relative=relative)
+        except QcowError as e:
+            refusals.append(Refusal(kept, f"cannot name the backing file {bb.path} from here: "
+                                          f"{e.message}", False))
+    interim = new_backing
+    if new_backing is not None and _needs_rename(keep, chosen) and not refusals_about_names(refusals):
+        at = base.path if keep == "top" else top.path
+        interim = _interim_name(new_backing, at, kept, bb.path)
+        if interim is None:
+            refusals.append(Refusal(at, "no backing file name reads the same file from its own "
+                                        "directory and from the kept name's; the chain would be "
+                                        "broken during the rename", False))
+    refusals += _general_refusals(top, base, keep, probe_locks)
+    # the external data file of the image whose file goes away
+    df = _data_file(top if chosen == "commit" else base)
+    removed_files = [df] if df else []
+    steps = _steps(top, base, keep, chosen, commit_bytes, stream_bytes, new_backing, removed_files)
+    return MergePlan(
+        top=top.path, base=base.path, keep=keep, kept_path=kept, removed_path=removed,
+        via=chosen, commit_bytes=commit_bytes, stream_bytes=stream_bytes,
+        new_backing=new_backing, new_backing_format=new_fmt, steps=steps,
+        top_size=top.virtual_size, base_size=base.virtual_size,
+        kept_format=base.format if chosen == "commit" else top.format,
+        removed_files=removed_files, refusals=refusals, force=force, interim_backing=interim,
+    )
+
+
+def refusals_about_names(refusals: list[Refusal]) -> bool:
+    return any("cannot name the backing file" in r.reason for r in refusals)
+
+
+def _steps(top, base, keep, via, commit_bytes, stream_bytes, new_backing, removed_files):
+    steps = []
+    real_top, real_base = _real(top.path), _real(base.path)
+    if via == "commit":
+        steps.append(f"commit {top.path} into {base.path} ({commit_bytes} bytes)")
+        if base.virtual_size > top.virtual_size:
+            steps.append(f"shrink {base.path} to {top.virtual_size} bytes (TOP's size)")
         if keep == "base":
-            os.replace(plan.top, plan.base)
-            fsync_dir(plan.base)
-            if os.path.dirname(os.path.abspath(plan.base)) != os.path.dirname(os.path.abspath(plan.top)):
-                fsync_dir(plan.top)
+            steps.append(_remove_step(top.path))
         else:
-            os.unlink(plan.base)
-            fsync_dir(plan.base)
+            if base.format == "qcow2" and new_backing != (base.header.backing_file or None):
+                steps.append(f"set backing of {base.path} to {new_backing}")
+            steps.append(f"rename {real_base} -> {real_top}")
+            if os.path.islink(base.path):
+                steps.append(f"remove the link {base.path}")
+    else:
+        steps.append(f"stream {base.path} into {top.path} ({stream_bytes} bytes)")
+        steps.append(f"set backing of {top.path} to {new_backing or 'none'}")
+        if keep == "base":
+            steps.append(f"rename {real_top} -> {real_base}")
+            if os.path.islink(top.path):
+                steps.append(f"remove the link {top.path}")
+        else:
+            steps.append(_remove_step(base.path))
+    steps += [f"remove {p}" for p in removed_files]
+    return steps
+
+
+def _remove_step(name: str) -> str:
+    if os.path.islink(name):
+        return f"remove {_real(name)} and the link {name}"
+    return f"remove {name}"
+
+
+# -- running --------------------------------------------------------------------------------
+def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = False,
+          progress=None, force: bool = False, xml_update=None, _record=None) -> MergePlan:
+    """Merge TOP into one image at the kept name (see the module docstring).
+
+    ``xml_update``: the domain XML update that goes with it (the CLI's
+    ``DomainXmlUpdate``: ``path``, ``target``, the planned ``chain`` and
+    ``apply(kept_path, fmt)``); it runs after the images' commit point, under the
+    same intent record.  ``_record``: an intent record being finished by
+    :func:`pyqcow.ops.intent.recover` (not rewritten, not removed here).
+    """
+    from . import intent
+
+    top_path = os.fspath(top_path)
+    if dry_run:
+        return plan_merge(top_path, keep=keep, via=via, force=force, _probe_locks=True)
+    if via == "auto":
+        via = plan_merge(top_path, keep=keep, via=via, force=force).via
+    # open with the modes the direction needs: QEMU's locks held from here to the end
+    top = open_image(top_path, "r+" if via == "stream" else "r",
+                     backing_mode="r+" if via == "commit" else "r")
+    try:
+        plan = _plan(top, keep, via, force, False)
+        if _record is not None:
+            plan.new_backing = _record.data.get("new_backing", plan.new_backing)
+            plan.removed_files = _record.data.get("removed_files", plan.removed_files)
+        plan.raise_refusals()
+        record = _record if _record is not None else intent.begin_merge(plan, xml_update)
+        _run(plan, top, progress)
+    finally:
+        top.close()
+    if _record is None:
+        if xml_update is not None:
+            xml_update.apply(plan.kept_path, plan.kept_format)
+        record.finish()
     plan.done = True
     return plan
 
 
-def _base_backing_path(plan: MergePlan) -> str | None:
-    if plan.new_backing is None:
+def _run(plan: MergePlan, top, progress) -> None:
+    base = top.backing
+    if plan.via == "commit":
+        base = reopen_rw(top, base)
+        res = commit_mod.commit(None, None, drop=True, progress=progress, _top=top)
+        plan.bytes_copied = res.bytes_copied
+        if base.virtual_size > top.virtual_size:
+            _shrink(base, top.virtual_size)
+        _carry_bitmaps(dest=base, src=top, plan=plan)
+        if plan.keep == "base":
+            _remove(plan.top)
+        else:
+            final = plan.new_backing
+            if base.format == "qcow2" and final != (base.header.backing_file or None):
+                # valid from BASE's directory until the rename, and from TOP's after it
+                base.set_backing(plan.interim_backing, plan.new_backing_format)
+            base.flush()
+            _take_mode(src_name=plan.top, file=base)
+            _rename(plan.base, plan.top)
+            if base.format == "qcow2" and (base.header.backing_file or None) != final:
+                base.set_backing(final, plan.new_backing_format)
+    else:
+        res = stream_mod.stream(None, _backing_target(top, plan), progress=progress,
+                                backing_name=plan.interim_backing, _top=top)
+        plan.bytes_copied = res.bytes_copied
+        _carry_bitmaps(dest=top, src=base, plan=plan)
+        if plan.keep == "base":
+            _take_mode(src_name=plan.base, file=top)
+            top.flush()
+            _rename(plan.top, plan.base)
+            if (top.header.backing_file or None) != plan.new_backing:
+                top.set_backing(plan.new_backing, plan.new_backing_format)
+        else:
+            _remove(plan.base)
+    for p in plan.removed_files:
+        _remove(p)
+
+
+def _backing_target(top, plan: MergePlan) -> str | None:
+    bb = top.backing.backing if top.backing is not None else None
+    return bb.path if bb is not None else None
+
+
+def _interim_name(final: str, at: str, kept: str, target: str) -> str | None:
+    """The backing name for the file now at ``at`` that moves to ``kept`` by a rename.
+
+    It must read ``target`` from both places, so that the chain stays readable
+    at every instant: the final name if it does (same directory, or it happens
+    to), else an absolute name if one fits, else None.
+    """
+    from ..chain import resolve_backing, validate_backing_name
+
+    if os.path.isabs(final) or _dir_of(at) == _dir_of(kept):
+        return final
+    try:
+        if os.path.samefile(resolve_backing(host_path(at), final), target):
+            return final
+    except OSError:
+        pass
+    absolute = host_path(target)
+    try:
+        validate_backing_name(at, absolute)
+    except QcowError:
         return None
-    from ..chain import resolve_backing
-
-    return resolve_backing(plan.kept_path if plan.via == "stream" and plan.keep == "top" else plan.top,
-                           plan.new_backing)
+    return absolute
 
 
-def _fix_backing_name(path: str, name: str | None, fmt: str | None) -> None:
-    """Before renaming BASE to TOP's name: make its backing name right for the new place."""
-    from ..chain import probe_format
-    from ..image import QcowImage
+def _shrink(img, size: int) -> None:
+    """Make ``img`` exactly ``size`` bytes of guest data (BASE was larger than TOP)."""
+    if img.format == "qcow2":
+        img.shrink(size)
+    else:
+        img.flush()
+        img.resize(size)
+        img.flush()
 
-    if probe_format(path) != "qcow2":
+
+def _carry_bitmaps(*, dest, src, plan: MergePlan) -> None:
+    from .. import bitmaps
+
+    carry = getattr(bitmaps, "carry_for_merge", None)
+    if carry is None or dest.format != "qcow2" or src.format != "qcow2":
         return
-    with QcowImage(path, "r+") as img:
-        if (img.header.backing_file or None) != name:
-            img.set_backing(name, fmt)
+    carry(dest, src, top=dest if plan.via == "stream" else src)
 
 
-__all__ = ["MergePlan", "merge", "plan_merge", "same_file"]
+def _take_mode(*, src_name: str, file) -> None:
+    """The file about to be renamed to ``src_name`` takes that name's mode, owner, group."""
+    st = os.stat(src_name)
+    fd = file.hf.fd
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except PermissionError:
+            raise OperationError(file.path, f"cannot give it the owner of {src_name} "
+                                            "(permission denied)") from None
+    if stat.S_IMODE(mine.st_mode) != stat.S_IMODE(st.st_mode):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.fsync(fd)
+
+
+def _rename(src_name: str, dst_name: str) -> None:
+    """Rename the file ``src_name`` opens over the file ``dst_name`` opens.
+
+    Symbolic links are followed on both sides, so a link at the kept name
+    keeps pointing at the merged data; a link at the source name is removed
+    afterwards (its target moved away).
+    """
+    src, dst = _real(src_name), _real(dst_name)
+    os.replace(src, dst)
+    fsync_dir(dst)
+    if _dir_of(src) != _dir_of(dst):
+        fsync_dir(src)
+    if os.path.islink(src_name):
+        os.unlink(src_name)
+        fsync_dir(src_name)
+
+
+def _remove(name: str) -> None:
+    """Remove the file ``name`` opens, and ``name`` itself if it is a link."""
+    real = _real(name)
+    if os.path.lexists(real):
+        os.unlink(real)
+        fsync_dir(real)
+    if os.path.islink(name):
+        os.unlink(name)
+        fsync_dir(name)
+
+
+__all__ = ["MergePlan", "Refusal", "merge", "plan_merge", "same_file"]

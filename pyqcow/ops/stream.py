@@ -30,9 +30,13 @@ def plan_stream(top, base) -> list[Piece]:
     return pieces
 
 
-def stream(top_path, base=None, *, progress=None, backing_name: str | None = None) -> StreamResult:
-    """Pull backing data into TOP; afterwards TOP's backing is BASE (or nothing)."""
-    top = open_chain(top_path, "r+")
+def stream(top_path, base=None, *, progress=None, backing_name: str | None = None,
+           _top=None) -> StreamResult:
+    """Pull backing data into TOP; afterwards TOP's backing is BASE (or nothing).
+
+    ``_top``: a chain the caller opened (TOP read-write) and closes itself.
+    """
+    top = _top if _top is not None else open_chain(top_path, "r+")
     try:
         if top.backing is None:
             return StreamResult(top.path, None, 0)
@@ -52,4 +56,5 @@ def stream(top_path, base=None, *, progress=None, backing_name: str | None = Non
         top.set_backing(backing_name, base_img.format)
         return StreamResult(top.path, backing_name, copied)
     finally:
-        top.close()
+        if _top is None:
+            top.close()
