@@ -48,6 +48,13 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
             >/dev/null 2>&1 || pkgs+=(python3-dev)
     fi
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+    # libvirt's real QEMU driver for `pyqcow domain` (tests run an isolated embedded
+    # instance) and what building libvirt-python needs
+    command -v libvirtd >/dev/null 2>&1 || pkgs+=(libvirt-daemon)
+    dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || pkgs+=(libvirt-daemon-driver-qemu)
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || pkgs+=(qemu-system-x86)
+    command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+    dpkg -s libvirt-dev >/dev/null 2>&1 || pkgs+=(libvirt-dev)
     # de-duplicate, keep order
     if ((${#pkgs[@]})); then
         printf '%s\n' "${pkgs[@]}" | awk '!seen[$0]++' | tr '\n' ' '
@@ -78,6 +85,13 @@ if [[ -n "$_pyqcow_pkgs" ]]; then
 fi
 
 command -v python3 >/dev/null 2>&1 || _pyqcow_die "python3 not found"
+
+# libvirt's QEMU driver refuses to start without its user (Debian's build names
+# libvirt-qemu; the tests' embedded instances run QEMU as root all the same)
+if [[ "$(id -u)" == 0 ]] && ! id libvirt-qemu >/dev/null 2>&1 && command -v useradd >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin --user-group libvirt-qemu \
+        || _pyqcow_die "cannot create the libvirt-qemu user"
+fi
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || _pyqcow_die "pyqcow needs Python >= 3.11, python3 is $(python3 -V 2>&1)"
 
@@ -116,9 +130,18 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     rm -f "$_pyqcow_log"
 fi
 
+# Extras: libvirt-python only where it can be built (libvirt-dev present).
+_pyqcow_extras="test"
+if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libvirt 2>/dev/null; then
+    _pyqcow_extras="test,libvirt"
+elif [[ -n "${CI:-}" ]]; then
+    _pyqcow_die "libvirt-dev is missing: the libvirt extra cannot be built under CI"
+fi
+
 # Hash of everything that decides what `pip install -e` builds.
 _pyqcow_hash="$(
     {
+        echo "extras: $_pyqcow_extras"
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
         for f in pyproject.toml setup.py setup.cfg; do
             if [[ -f "$f" ]]; then echo "== $f"; cat "$f"; fi
@@ -134,11 +157,11 @@ _pyqcow_hash="$(
 
 if [[ ! -f "$_pyqcow_stamp" || "$(cat "$_pyqcow_stamp")" != "$_pyqcow_hash" ]]; then
     _pyqcow_log="$(mktemp -t pyqcow-pip.XXXXXX)"
-    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]' \
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[$_pyqcow_extras]" \
             >"$_pyqcow_log" 2>&1; then
         _pyqcow_show_log "$_pyqcow_log"
         rm -f "$_pyqcow_stamp"
-        _pyqcow_die "pip install -e '.[test]' failed (full log: $_pyqcow_log)"
+        _pyqcow_die "pip install -e '.[$_pyqcow_extras]' failed (full log: $_pyqcow_log)"
     fi
     rm -f "$_pyqcow_log"
     echo "$_pyqcow_hash" >"$_pyqcow_stamp"
@@ -152,4 +175,4 @@ fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 hash -r
-unset _pyqcow_pkgs _pyqcow_log _pyqcow_msg _pyqcow_hash _pyqcow_stamp
+unset _pyqcow_pkgs _pyqcow_log _pyqcow_msg _pyqcow_hash _pyqcow_stamp _pyqcow_extras

@@ -48,6 +48,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="opt=val,... : cluster_size, compat, lazy_refcounts, extended_l2, "
                         "compression_type, refcount_bits, preallocation, backing_file, backing_fmt")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--freeze-to", metavar="FROZEN",
+                   help="keep IMAGE's name: move its content to FROZEN (a hard link, same "
+                        "directory or file system) and make IMAGE an empty qcow2 overlay over it; "
+                        "IMAGE reads the same at every instant")
     add_domain_xml_args(p)
     g = p.add_argument_group("libvirt snapshot XML")
     g.add_argument("--snapshot-xml", metavar="FILE",
@@ -63,6 +67,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     image = args.image
+    if args.freeze_to is not None:
+        return _freeze(args)
     kwargs: dict = {}
     for opts in args.options:
         kwargs.update(parse_options(image, opts))
@@ -148,4 +154,18 @@ def run(args: argparse.Namespace) -> int:
         update.apply(image, "qcow2")
     if snapshot_doc is not None:
         libvirt.write_atomic(args.snapshot_xml, snapshot_doc)
+    return 0
+
+
+def _freeze(args: argparse.Namespace) -> int:
+    from ..ops.freeze import freeze
+
+    if args.backing or args.size or args.options or args.domain_xml or args.snapshot_xml:
+        raise OperationError(args.image, "--freeze-to takes only IMAGE (its size, format and "
+                                         "backing come from the image itself)")
+    if args.dry_run:
+        sys.stdout.write(f"would move {args.image}'s content to {args.freeze_to} and make "
+                         f"{args.image} an empty overlay over it\n")
+        return 0
+    freeze(args.image, args.freeze_to)
     return 0

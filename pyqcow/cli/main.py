@@ -35,7 +35,7 @@ __all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]
 #: Subcommand modules under pyqcow.cli, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = ["info", "map", "check", "convert", "compare", "dump", "orphans", "hash"]
 #: Chain operations and libvirt XML.
-SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "recover", "xml"]
+SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "recover", "xml", "domain"]
 SUBCOMMANDS += ["snapshot"]  # internal snapshots
 
 EXIT_INTERRUPTED = 130

@@ -97,6 +97,7 @@ def begin_merge(plan, xml_update=None) -> Record:
         "new_backing_format": plan.new_backing_format,
         "removed_files": [host_path(p) for p in plan.removed_files],
         "force": plan.force,
+        "retarget": [host_path(p) for p in plan.retarget],
         "xml": xml_intent(xml_update),
     }
     path = record_path(plan.kept_path)

@@ -72,6 +72,7 @@ class MergePlan:
     refusals: list[Refusal] = field(default_factory=list)
     force: bool = False
     interim_backing: str | None = None
+    retarget: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -180,7 +181,7 @@ def _bitmap_refusals(top, base, via: str) -> list[Refusal]:
     return [Refusal(dest.path, p, True) for p in problems(dest, src)]
 
 
-def _general_refusals(top, base, keep: str, mode_locks: bool) -> list[Refusal]:
+def _general_refusals(top, base, keep: str, mode_locks: bool, retarget=()) -> list[Refusal]:
     out: list[Refusal] = []
     for img in (top, base):
         st = os.stat(img.path)
@@ -192,7 +193,7 @@ def _general_refusals(top, base, keep: str, mode_locks: bool) -> list[Refusal]:
         out.append(Refusal(base.path, "is also the backing file of " + ", ".join(users)
                                       + "; merging would change or remove what they read", True))
     if keep == "base":
-        users = dependents(top.path, exclude=(base.path,))
+        users = dependents(top.path, exclude=(base.path, *retarget))
         if users:
             out.append(Refusal(top.path, "is the backing file of " + ", ".join(users)
                                          + "; merging with --keep base removes it (use --keep top)",
@@ -206,7 +207,7 @@ def _general_refusals(top, base, keep: str, mode_locks: bool) -> list[Refusal]:
 
 
 def plan_merge(top_path, *, keep: str = "base", via: str = "auto", force: bool = False,
-               _top=None, _probe_locks: bool = False) -> MergePlan:
+               retarget=(), _top=None, _probe_locks: bool = False) -> MergePlan:
     """The plan, from an open chain (``_top``) or one opened read-only here."""
     if keep not in ("base", "top"):
         raise OperationError(os.fspath(top_path), f"--keep must be 'base' or 'top', not {keep!r}")
@@ -214,13 +215,13 @@ def plan_merge(top_path, *, keep: str = "base", via: str = "auto", force: bool =
         raise OperationError(os.fspath(top_path), f"--via must be auto, commit or stream, not {via!r}")
     top = _top if _top is not None else open_image(os.fspath(top_path), "r", force_share=True)
     try:
-        return _plan(top, keep, via, force, _probe_locks)
+        return _plan(top, keep, via, force, _probe_locks, retarget)
     finally:
         if _top is None:
             top.close()
 
 
-def _plan(top, keep: str, via: str, force: bool, probe_locks: bool) -> MergePlan:
+def _plan(top, keep: str, via: str, force: bool, probe_locks: bool, retarget=()) -> MergePlan:
     base = top.backing
     if base is None:
         raise BackingChainError(top.path, "image has no backing file: nothing to merge")
@@ -228,7 +229,14 @@ def _plan(top, keep: str, via: str, force: bool, probe_locks: bool) -> MergePlan
         raise OperationError(top.path, "merge needs a qcow2 top image")
     commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
     stream_bytes = data_bytes(stream_mod.plan_stream(top, base.backing))
+    retarget = [os.fspath(p) for p in retarget]
     per_dir = {d: _direction_refusals(top, base, keep, d) for d in ("commit", "stream")}
+    if retarget:
+        if keep != "base":
+            raise OperationError(top.path, "overlays are repointed only when TOP's name goes "
+                                           "(--keep base)")
+        per_dir["stream"].append(Refusal(top.path, "has overlays; they cannot follow a rename, "
+                                                   "merge them via commit", False))
     if via == "auto":
         cost = {"commit": commit_bytes, "stream": stream_bytes}
         # ties go to the direction that needs no rename
@@ -263,11 +271,14 @@ def _plan(top, keep: str, via: str, force: bool, probe_locks: bool) -> MergePlan
             refusals.append(Refusal(at, "no backing file name reads the same file from its own "
                                         "directory and from the kept name's; the chain would be "
                                         "broken during the rename", False))
-    refusals += _general_refusals(top, base, keep, probe_locks)
+    refusals += _general_refusals(top, base, keep, probe_locks, retarget)
     # the external data file of the image whose file goes away
     df = _data_file(top if chosen == "commit" else base)
     removed_files = [df] if df else []
     steps = _steps(top, base, keep, chosen, commit_bytes, stream_bytes, new_backing, removed_files)
+    if retarget and chosen == "commit":
+        steps[-1 - len(removed_files):-1 - len(removed_files)] = [
+            f"repoint {p} at {base.path}" for p in retarget]
     return MergePlan(
         top=top.path, base=base.path, keep=keep, kept_path=kept, removed_path=removed,
         via=chosen, commit_bytes=commit_bytes, stream_bytes=stream_bytes,
@@ -275,6 +286,7 @@ def _plan(top, keep: str, via: str, force: bool, probe_locks: bool) -> MergePlan
         top_size=top.virtual_size, base_size=base.virtual_size,
         kept_format=base.format if chosen == "commit" else top.format,
         removed_files=removed_files, refusals=refusals, force=force, interim_backing=interim,
+        retarget=retarget,
     )
 
 
@@ -318,7 +330,8 @@ def _remove_step(name: str) -> str:
 
 # -- running --------------------------------------------------------------------------------
 def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = False,
-          progress=None, force: bool = False, xml_update=None, _record=None) -> MergePlan:
+          progress=None, force: bool = False, xml_update=None, retarget=(),
+          _record=None) -> MergePlan:
     """Merge TOP into one image at the kept name (see the module docstring).
 
     ``xml_update``: the domain XML update that goes with it (the CLI's
@@ -331,14 +344,17 @@ def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = Fa
 
     top_path = os.fspath(top_path)
     if dry_run:
-        return plan_merge(top_path, keep=keep, via=via, force=force, _probe_locks=True)
+        return plan_merge(top_path, keep=keep, via=via, force=force, retarget=retarget,
+                          _probe_locks=True)
+    if _record is not None:
+        retarget = _record.data.get("retarget", retarget)
     if via == "auto":
-        via = plan_merge(top_path, keep=keep, via=via, force=force).via
+        via = plan_merge(top_path, keep=keep, via=via, force=force, retarget=retarget).via
     # open with the modes the direction needs: QEMU's locks held from here to the end
     top = open_image(top_path, "r+" if via == "stream" else "r",
                      backing_mode="r+" if via == "commit" else "r")
     try:
-        plan = _plan(top, keep, via, force, False)
+        plan = _plan(top, keep, via, force, False, retarget)
         if _record is not None:
             plan.new_backing = _record.data.get("new_backing", plan.new_backing)
             plan.removed_files = _record.data.get("removed_files", plan.removed_files)
@@ -365,6 +381,8 @@ def _run(plan: MergePlan, top, progress) -> None:
             _shrink(base, top.virtual_size)
         _carry_bitmaps(dest=base, src=top, plan=plan)
         if plan.keep == "base":
+            for overlay in plan.retarget:
+                _repoint(overlay, base)
             _remove(plan.top)
         else:
             final = plan.new_backing
@@ -391,6 +409,16 @@ def _run(plan: MergePlan, top, progress) -> None:
             _remove(plan.base)
     for p in plan.removed_files:
         _remove(p)
+
+
+def _repoint(overlay: str, base) -> None:
+    """Make ``overlay`` (backed by TOP) name BASE, which now reads what TOP read."""
+    from ..image import QcowImage
+
+    with QcowImage(overlay, "r+") as img:
+        old = img.header.backing_file or ""
+        relative = not os.path.isabs(old.removeprefix("file:"))
+        img.set_backing(backing_name(overlay, base.path, relative=relative), base.format)
 
 
 def _backing_target(top, plan: MergePlan) -> str | None:
