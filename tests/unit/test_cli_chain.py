@@ -521,8 +521,12 @@ def test_create_dry_run_checks_input(tmp_path, capsys):
 def test_merge_dry_run_notes_other_users(chain, capsys, tmp_path):
     _, top = chain
     create(tmp_path / "sibling.qcow2", backing="base.qcow2", backing_format="qcow2")
-    status, out, _ = run(capsys, "merge", "--dry-run", top)
-    assert status == 0 and "sibling.qcow2" in out and "--force" in out
+    # the dry run shows the refusal and exits as the real run would (issue 11, item 15)
+    status, out, err = run(capsys, "merge", "--dry-run", top)
+    assert status == 1 and "sibling.qcow2" in out and "--force" in out and "refused:" in out
+    assert "sibling.qcow2" in err
+    status, out, _ = run(capsys, "merge", "--dry-run", "--force", top)
+    assert status == 0 and "forced:" in out
     status, out, err = run(capsys, "merge", "--force", top)
     assert status == 0 and out == ""
     assert err.startswith("pyqcow: warning: ") and "sibling.qcow2" in err
