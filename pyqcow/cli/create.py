@@ -48,6 +48,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="opt=val,... : cluster_size, compat, lazy_refcounts, extended_l2, "
                         "compression_type, refcount_bits, preallocation, backing_file, backing_fmt")
     p.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--force", action="store_true",
+                   help="create over an existing image even if it holds data or other images "
+                        "are backed by it (never over a file of BACKING's chain)")
     add_domain_xml_args(p)
     g = p.add_argument_group("libvirt snapshot XML")
     g.add_argument("--snapshot-xml", metavar="FILE",
@@ -116,12 +119,10 @@ def run(args: argparse.Namespace) -> int:
             )
 
     if args.dry_run:
-        if backing is None and size is None:
-            raise OperationError(image, "image size required (no backing file to take it from)")
-        if backing is not None and not args.unsafe:
-            bpath = resolve_backing(image, backing)
-            if not os.path.exists(bpath):
-                raise OperationError(image, f"backing file {backing!r} not found ({bpath})")
+        # every check the real run makes (the lock on an existing IMAGE included)
+        create(image, size, unsafe=args.unsafe, force=args.force, dry_run=True, **kwargs)
+        if size is not None:
+            size = -(-size // 512) * 512
         desc = f"would create {image} (qcow2"
         if size is not None:
             desc += f", {format_size(size)}"
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # 2. the image
-    probed = create(image, size, unsafe=args.unsafe, **kwargs)
+    probed = create(image, size, unsafe=args.unsafe, force=args.force, **kwargs)
     if probed is not None:
         notice(args, f"{image}: backing file format not given; probed {probed} "
                      f"(pass -F {probed} to say so)")
