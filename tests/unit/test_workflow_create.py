@@ -77,11 +77,12 @@ def test_create_over_locked_image_leaves_it_untouched(chain, capsys):
     before = top.read_bytes()
     with pyqcow.open(top, "r+"):  # another open file description holds QEMU's write lock
         with pytest.raises(ImageLockedError, match="in use"):
-            create(top, 1 * MiB, force=True)
+            create(top, 1 * MiB)
         assert top.read_bytes() == before
-        status, _, err = run(capsys, "create", "--force", top, "1M")
-        assert_one_line_error(status, err, str(top), "in use")
-        assert top.read_bytes() == before
+        for argv in (["create", top, "1M"], ["create", "--force", top, "1M"]):
+            status, _, err = run(capsys, *argv)
+            assert_one_line_error(status, err, str(top), "in use")
+            assert top.read_bytes() == before
 
 
 def test_create_over_read_locked_image_leaves_it_untouched(chain):
@@ -89,7 +90,7 @@ def test_create_over_read_locked_image_leaves_it_untouched(chain):
     before = top.read_bytes()
     with pyqcow.open(top, "r"):  # a reader refuses to share "write"
         with pytest.raises(ImageLockedError):
-            create(top, 1 * MiB, force=True)
+            create(top, 1 * MiB)
     assert top.read_bytes() == before
 
 
@@ -207,7 +208,7 @@ def test_create_over_chain_member_through_symlink_refused(chain, tmp_path):
     link.symlink_to(base)
     before = base.read_bytes()
     with pytest.raises(OperationError, match="backing chain"):
-        create(link, backing="top.qcow2", backing_format="qcow2", force=True)
+        create(link, backing="top.qcow2", backing_format="qcow2")
     assert base.read_bytes() == before
 
 
@@ -275,7 +276,7 @@ def test_create_backing_name_too_long_refused_before_writing(chain):
     before = top.read_bytes()
     name = "./" * 600 + "base.qcow2"  # resolves to base, but 1210 bytes
     with pytest.raises(OperationError, match="too long"):
-        create(top, backing=name, backing_format="qcow2", force=True)
+        create(top, backing=name, backing_format="qcow2")
     assert top.read_bytes() == before
 
 
