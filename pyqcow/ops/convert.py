@@ -276,7 +276,6 @@ def convert_to_qcow2(
     Returns the number of guest bytes written.
     """
     from .. import create as create_mod
-    from ..chain import open_image
 
     dst = os.fspath(dst)
     _refuse_source_as_destination(src, dst)

@@ -160,7 +160,7 @@ def test_create_over_backing_chain_refused_qemu_chain(tmp_path, capsys):
 
 
 def test_create_refuses_overlay_with_data_qemu_made(tmp_path, capsys):
-    base = qemu.create(tmp_path / "base.qcow2", "4M")
+    qemu.create(tmp_path / "base.qcow2", "4M")
     snap = qemu.create(tmp_path / "snap.qcow2", None, backing="base.qcow2", backing_fmt="qcow2",
                        cwd=tmp_path)
     # re-running the snapshot command over the still-empty overlay: allowed, as qemu-img
