@@ -75,9 +75,12 @@ class OutputFile:
         self.hf: HostFile | None = None
         if os.path.isdir(self.path):
             raise QcowError(self.path, "is a directory")
+        # a dangling symlink: create its target (as qemu-img does), and remember that
+        # the target, not the link, is what we created
+        self._new_path = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
         fd = None
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(self._new_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             self.created = True
         except FileExistsError:
             pass
@@ -113,11 +116,11 @@ class OutputFile:
             ours = os.fstat(self.hf.fd)
         try:
             if ours is not None:
-                st = os.stat(self.path)
+                st = os.stat(self._new_path)
                 if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino):
                     return False
-            os.unlink(self.path)
-            fsync_dir(self.path)
+            os.unlink(self._new_path)
+            fsync_dir(self._new_path)
         except OSError:
             return False
         self.created = False
@@ -144,6 +147,8 @@ class OutputFile:
             what = exc.strerror or str(exc)
             if removed:
                 what += " (the incomplete output was removed)"
+            elif self.hf is not None and self.hf.writable:
+                what += " (the output is incomplete)"
             raise OSError(exc.errno, what, self.path) from exc
 
 

@@ -315,6 +315,7 @@ GARBAGE = [
     ("extended_l2", "maybe"),
     ("compression_type", "lz4"),
     ("preallocation", "full!"),
+    ("backing_fmt", "vmdk!"),
 ]
 
 
@@ -374,6 +375,31 @@ def test_convert_failure_keeps_preexisting_destination(chain, tmp_path, monkeypa
     status, _, err = run(capsys, "convert", "-O", "raw", base, dst)
     assert_one_line_error(status, err, str(dst), "No space left on device")
     assert dst.exists()  # it was not ours to remove
+    assert "incomplete" in err
+
+
+def test_create_through_dangling_symlink_creates_target(tmp_path, monkeypatch, capsys):
+    """As qemu-img: the link's target is created; after a failure the target (ours) is
+    removed and the link (not ours) is kept."""
+    import pyqcow.image as image_mod
+
+    link = tmp_path / "link.qcow2"
+    target = tmp_path / "target.qcow2"
+    link.symlink_to(target.name)
+    real = image_mod.QcowImage.resize
+
+    def full(self, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(image_mod.QcowImage, "resize", full)
+    status, _, err = run(capsys, "create", link, "1M")
+    assert_one_line_error(status, err, str(link), "No space left on device", "removed")
+    assert link.is_symlink() and not target.exists()
+    monkeypatch.setattr(image_mod.QcowImage, "resize", real)
+    assert run(capsys, "create", link, "1M") == (0, "", "")
+    assert link.is_symlink() and target.is_file()
+    with pyqcow.open(link) as img:
+        assert img.virtual_size == MiB
 
 
 def test_create_enospc_removes_new_file(tmp_path, monkeypatch, capsys):
