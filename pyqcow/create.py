@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 
 from . import layout, spec
 from ._callmod import make_callable
 from .chain import probe_format, resolve_backing
-from .errors import OperationError, QcowError
+from .errors import FormatError, OperationError, QcowError
 from .header import Extension, Header, build_cluster0
-from .hostfile import fsync_dir
+from .hostfile import LOCK_WRITE, HostFile, fsync_dir
 
 # QEMU's feature name table (written into every v3 image)
 FEATURE_TABLE = [
@@ -35,6 +37,264 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+#: errno values of a write that found no room (named after the output, not the source)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+COMPAT_VALUES = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+REFCOUNT_BITS = (1, 2, 4, 8, 16, 32, 64)
+COMPRESSION_TYPES = ("zlib", "zstd")
+PREALLOCATION_MODES = ("off", "metadata")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class OutputFile:
+    """The file a create or convert writes, locked before its first byte changes.
+
+    A new file is created (``O_EXCL``); an existing one is opened as it is, not
+    truncated.  Either way QEMU's write lock (``LOCK_WRITE``) is taken at once, so
+    a file a VM, qemu-nbd or qemu-io holds is refused before anything changes, and
+    nobody else can open it until the output is complete and this object closed.
+
+    Used as a context manager: if the body fails, a file this object created is
+    removed again (a pre-existing file is never removed), and an out-of-space
+    ``OSError`` that names no file is given the output's name.  ``all_errors``
+    names every file-less ``OSError`` (create touches nothing else while writing).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, all_errors: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.created = False
+        self.all_errors = all_errors
+        self.hf: HostFile | None = None
+        if os.path.isdir(self.path):
+            raise QcowError(self.path, "is a directory")
+        # a dangling symlink: create its target (as qemu-img does), and remember that
+        # the target, not the link, is what we created
+        self._new_path = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
+        fd = None
+        try:
+            fd = os.open(self._new_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self.created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise QcowError(self.path, f"cannot create: {e.strerror}") from e
+        try:
+            self.hf = HostFile(self.path, writable=True)
+            if fd is not None:
+                a, b = os.fstat(fd), os.fstat(self.hf.fd)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    raise OperationError(self.path, "was replaced while it was being created")
+            self.hf.lock(LOCK_WRITE)
+        except BaseException:
+            if self.hf is not None:
+                self.hf.close()
+            self._remove_if_created(fd)
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    @property
+    def fd(self) -> int:
+        assert self.hf is not None
+        return self.hf.fd
+
+    def _remove_if_created(self, fd: int | None = None) -> bool:
+        """Unlink the file if this object created it and it is still the same file."""
+        if not self.created:
+            return False
+        ours = os.fstat(fd) if fd is not None else None
+        if ours is None and self.hf is not None and self.hf.fd >= 0:
+            ours = os.fstat(self.hf.fd)
+        try:
+            if ours is not None:
+                st = os.stat(self._new_path)
+                if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino):
+                    return False
+            os.unlink(self._new_path)
+            fsync_dir(self._new_path)
+        except OSError:
+            return False
+        self.created = False
+        return True
+
+    def close(self) -> None:
+        if self.hf is not None:
+            self.hf.close()
+
+    def __enter__(self) -> OutputFile:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+            return
+        removed = self._remove_if_created()
+        self.close()
+        if (
+            isinstance(exc, OSError)
+            and exc.filename is None
+            and (self.all_errors or exc.errno in WRITE_ERRNOS)
+        ):
+            what = exc.strerror or str(exc)
+            if removed:
+                what += " (the incomplete output was removed)"
+            elif self.hf is not None and self.hf.writable:
+                what += " (the output is incomplete)"
+            raise OSError(exc.errno, what, self.path) from exc
+
+
+def _invalid(path: str, option: str, value, why: str) -> OperationError:
+    return OperationError(path, f"invalid value {value!r} for option {option}: {why}")
+
+
+def _check_options(
+    path: str, *, compat, cluster_size, refcount_bits, compression_type, preallocation,
+    lazy_refcounts, extended_l2,
+) -> int:
+    """Validate the creation options (messages name the option); returns the version."""
+    version = COMPAT_VALUES.get(str(compat))
+    if version is None:
+        raise _invalid(path, "compat", compat, "use 0.10 (v2) or 1.1 (v3)")
+    if (
+        not isinstance(cluster_size, int)
+        or not _is_pow2(cluster_size)
+        or not 512 <= cluster_size <= 2 * 1024 * 1024
+    ):
+        raise _invalid(path, "cluster_size", cluster_size,
+                       "must be a power of two between 512 bytes and 2 MiB")
+    if refcount_bits not in REFCOUNT_BITS or isinstance(refcount_bits, bool):
+        raise _invalid(path, "refcount_bits", refcount_bits,
+                       "must be a power of two between 1 and 64")
+    if compression_type not in COMPRESSION_TYPES:
+        raise _invalid(path, "compression_type", compression_type, "use zlib or zstd")
+    if preallocation not in PREALLOCATION_MODES:
+        raise _invalid(path, "preallocation", preallocation,
+                       "supported: " + ", ".join(PREALLOCATION_MODES))
+    if version == 2:
+        for bad, name in (
+            (lazy_refcounts, "lazy_refcounts"),
+            (extended_l2, "extended_l2"),
+            (compression_type != "zlib", "compression_type=zstd"),
+            (refcount_bits != 16, "refcount_bits other than 16"),
+        ):
+            if bad:
+                raise OperationError(path, f"{name} requires compat=1.1")
+    if extended_l2 and cluster_size < 16384:
+        raise OperationError(path, "extended_l2 requires a cluster size of at least 16 KiB")
+    return version
+
+
+def chain_files(path: str, fmt: str | None = None) -> list[str]:
+    """Every file of the backing chain that starts at ``path``: images and data files.
+
+    Walks the headers only (no image is opened or locked) and stops quietly at a
+    missing file, a loop or anything unreadable: it answers "which files would a
+    write over this chain destroy", not "is this chain valid".
+    """
+    from .header import parse_header
+
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    cur: str | None = path
+    for _ in range(spec.MAX_CHAIN_DEPTH + 1):
+        if cur is None:
+            break
+        ident = _identity(cur)
+        if ident is None or ident in seen:
+            break
+        seen.add(ident)
+        out.append(cur)
+        try:
+            if probe_format(cur) != "qcow2":
+                break
+            with open(cur, "rb") as f:
+                head = f.read(1 << spec.MAX_CLUSTER_BITS)
+            h = parse_header(cur, head, os.path.getsize(cur))
+        except (OSError, QcowError):
+            break
+        if h.has_data_file and h.data_file:
+            name = h.data_file
+            out.append(name if os.path.isabs(name) else os.path.join(os.path.dirname(cur), name))
+        cur = resolve_backing(cur, h.backing_file) if h.backing_file else None
+    return out
+
+
+def _refuse_chain_member(path: str, backing: str, bpath: str) -> None:
+    """Never create over a file of the chain the new image is backed onto."""
+    own = _identity(path)
+    if own is None:
+        return
+    for member in chain_files(bpath):
+        if _identity(member) == own:
+            if _identity(bpath) == own:
+                raise OperationError(path, "an image cannot be its own backing file")
+            raise OperationError(
+                path,
+                f"is part of the backing chain of {backing!r} ({member}); creating it would "
+                "destroy that chain's data and make the chain loop",
+            )
+
+
+def _holds_data(path: str) -> str | None:
+    """What creating over the existing qcow2 file ``path`` would lose, or None."""
+    from .chain import probe_format as probe
+    from .image import QcowImage
+
+    try:
+        if probe(path) != "qcow2":
+            return None
+    except QcowError:
+        return None
+    try:
+        img = QcowImage(path, "r", force_share=True)  # the caller holds the write lock
+    except QcowError as e:
+        return f"cannot tell whether it holds data ({e.message})"
+    try:
+        lost = []
+        nb = img.header.nb_snapshots
+        if nb:
+            lost.append(f"{nb} internal snapshot(s)")
+        step = 1 << 30
+        for start in range(0, img.virtual_size, step):
+            if any(r.allocated for r in img.runs(start, min(step, img.virtual_size - start))):
+                lost.insert(0, "data (allocated clusters)")
+                break
+        return " and ".join(lost) or None
+    except QcowError as e:
+        return f"cannot tell whether it holds data ({e.message})"
+    finally:
+        img.close()
+
+
+def _refuse_overwrite(path: str) -> None:
+    """An existing image that holds data, or that other images are backed by, is kept."""
+    from .ops.common import dependents
+
+    lost = _holds_data(path)
+    if lost is not None:
+        what = f"exists; {lost}" if lost.startswith("cannot") else f"exists and holds {lost}"
+        raise OperationError(
+            path, what + "; creating over it would lose them (use --force / force=True "
+            "to overwrite)",
+        )
+    deps = dependents(path)
+    if deps:
+        raise OperationError(
+            path,
+            f"is the backing file of {', '.join(deps)}; creating over it would corrupt "
+            f"{'them' if len(deps) > 1 else 'it'} (use --force / force=True to overwrite)",
+        )
+
+
 def create(
     path: str | os.PathLike,
     size: int | None = None,
@@ -50,47 +310,44 @@ def create(
     preallocation: str = "off",
     unsafe: bool = False,
     overwrite: bool = True,
+    force: bool = False,
+    dry_run: bool = False,
+    _output: OutputFile | None = None,
 ) -> str | None:
     """Create a qcow2 image.  Returns the probed backing format if it had to probe.
 
-    ``size`` defaults to the backing file's virtual size.  The backing name is
-    stored as given (relative names stay relative to the new image's directory).
+    ``size`` defaults to the backing file's virtual size and is rounded up to a
+    multiple of 512 bytes, as qemu-img does.  The backing name is stored as given
+    (relative names stay relative to the new image's directory).
+
+    Everything is checked before the first byte changes: the options, the
+    backing file, that ``path`` is no file of the backing chain, and QEMU's lock
+    on ``path`` (taken before any truncation and held until the image is
+    complete).  An existing qcow2 image that holds data (allocated clusters,
+    internal snapshots) or that other images in its directory are backed by is
+    refused unless ``force``; an empty one is replaced, as qemu-img does.
+    ``dry_run`` makes every check (lock included) and writes nothing.
+    If writing fails, a file this call created is removed again.
     """
     path = os.fspath(path)
     probed = None
-    version = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}.get(str(compat))
-    if version is None:
-        raise OperationError(path, f"invalid compat value {compat!r} (use 0.10 or 1.1)")
-    if not _is_pow2(cluster_size) or not 512 <= cluster_size <= 2 * 1024 * 1024:
-        raise OperationError(
-            path, "cluster size must be a power of two between 512 bytes and 2 MiB"
-        )
-    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
-        raise OperationError(path, "refcount_bits must be a power of two between 1 and 64")
-    if compression_type not in ("zlib", "zstd"):
-        raise OperationError(path, f"unknown compression type {compression_type!r}")
-    if preallocation not in ("off", "metadata"):
-        raise OperationError(path, f"unsupported preallocation mode {preallocation!r}")
-    if version == 2:
-        for bad, name in (
-            (lazy_refcounts, "lazy_refcounts"),
-            (extended_l2, "extended_l2"),
-            (compression_type != "zlib", "compression_type=zstd"),
-            (refcount_bits != 16, "refcount_bits other than 16"),
-        ):
-            if bad:
-                raise OperationError(path, f"{name} requires compat=1.1")
+    version = _check_options(
+        path, compat=compat, cluster_size=cluster_size, refcount_bits=refcount_bits,
+        compression_type=compression_type, preallocation=preallocation,
+        lazy_refcounts=lazy_refcounts, extended_l2=extended_l2,
+    )
     cluster_bits = cluster_size.bit_length() - 1
-    if extended_l2 and cluster_bits < 14:
-        raise OperationError(path, "extended_l2 requires a cluster size of at least 16 KiB")
     if backing is not None and backing == "":
         backing = None
     if backing is not None:
         if len(backing.encode()) > spec.MAX_BACKING_FILE_NAME:
-            raise OperationError(path, "backing file name too long (maximum 1023 bytes)")
+            raise OperationError(
+                path,
+                f"backing file name too long ({len(backing.encode())} bytes; "
+                f"the maximum is {spec.MAX_BACKING_FILE_NAME})",
+            )
         bpath = resolve_backing(path, backing)
-        if os.path.exists(path) and os.path.exists(bpath) and os.path.samefile(path, bpath):
-            raise OperationError(path, "an image cannot be its own backing file")
+        _refuse_chain_member(path, backing, bpath)
         if backing_format not in (None, "qcow2", "raw"):
             raise OperationError(path, f"unsupported backing format {backing_format!r}")
         if not unsafe or size is None:
@@ -110,12 +367,15 @@ def create(
                 size = b.virtual_size
     if size is None:
         raise OperationError(path, "image size required (no backing file to take it from)")
-    if size < 0 or size > spec.MAX_VIRTUAL_SIZE:
-        raise OperationError(path, f"invalid size {size}")
-    if not overwrite and os.path.exists(path):
-        raise OperationError(path, "file exists")
+    if not isinstance(size, int) or size < 0:
+        raise OperationError(path, f"invalid size {size!r}")
+    size = -(-size // 512) * 512  # qemu-img rounds up to whole sectors
+    if size > spec.MAX_VIRTUAL_SIZE:
+        raise OperationError(path, f"invalid size {size}: larger than 2^61 bytes")
     if os.path.isdir(path):
         raise QcowError(path, "is a directory")
+    if not overwrite and os.path.lexists(path):
+        raise OperationError(path, "file exists")
 
     incompat = 0
     if extended_l2:
@@ -151,7 +411,10 @@ def create(
         extensions=tuple(exts),
         backing_file=backing,
     )
-    cluster0 = build_cluster0(hdr)
+    try:
+        cluster0 = build_cluster0(hdr)
+    except FormatError as e:
+        raise OperationError(path, e.message) from None
     # cluster 0: header; 1: refcount table; 2: refcount block describing 0..2
     from .entries import RefcountBlock
 
@@ -159,26 +422,38 @@ def create(
     blk = RefcountBlock(bytes(cluster_size), hdr.refcount_order)
     for c in range(3):
         blk.set(c, 1)
-    tmp_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.pwrite(tmp_fd, cluster0 + bytes(cluster_size - len(cluster0)), 0)
-        os.pwrite(tmp_fd, reftable, cluster_size)
-        os.pwrite(tmp_fd, blk.tobytes(), 2 * cluster_size)
-        os.fsync(tmp_fd)
-    finally:
-        os.close(tmp_fd)
-    fsync_dir(path)
 
-    from .image import QcowImage
+    if dry_run:
+        if os.path.exists(path):
+            with HostFile(path, writable=True) as hf:
+                hf.lock(LOCK_WRITE)
+                if not force:
+                    _refuse_overwrite(path)
+        return probed
 
-    img = QcowImage(path, "r+")
-    try:
-        img.resize(size)
-        if preallocation == "metadata":
-            _preallocate_metadata(img)
-        img.flush()
-    finally:
-        img.close()
+    out = _output if _output is not None else OutputFile(path, all_errors=True)
+    with out if _output is None else contextlib.nullcontext():
+        if not force and not out.created:
+            _refuse_overwrite(path)
+        hf = out.hf
+        hf.truncate(0)
+        hf.pwrite(cluster0 + bytes(cluster_size - len(cluster0)), 0)
+        hf.pwrite(reftable, cluster_size)
+        hf.pwrite(blk.tobytes(), 2 * cluster_size)
+        hf.fsync()
+        fsync_dir(path)
+
+        from .image import QcowImage
+
+        # we hold QEMU's write lock through ``out``: this second open must not ask again
+        img = QcowImage(path, "r+", force_share=True)
+        try:
+            img.resize(size)
+            if preallocation == "metadata":
+                _preallocate_metadata(img)
+            img.flush()
+        finally:
+            img.close()
     return probed
 
 
@@ -205,7 +480,11 @@ def _preallocate_metadata(img) -> None:
 
 
 def parse_options(path: str, opts: str) -> dict:
-    """-o key=val,key=val -> keyword arguments of create()."""
+    """-o key=val,key=val -> keyword arguments of create().
+
+    Every value is checked here, so a bad one is reported with the option's name
+    and the text given (never as a Python error from deeper down).
+    """
     out: dict = {}
     if not opts:
         return out
@@ -217,22 +496,43 @@ def parse_options(path: str, opts: str) -> dict:
         key, _, val = item.partition("=")
         key = key.strip()
         if key == "cluster_size":
-            out["cluster_size"] = parse_size(val)
+            try:
+                n = parse_size(val, what="cluster_size")
+            except ValueError:
+                raise _invalid(path, key, val, "expected a size such as 64k") from None
+            if not _is_pow2(n) or not 512 <= n <= 2 * 1024 * 1024:
+                raise _invalid(path, key, val,
+                               "must be a power of two between 512 bytes and 2 MiB")
+            out["cluster_size"] = n
         elif key == "compat":
+            if val not in COMPAT_VALUES:
+                raise _invalid(path, key, val, "use 0.10 (v2) or 1.1 (v3)")
             out["compat"] = val
         elif key in ("lazy_refcounts", "extended_l2"):
             if val not in ("on", "off", "true", "false", ""):
-                raise OperationError(path, f"invalid value {val!r} for {key} (on/off)")
+                raise _invalid(path, key, val, "use on or off")
             out[key] = val in ("on", "true", "")
         elif key == "compression_type":
+            if val not in COMPRESSION_TYPES:
+                raise _invalid(path, key, val, "use zlib or zstd")
             out["compression_type"] = val
         elif key == "refcount_bits":
-            out["refcount_bits"] = int(val)
+            try:
+                n = int(val, 10)
+            except ValueError:
+                n = None
+            if n not in REFCOUNT_BITS:
+                raise _invalid(path, key, val, "must be a power of two between 1 and 64")
+            out["refcount_bits"] = n
         elif key == "preallocation":
+            if val not in PREALLOCATION_MODES:
+                raise _invalid(path, key, val, "supported: " + ", ".join(PREALLOCATION_MODES))
             out["preallocation"] = val
         elif key == "backing_file":
             out["backing"] = val
         elif key == "backing_fmt":
+            if val not in ("qcow2", "raw"):
+                raise _invalid(path, key, val, "use qcow2 or raw")
             out["backing_format"] = val
         else:
             raise OperationError(path, f"unknown or unsupported option {key!r}")

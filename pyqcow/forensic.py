@@ -20,9 +20,11 @@ Everything here only reads: it works on images opened read-only.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import math
 import os
+import stat
 import zlib
 from array import array
 from collections import Counter
@@ -864,16 +866,36 @@ def extract_regions(img, report: OrphanReport, directory: str | os.PathLike) -> 
         name = f"{region.category}-0x{region.host_offset:012x}.bin"
         path = os.path.join(os.fspath(directory), name)
         data = img.hf.pread(region.length, region.host_offset)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv):]
-        finally:
-            os.close(fd)
+        _write_extract(path, data)
         region.file_name = name
         written.append(path)
     return written
+
+
+def _write_extract(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a new or regular file), never through a symlink."""
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644
+        )
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OperationError(
+                path, "is a symbolic link; refusing to write an extracted region through it"
+            ) from None
+        raise OSError(e.errno, e.strerror, path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OperationError(path, "exists and is not a regular file; refusing to write it")
+        os.ftruncate(fd, 0)
+        mv = memoryview(data)
+        while mv:
+            n = os.write(fd, mv)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, "write wrote nothing (device full?)", path)
+            mv = mv[n:]
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -547,7 +547,12 @@ class QcowImage(WriterMixin):
             raise CorruptImageError(
                 self.path, f"compressed cluster at host offset {host:#x} is truncated"
             )
-        data = data[:cs]
+        if len(data) > cs:  # only zstd reads one byte past the cluster to tell
+            raise CorruptImageError(
+                self.path,
+                f"compressed cluster at host offset {host:#x} decompresses to more than "
+                f"one cluster ({cs} bytes)",
+            )
         self._decomp_cache = (entry, data)
         return data
 
@@ -575,11 +580,30 @@ class QcowImage(WriterMixin):
         return f"<QcowImage {self.path!r} v{self.header.version} size={self.virtual_size}>"
 
 
+#: Largest zstd window accepted (a frame header may ask for up to 2 GiB; qemu's
+#: clusters are at most 2 MiB and its default level uses a window of 2 MiB at most).
+ZSTD_MAX_WINDOW = 32 << 20
+
+
 def _zstd_decompress(raw: bytes, cluster_size: int) -> bytes:
+    """At most ``cluster_size + 1`` bytes of the first zstd frame in ``raw``.
+
+    The output is bounded whatever the frame claims (a 16 KiB frame can expand to
+    gigabytes); one byte more than a cluster tells the caller the frame is too long.
+    """
     try:
         import zstandard
     except ImportError as e:  # pragma: no cover - zstandard is a dependency
         raise UnsupportedFeatureError(None, "zstd compression needs the zstandard package") from e
-    d = zstandard.ZstdDecompressor().decompressobj()
-    out = d.decompress(raw)
-    return out[:cluster_size]
+    dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    want = cluster_size + 1
+    parts = []
+    got = 0
+    # read_to_iter yields the output in pieces of at most ``want`` bytes, lazily, and
+    # stops at the end of the frame (the sector padding after it is never decoded)
+    for chunk in dctx.read_to_iter(raw, write_size=want):
+        parts.append(chunk)
+        got += len(chunk)
+        if got >= want:
+            break
+    return b"".join(parts)[:want]

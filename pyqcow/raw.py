@@ -60,12 +60,13 @@ class RawImage:
         return out
 
     def write(self, offset: int, data) -> None:
-        if offset + len(data) > self.virtual_size:
-            self.hf.truncate(offset + len(data))
-            self.virtual_size = offset + len(data)
+        """Write inside the disk; like QcowImage, never past the virtual size
+        (``resize`` grows the disk)."""
+        check_range(self.path, offset, memoryview(data).nbytes, self.virtual_size)
         self.hf.pwrite(data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        check_range(self.path, offset, length, self.virtual_size)
         if not self.hf.punch_hole(offset, length):
             self.hf.pwrite(bytes(length), offset)
 

@@ -1,9 +1,10 @@
-"""``pyqcow convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-p] [-q] [-U] SRC DST``
+"""``pyqcow convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-l SNAPSHOT] [-p] [-q] [-U] SRC DST``
 
 Writes the guest view of SRC (its whole backing chain) to DST.  ``-O raw``
 makes a sparse raw file of the virtual size: ranges that read as zeros become
-holes.  Output formats are looked up in ``OUTPUT_FORMATS``; a writer for
-another format registers ``OUTPUT_FORMATS["qcow2"] = fn`` (and its options in
+holes.  ``-l SNAPSHOT`` copies an internal snapshot of SRC instead (qemu-img's
+``-l``: ``ID_OR_NAME`` or ``snapshot.id=ID,snapshot.name=NAME``).  Output
+formats are looked up in ``OUTPUT_FORMATS``; a writer for another format registers ``OUTPUT_FORMATS["qcow2"] = fn`` (and its options in
 ``register``), where ``fn(args, src_image, progress) -> None``.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 from ..chain import open_image
 from ..errors import OperationError
-from ..ops.convert import convert_to_raw
+from ..ops.convert import convert_to_raw, snapshot_source
 from .output import Progress
 
 Writer = Callable[[argparse.Namespace, object, Progress], None]
@@ -66,6 +67,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="qcow2 output: make DST an overlay of BACKING; write only what differs")
     p.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"),
                    help="format of the -B backing file (default: probe)")
+    p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
+                   help="copy internal snapshot SNAPSHOT of SRC instead of its current state: "
+                        "ID_OR_NAME, or snapshot.id=ID[,snapshot.name=NAME] (as qemu-img)")
     p.add_argument("-U", "--force-share", action="store_true",
                    help="read SRC even if another process (a VM) has it open")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress on stderr")
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                            ("-B", args.backing), ("-F", args.backing_format)):
             if used:
                 raise OperationError(args.dst, f"{flag} needs -O qcow2")
-    with open_image(args.src, "r", format=args.format, force_share=args.force_share) as src:
+    with open_image(args.src, "r", format=args.format, force_share=args.force_share) as img:
+        src = snapshot_source(img, args.snapshot) if args.snapshot is not None else img
         progress = Progress(args.progress and not args.quiet)
         writer(args, src, progress)
         progress.finish()

@@ -21,7 +21,7 @@ import sys
 import time
 
 from .. import libvirt
-from ..chain import probe_format, resolve_backing
+from ..chain import host_path, probe_format, resolve_backing
 from ..create import create, parse_options
 from ..errors import OperationError
 from ..libvirt import ChainElement
@@ -52,6 +52,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="keep IMAGE's name: move its content to FROZEN (a hard link, same "
                         "directory or file system) and make IMAGE an empty qcow2 overlay over it; "
                         "IMAGE reads the same at every instant")
+    p.add_argument("--force", action="store_true",
+                   help="create over an existing image even if it holds data or other images "
+                        "are backed by it (never over a file of BACKING's chain)")
     add_domain_xml_args(p)
     g = p.add_argument_group("libvirt snapshot XML")
     g.add_argument("--snapshot-xml", metavar="FILE",
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
                        "chain in the XML"
             )
         bfmt = backing_format or probe_format(bpath)
-        new_chain = [ChainElement(os.path.abspath(image), "qcow2"), *image_chain(bpath, bfmt)]
+        new_chain = [ChainElement(host_path(image), "qcow2"), *image_chain(bpath, bfmt)]
         if update is not None:
             update.require_source(bpath, "the backing file")
             update.plan(new_chain)
@@ -122,12 +125,10 @@ def run(args: argparse.Namespace) -> int:
             )
 
     if args.dry_run:
-        if backing is None and size is None:
-            raise OperationError(image, "image size required (no backing file to take it from)")
-        if backing is not None and not args.unsafe:
-            bpath = resolve_backing(image, backing)
-            if not os.path.exists(bpath):
-                raise OperationError(image, f"backing file {backing!r} not found ({bpath})")
+        # every check the real run makes (the lock on an existing IMAGE included)
+        create(image, size, unsafe=args.unsafe, force=args.force, dry_run=True, **kwargs)
+        if size is not None:
+            size = -(-size // 512) * 512
         desc = f"would create {image} (qcow2"
         if size is not None:
             desc += f", {format_size(size)}"
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # 2. the image
-    probed = create(image, size, unsafe=args.unsafe, **kwargs)
+    probed = create(image, size, unsafe=args.unsafe, force=args.force, **kwargs)
     if probed is not None:
         notice(args, f"{image}: backing file format not given; probed {probed} "
                      f"(pass -F {probed} to say so)")

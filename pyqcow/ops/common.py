@@ -61,11 +61,13 @@ def backing_name_for(image_path: str, target_path: str, original_name: str | Non
     """Name to store in ``image_path``'s header for backing ``target_path``.
 
     Relative when the original reference was relative (relative to the image's
-    own directory, as QEMU resolves it), absolute otherwise.
+    own directory, as QEMU resolves it, through symbolic links), absolute
+    otherwise; validated (see :func:`pyqcow.chain.backing_name`).
     """
-    if original_name is not None and os.path.isabs(original_name):
-        return os.path.abspath(target_path)
-    return os.path.relpath(os.path.abspath(target_path), os.path.dirname(os.path.abspath(image_path)))
+    from ..chain import backing_name
+
+    relative = original_name is None or not os.path.isabs(original_name.removeprefix("file:"))
+    return backing_name(image_path, target_path, relative=relative)
 
 
 def check_backing_target(path: str, backing: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ written at all, so the raw output is sparse with the image's virtual size.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .. import fastcopy
 from ..errors import OperationError
+from ..hostfile import fsync_dir
 from ..mapping import chain_status
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "convert_to_raw",
     "execute_raw",
     "plan_raw",
+    "snapshot_source",
 ]
 
 READ_CHUNK = 1 << 20
@@ -85,57 +88,62 @@ def _same_file(fd: int, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def _refuse_if_in_use(dst: str) -> None:
-    """Never truncate an image a VM (or qemu-io) has open: take and drop its lock."""
-    if os.path.isfile(dst):
-        from ..hostfile import LOCK_WRITE, HostFile
-
-        with HostFile(dst, writable=True) as hf:
-            hf.lock(LOCK_WRITE)
-
-
-def execute_raw(img, plan: RawPlan, dst: str | os.PathLike, progress: ProgressFn | None = None) -> int:
-    """Write ``plan`` into ``dst`` (created or truncated). Returns bytes written."""
-    dst = os.fspath(dst)
+def _refuse_source_as_destination(img, dst: str) -> None:
     for layer in img.chain:
         for hf in {id(h): h for h in (layer.hf, getattr(layer, "data_hf", layer.hf))}.values():
             if _same_file(hf.fd, dst):
                 raise OperationError(dst, f"destination is the source image file {hf.path}")
-    _refuse_if_in_use(dst)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        sparse = stat.S_ISREG(os.fstat(fd).st_mode)
-        if sparse:
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, plan.virtual_size)
-        total = plan.data_bytes
-        done = written = 0
-        pos = 0
-        for step in plan.steps:
-            if not sparse and step.guest_offset > pos:
-                _write_zeros(fd, pos, step.guest_offset - pos)
-            if step.fd is not None:
-                written += fastcopy.copy_runs(
-                    step.fd, fd, [(step.host_offset, step.guest_offset, step.length)],
-                    skip_zero=sparse,
-                )
-            else:
-                written += _copy_through_image(img, fd, step, sparse)
-            pos = step.guest_offset + step.length
-            done += step.length
-            if progress:
-                progress(done, total)
-        if not sparse and plan.virtual_size > pos:
-            _write_zeros(fd, pos, plan.virtual_size - pos)
-        if sparse and os.fstat(fd).st_size != plan.virtual_size:
-            os.ftruncate(fd, plan.virtual_size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+
+
+def execute_raw(img, plan: RawPlan, dst: str | os.PathLike, progress: ProgressFn | None = None) -> int:
+    """Write ``plan`` into ``dst`` (created or truncated). Returns bytes written.
+
+    ``dst`` is locked (QEMU's write lock) before it is truncated and stays locked
+    until it is complete and durable; a file this call created is removed again
+    if the copy fails.
+    """
+    from ..create import OutputFile
+
+    dst = os.fspath(dst)
+    _refuse_source_as_destination(img, dst)
+    with OutputFile(dst) as out:
+        written = _write_raw(img, plan, out.fd, dst, progress)
+        if out.created:
+            fsync_dir(dst)  # the new name must survive a crash, like the data
     return written
 
 
-def _copy_through_image(img, fd: int, step: CopyStep, sparse: bool) -> int:
+def _write_raw(img, plan: RawPlan, fd: int, dst: str, progress: ProgressFn | None) -> int:
+    sparse = stat.S_ISREG(os.fstat(fd).st_mode)
+    if sparse:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, plan.virtual_size)
+    total = plan.data_bytes
+    done = written = 0
+    pos = 0
+    for step in plan.steps:
+        if not sparse and step.guest_offset > pos:
+            _write_zeros(fd, pos, step.guest_offset - pos, dst)
+        if step.fd is not None:
+            written += fastcopy.copy_runs(
+                step.fd, fd, [(step.host_offset, step.guest_offset, step.length)],
+                skip_zero=sparse,
+            )
+        else:
+            written += _copy_through_image(img, fd, step, sparse, dst)
+        pos = step.guest_offset + step.length
+        done += step.length
+        if progress:
+            progress(done, total)
+    if not sparse and plan.virtual_size > pos:
+        _write_zeros(fd, pos, plan.virtual_size - pos, dst)
+    if sparse and os.fstat(fd).st_size != plan.virtual_size:
+        os.ftruncate(fd, plan.virtual_size)
+    os.fsync(fd)
+    return written
+
+
+def _copy_through_image(img, fd: int, step: CopyStep, sparse: bool, dst: str) -> int:
     written = 0
     buf = bytearray(min(READ_CHUNK, step.length))
     pos, end = step.guest_offset, step.guest_offset + step.length
@@ -146,28 +154,80 @@ def _copy_through_image(img, fd: int, step: CopyStep, sparse: bool) -> int:
         if sparse:
             for off, length, is_zero in fastcopy.zero_runs(view, ZERO_GRANULARITY):
                 if not is_zero:
-                    _pwrite_all(fd, view[off : off + length], pos + off)
+                    _pwrite_all(fd, view[off : off + length], pos + off, dst)
                     written += length
         else:
-            _pwrite_all(fd, view, pos)
+            _pwrite_all(fd, view, pos, dst)
             written += n
         pos += n
     return written
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, name: str) -> None:
+    """pwrite all of ``data``; a write that writes nothing is an error, not a loop."""
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(
+                errno.ENOSPC,
+                f"writing at offset {offset + done} wrote nothing (device full?)",
+                name,
+            )
+        done += n
 
 
-def _write_zeros(fd: int, offset: int, length: int) -> None:
+def _write_zeros(fd: int, offset: int, length: int, name: str) -> None:
     zeros = bytes(min(READ_CHUNK, length))
     while length:
         n = min(len(zeros), length)
-        _pwrite_all(fd, memoryview(zeros)[:n], offset)
+        _pwrite_all(fd, memoryview(zeros)[:n], offset, name)
         offset += n
         length -= n
+
+
+def snapshot_source(img, param: str):
+    """The source ``qemu-img convert -l PARAM`` reads: internal snapshot PARAM of ``img``.
+
+    PARAM is ``snapshot.id=ID,snapshot.name=NAME`` (either or both; with both, one
+    snapshot must match both) or a plain ``ID_OR_NAME`` (an exact ID first, then a
+    name), as qemu-img takes it.  Like qemu-img, the result keeps the image's
+    *current* virtual size: past the snapshot's own L1 table it reads what an
+    unallocated cluster reads (the backing file, or zeros).
+    """
+    from ..snapshot import SnapshotNotFoundError, read_snapshot_table
+    from ..snapshot_view import SnapshotView, open_snapshot
+
+    if getattr(img, "format", None) != "qcow2" or not hasattr(img, "snapshot"):
+        raise OperationError(img.path, f"-l {param}: a {img.format} image has no internal snapshots")
+    if param.startswith("snapshot."):
+        want: dict[str, str] = {}
+        for item in param.split(","):
+            key, eq, val = item.partition("=")
+            if key not in ("snapshot.id", "snapshot.name") or not eq or key in want:
+                raise OperationError(
+                    img.path,
+                    f"invalid snapshot parameter {item!r} in -l {param!r} (use "
+                    "snapshot.id=ID, snapshot.name=NAME, both separated by a comma, "
+                    "or ID_OR_NAME)",
+                )
+            want[key] = val
+        snaps = read_snapshot_table(img)
+        for info in snaps:
+            if want.get("snapshot.id", info.id_str) == info.id_str and (
+                want.get("snapshot.name", info.name) == info.name
+            ):
+                view = SnapshotView(img, info)
+                break
+        else:
+            known = ", ".join(f"{s.id_str} ({s.name})" for s in snaps[:10]) or "none"
+            raise SnapshotNotFoundError(
+                img.path, f"no internal snapshot matches -l {param!r} (snapshots: {known})"
+            )
+    else:
+        view = open_snapshot(img, param)
+    view.virtual_size = img.virtual_size
+    return view
 
 
 def convert_to_raw(img, dst: str | os.PathLike, progress: ProgressFn | None = None) -> int:
@@ -216,20 +276,15 @@ def convert_to_qcow2(
     Returns the number of guest bytes written.
     """
     from .. import create as create_mod
-    from ..chain import open_image
 
     dst = os.fspath(dst)
-    for layer in src.chain:
-        for hf in {id(h): h for h in (layer.hf, getattr(layer, "data_hf", layer.hf))}.values():
-            if _same_file(hf.fd, dst):
-                raise OperationError(dst, f"destination is the source image file {hf.path}")
+    _refuse_source_as_destination(src, dst)
     if backing is not None and os.path.exists(dst):
         from ..chain import resolve_backing
 
         bpath = resolve_backing(dst, backing)
         if os.path.exists(bpath) and os.path.samefile(bpath, dst):
             raise OperationError(dst, "the backing file (-B) is the destination itself")
-    _refuse_if_in_use(dst)
     opts = dict(options or {})
     if backing is not None:
         opts["backing"] = backing
@@ -237,9 +292,36 @@ def convert_to_qcow2(
             opts["backing_format"] = backing_format
     if opts.get("preallocation", "off") != "off":
         raise OperationError(dst, "convert -O qcow2 supports preallocation=off only")
-    create_mod.create(dst, src.virtual_size, **opts)
-    with open_image(dst, "r+", format="qcow2") as out:
-        return _fill_qcow2(src, out, compress, progress)
+    # every option is checked (dry run) before the destination is opened or created
+    create_mod.create(dst, src.virtual_size, dry_run=True, force=True, **opts)
+    with create_mod.OutputFile(dst) as guard:
+        # qemu-img convert replaces what is there: force (the backing chain is still
+        # protected); the lock taken by ``guard`` is held until the copy is complete
+        create_mod.create(dst, src.virtual_size, force=True, _output=guard, **opts)
+        with _open_output(dst) as out:
+            return _fill_qcow2(src, out, compress, progress)
+
+
+def _open_output(dst: str):
+    """The new qcow2 ``dst`` read-write, without asking again for the lock our
+    OutputFile holds; its backing chain (-B) is opened normally (read locks)."""
+    from ..chain import open_image, resolve_backing
+    from ..errors import BackingChainError, QcowError
+    from ..image import QcowImage
+
+    out = QcowImage(dst, "r+", force_share=True)
+    try:
+        name = out.header.backing_file
+        if name:
+            bpath = resolve_backing(dst, name)
+            try:
+                out.backing = open_image(bpath, "r", format=out.header.backing_format or None)
+            except QcowError as e:
+                raise BackingChainError(dst, f"backing file {name!r}: {e.message}") from e
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 def _fill_qcow2(src, out, compress: bool, progress: ProgressFn | None) -> int:
