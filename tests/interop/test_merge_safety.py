@@ -585,3 +585,44 @@ def test_interrupted_merge_finished_by_recover(tmp_path, capsys, monkeypatch, ke
     res, rc = qemu.check_json(kept)
     assert rc == 0, res
     assert intent.find(str(d)) == []
+
+
+def test_stream_b_name_through_symlinked_directory(tmp_path):
+    """`stream -b` on a top named through a link to a deeper directory: the stored name
+    must resolve (from the top's name, as QEMU resolves it) to BASE."""
+    from pyqcow.ops.stream import stream
+
+    deep = tmp_path / "pool" / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "vm" / "lnk").symlink_to(deep)
+    bb = qemu.create(tmp_path / "pool" / "bb.qcow2", 2 * MiB)
+    qemu.qemu_io(bb, "write -P 0x01 0 2M")
+    mid = qemu.create(deep / "mid.qcow2", None, backing="../../../bb.qcow2", backing_fmt="qcow2",
+                      cwd=deep)
+    qemu.qemu_io(mid, "write -P 0x02 0 64k")
+    top = qemu.create(deep / "top.qcow2", None, backing="mid.qcow2", backing_fmt="qcow2", cwd=deep)
+    via_link = tmp_path / "vm" / "lnk" / "top.qcow2"
+    before = raw(via_link, tmp_path)
+    stream(str(via_link), str(bb))
+    name = qemu.info_json(top)["backing-filename"]
+    assert os.path.samefile(resolve_backing(str(via_link), name), bb), name
+    assert raw(via_link, tmp_path) == before
+
+
+def test_create_domain_xml_names_the_real_file(tmp_path, capsys):
+    """`create -b ... --domain-xml` with IMAGE given as link/../new.qcow2: the XML names a
+    file that exists (os.path.abspath would flatten link/.. lexically)."""
+    (tmp_path / "pool" / "a").mkdir(parents=True)
+    (tmp_path / "vm").mkdir()
+    (tmp_path / "vm" / "lnk").symlink_to(tmp_path / "pool" / "a")
+    base = qemu.create(tmp_path / "pool" / "base.qcow2", 1 * MiB)
+    xml = _xml(tmp_path, base)
+    image = str(tmp_path / "vm" / "lnk" / ".." / "new.qcow2")
+    rc, out, err = run_cli(capsys, "create", "-b", "base.qcow2", "-F", "qcow2", image,
+                           "--domain-xml", str(xml), "--disk", "vda")
+    assert rc == 0, err
+    import re
+
+    src = re.search(r"<source file='([^']+)'", xml.read_text()).group(1)
+    assert os.path.exists(src) and os.path.samefile(src, tmp_path / "pool" / "new.qcow2")
