@@ -228,7 +228,7 @@ def _plan(top, keep: str, via: str, force: bool, probe_locks: bool, retarget=())
     if top.format != "qcow2":
         raise OperationError(top.path, "merge needs a qcow2 top image")
     commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
-    stream_bytes = data_bytes(stream_mod.plan_stream(top, base.backing))
+    stream_bytes = stream_mod.stream_bytes(top, base.backing)
     retarget = [os.fspath(p) for p in retarget]
     per_dir = {d: _direction_refusals(top, base, keep, d) for d in ("commit", "stream")}
     if retarget:

@@ -91,5 +91,23 @@ def data_bytes(pieces: list[Piece]) -> int:
     return sum(p.length for p in pieces if p.kind == "data")
 
 
+def data_bytes_within(pieces: list[Piece], ranges: list[tuple[int, int]]) -> int:
+    """Data bytes of ``pieces`` inside ``ranges`` (both sorted by guest offset)."""
+    total = 0
+    j = 0
+    for p in pieces:
+        if p.kind != "data":
+            continue
+        start, end = p.guest_offset, p.end
+        while j < len(ranges) and ranges[j][0] + ranges[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(ranges) and ranges[k][0] < end:
+            r0, r1 = ranges[k][0], ranges[k][0] + ranges[k][1]
+            total += min(end, r1) - max(start, r0)
+            k += 1
+    return total
+
+
 def is_raw_hole(run: Run | None) -> bool:
     return run is not None and run.type == ClusterType.ZERO_ALLOC

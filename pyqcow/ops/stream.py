@@ -30,6 +30,17 @@ def plan_stream(top, base) -> list[Piece]:
     return pieces
 
 
+def stream_bytes(top, base) -> int:
+    """What :func:`plan_stream` would copy, from one walk of the backing chain (the
+    cost alone: no per-range walks, no pieces kept)."""
+    if top.backing is None:
+        return 0
+    from .plan import data_bytes_within
+
+    whole = pieces_above(top.backing, base, 0, top.virtual_size)
+    return data_bytes_within(whole, unallocated_ranges(top))
+
+
 def stream(top_path, base=None, *, progress=None, backing_name: str | None = None,
            _top=None) -> StreamResult:
     """Pull backing data into TOP; afterwards TOP's backing is BASE (or nothing).

@@ -277,3 +277,22 @@ def test_each_op_once(op):
     other.cmds = ["write -P 0x55 0 16384"]
     other.put(0, b"\x55" * 16384)
     run_case([base, mid, top], op, other, "native" if fastcopy.native_available() else "python")
+
+
+@settings(max_examples=25, **_common)
+@given(cases())
+def test_stream_cost_matches_its_plan(case):
+    """merge's stream cost (one walk of the backing chain) equals the bytes the stream
+    plan (one walk per unallocated range of TOP) would copy, for every base."""
+    from pyqcow.ops.plan import data_bytes
+    from pyqcow.ops.stream import plan_stream, stream_bytes
+
+    layers = case[0]
+    tmp = Path(tempfile.mkdtemp(prefix="streamcost-"))
+    try:
+        paths = build(tmp, layers)
+        with pyqcow.open(str(paths[-1])) as top:
+            for base in [None, *top.chain[1:]]:
+                assert stream_bytes(top, base) == data_bytes(plan_stream(top, base))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
