@@ -1,8 +1,12 @@
-"""Persistent dirty bitmaps: read the bitmap directory (qcow2.rst "Bitmaps").
+"""Persistent dirty bitmaps (qcow2.rst "Bitmaps"): directory, tables, data.
 
-Read-only: pyqcow lists bitmaps (``info``) and keeps them valid by clearing
-the autoclear bit when it writes, it never updates them.  Checks follow QEMU's
-block/qcow2-bitmap.c (``bitmap_list_load``, ``check_dir_entry``).
+A writable image loads its bitmaps on the first change (writer._begin_write),
+marks them in use on disk before any data changes, sets the bits of every
+granule a write may change in each enabled (auto) bitmap, and stores them on
+a clean close (copy-then-switch, in_use cleared).  Bitmaps found in use are
+inconsistent and left exactly as they are.  Bit k of the bitmap data is bit
+(k % 8) of byte k // 8 and covers guest bytes [k*granularity, (k+1)*granularity).
+``merge_problems``/``merge_into`` carry one image's bitmaps into another.
 """
 
 from __future__ import annotations
@@ -14,7 +18,16 @@ from . import entries, layout, spec
 from .errors import FormatError
 from .header import with_extension
 
-__all__ = ["BitmapInfo", "read_bitmap_directory"]
+__all__ = [
+    "Bitmap",
+    "BitmapInfo",
+    "allocated_ranges",
+    "load_bitmaps",
+    "merge_into",
+    "merge_problems",
+    "read_bitmap",
+    "read_bitmap_directory",
+]
 
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
@@ -428,3 +441,147 @@ def store_bitmaps(img, bitmaps: list[Bitmap]) -> None:
     for off, n in to_free:
         rc.free_later(off, n)
     img.flush()
+
+
+# ---------------------------------------------------------------------------------
+# carrying bitmaps from one image into another (merge)
+# ---------------------------------------------------------------------------------
+def _unusable(b: BitmapInfo) -> str | None:
+    if b.in_use:
+        return "is in use (inconsistent: a QEMU has the image open or crashed with it)"
+    if b.extra_data and not b.flags & BME_FLAG_EXTRA_DATA_COMPATIBLE:
+        return "has extra data that pyqcow does not know"
+    return None
+
+
+def merge_problems(dest, src) -> list[str]:
+    """Why the persistent bitmaps of ``src`` cannot be carried validly into ``dest``
+    (both open QcowImage; reads metadata only).  Empty when they can, or when src
+    has no consistent bitmaps (then there is nothing to carry)."""
+    try:
+        src_bms = read_bitmap_directory(src) or []
+    except FormatError as e:
+        return [f"{src.path}: cannot read its persistent bitmaps: {e.message}"]
+    if not src_bms:
+        return []
+    names = ", ".join(repr(b.name) for b in src_bms[:5]) + (" ..." if len(src_bms) > 5 else "")
+    if dest.format != "qcow2" or dest.header.version < 3:
+        kind = "a raw image" if dest.format != "qcow2" else "a version 2 (compat=0.10) image"
+        return [
+            f"{dest.path}: {kind} cannot store persistent bitmaps, "
+            f"and {src.path} has {len(src_bms)} ({names})"
+        ]
+    out: list[str] = []
+    dh = dest.header
+    dest_bms: list[BitmapInfo] = []
+    if dh.bitmaps is not None and not dh.autoclear_features & spec.Autoclear.BITMAPS:
+        out.append(
+            f"{dest.path}: has a bitmaps extension marked inconsistent "
+            "(run 'pyqcow check -r all' to drop it first)"
+        )
+    else:
+        try:
+            dest_bms = read_bitmap_directory(dest) or []
+        except FormatError as e:
+            out.append(f"{dest.path}: cannot read its persistent bitmaps: {e.message}")
+    by_name = {b.name: b for b in dest_bms}
+    for b in src_bms:
+        why = _unusable(b)
+        if why:
+            out.append(f"{src.path}: bitmap {b.name!r} {why}")
+            continue
+        want = bitmap_table_size(src.virtual_size, b.granularity_bits, src.cluster_size)
+        if b.bitmap_table_size != want:
+            out.append(f"{src.path}: bitmap {b.name!r} does not match the disk size (malformed)")
+        if (bitmap_bits(dest.virtual_size, b.granularity_bits) + 7) >> 3 > BME_MAX_PHYS_SIZE:
+            out.append(f"{dest.path}: bitmap {b.name!r} would be too large for its disk size")
+        d = by_name.get(b.name)
+        if d is None:
+            continue
+        why = _unusable(d)
+        if why:
+            out.append(f"{dest.path}: bitmap {b.name!r} {why}")
+        if d.granularity != b.granularity:
+            out.append(
+                f"bitmap {b.name!r} has granularity {d.granularity} in {dest.path} "
+                f"but {b.granularity} in {src.path}"
+            )
+    all_names = {b.name for b in dest_bms} | {b.name for b in src_bms}
+    if len(all_names) > MAX_BITMAPS:
+        out.append(f"{dest.path}: more than {MAX_BITMAPS} bitmaps in all")
+    if dh.bitmaps is None:
+        from .header import build_cluster0
+
+        try:
+            build_cluster0(with_extension(dh, spec.ExtType.BITMAPS, bytes(24)))
+        except FormatError:
+            out.append(f"{dest.path}: no room in the header for a bitmaps extension")
+    return out
+
+
+def merge_into(dest, src, dirty_ranges=()) -> list[str]:
+    """Carry the persistent bitmaps of ``src`` into ``dest`` (open "r+").
+
+    A bitmap present in both becomes the union of their bits (enabled when
+    either is enabled: more set bits never make a bitmap wrong); one only in
+    src is copied with its flags and granularity (sized for dest's disk: bits
+    past dest's end dropped, new ones clear).  Then every enabled bitmap of the
+    result gets the bits of ``dirty_ranges`` ((guest offset, length) pairs, for
+    merge: every range TOP allocates).  Everything is checked first
+    (:func:`merge_problems`; OperationError listing them); nothing is written
+    before.  Stored on ``dest.close()`` like any bitmap change; returns the names
+    of src's bitmaps carried.
+    """
+    from .errors import OperationError
+
+    dest._check_writable()
+    problems = merge_problems(dest, src)
+    if problems:
+        raise OperationError(
+            dest.path, "cannot carry persistent bitmaps: " + "; ".join(problems)
+        )
+    src_bms = load_bitmaps(src) or []
+    for s in src_bms:
+        if s.bits is None:
+            raise FormatError(src.path, f"bitmap {s.name!r}: {s.why}")
+    dest._begin_write()
+    if dest._bitmaps is None:
+        dest._bitmaps = []
+    by_name = {b.name: b for b in dest._bitmaps}
+    for s in src_bms:
+        if s.nbits != bitmap_bits(dest.virtual_size, s.granularity_bits):
+            s.resize(dest.virtual_size)
+        d = by_name.get(s.name)
+        if d is None:
+            s.table_offset = s.table_size = 0  # src's clusters are not dest's: store anew
+            s.data_clusters = ()
+            s.changed = True
+            dest._bitmaps.append(s)
+            continue
+        if d.bits is None:  # merge_problems refused these; defensive
+            raise OperationError(dest.path, f"bitmap {d.name!r}: {d.why}")
+        n = len(d.bits)
+        d.bits[:] = (
+            int.from_bytes(d.bits, "little") | int.from_bytes(s.bits, "little")
+        ).to_bytes(n, "little")
+        d.flags |= s.flags & BME_FLAG_AUTO
+        d.changed = True
+    for off, length in dirty_ranges:
+        dest._mark_dirty(off, length)
+    return [s.name for s in src_bms]
+
+
+def allocated_ranges(img) -> list[tuple[int, int]]:
+    """(guest offset, length) of every range ``img``'s own layer allocates (data or
+    zero clusters): what a merge passes to :func:`merge_into` for TOP."""
+    from .entries import ClusterType
+
+    out: list[tuple[int, int]] = []
+    for r in img.runs(0, img.virtual_size):
+        if r.type in (ClusterType.UNALLOCATED, ClusterType.UNALLOCATED_ALLOC):
+            continue
+        if out and out[-1][0] + out[-1][1] == r.guest_offset:
+            out[-1] = (out[-1][0], out[-1][1] + r.length)
+        else:
+            out.append((r.guest_offset, r.length))
+    return out
