@@ -360,7 +360,7 @@ def _store_data(img, b: Bitmap) -> None:
     clusters = []
     for i in range(len(table)):
         chunk = b.bits[i * cs : (i + 1) * cs]
-        if not any(chunk):
+        if chunk.count(0) == len(chunk):
             continue
         if chunk == full:  # a whole cluster of real bits, all set
             table[i] = BT_ALL_ONES
@@ -501,6 +501,10 @@ def merge_problems(dest, src) -> list[str]:
         why = _unusable(d)
         if why:
             out.append(f"{dest.path}: bitmap {b.name!r} {why}")
+        elif d.bitmap_table_size != bitmap_table_size(
+            dest.virtual_size, d.granularity_bits, dest.cluster_size
+        ):
+            out.append(f"{dest.path}: bitmap {b.name!r} does not match the disk size (malformed)")
         if d.granularity != b.granularity:
             out.append(
                 f"bitmap {b.name!r} has granularity {d.granularity} in {dest.path} "

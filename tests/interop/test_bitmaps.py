@@ -365,3 +365,21 @@ def test_pyqcow_info_reports_no_in_use_after_write(tmp_path: Path) -> None:
     with QcowImage(p) as img:
         assert [b.in_use for b in bitmaps.read_bitmap_directory(img)] == [False] * 3
     assert os.path.getsize(p) > 0
+
+
+def test_many_bitmaps_small_clusters_and_external_data_file(tmp_path: Path) -> None:
+    """A directory spanning several 512-byte clusters, and an image whose guest data
+    lives in an external data file (bitmap clusters stay in the qcow2 file)."""
+    p = create(tmp_path / "a.qcow2", 4 * MiB, "cluster_size=512")
+    names = [f"{i:03d}-" + "n" * 100 for i in range(20)]
+    for n in names:
+        qemu_img("bitmap", "--add", p, n)
+    x = create(tmp_path / "x.qcow2", 4 * MiB, f"data_file={tmp_path / 'x.data'}")
+    qemu_img("bitmap", "--add", x, "b0")
+    for img_path in (p, x):
+        with pyqcow.open(img_path, "r+") as img:
+            img.write(1 * MiB + 5, b"y" * 70000)
+        _assert_valid(img_path)
+    for n in (names[0], names[-1]):  # granularity 4k (qemu's default for small clusters)
+        assert qemu_dirty(p, n) == [(1 * MiB, 72 * KiB)]
+    assert qemu_dirty(x, "b0") == [(1 * MiB, 128 * KiB)]
