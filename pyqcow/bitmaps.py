@@ -458,6 +458,8 @@ def merge_problems(dest, src) -> list[str]:
     """Why the persistent bitmaps of ``src`` cannot be carried validly into ``dest``
     (both open QcowImage; reads metadata only).  Empty when they can, or when src
     has no consistent bitmaps (then there is nothing to carry)."""
+    if src.format != "qcow2":
+        return []
     try:
         src_bms = read_bitmap_directory(src) or []
     except FormatError as e:

@@ -383,3 +383,34 @@ def test_many_bitmaps_small_clusters_and_external_data_file(tmp_path: Path) -> N
     for n in (names[0], names[-1]):  # granularity 4k (qemu's default for small clusters)
         assert qemu_dirty(p, n) == [(1 * MiB, 72 * KiB)]
     assert qemu_dirty(x, "b0") == [(1 * MiB, 128 * KiB)]
+
+
+def test_merge_via_stream_carries_base_bitmaps(tmp_path: Path) -> None:
+    """What merge --via stream does with the API: TOP's allocated ranges are taken
+    before streaming, then BASE's bitmaps are carried into TOP (union with TOP's
+    bitmap of the same name) with those ranges set; qemu reads the result."""
+    d = tmp_path / "c"
+    d.mkdir()
+    base = _with_bitmaps(d / "base.qcow2")
+    qemu_io(base, "write -P 1 0 64k", "write -P 1 1M 1M")
+    top = create(d / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2")
+    qemu_img("bitmap", "--add", top, "b0")  # libvirt: the checkpoint's bitmap in the overlay
+    qemu_io(top, "write -P 2 3M 4k")
+    qemu_img("bitmap", "--add", top, "late")  # created after TOP's write: clean
+    with QcowImage(top) as t:
+        top_ranges = bitmaps.allocated_ranges(t)
+    assert top_ranges == [(3 * MiB, 64 * KiB)]
+    with QcowImage(base) as b:
+        base_dirty = [(r.name, r.dirty_ranges()) for r in b.bitmaps()]
+    pyqcow.stream(top)
+    with QcowImage(base) as b, QcowImage(top, "r+") as t:
+        assert bitmaps.merge_problems(t, b) == []
+        bitmaps.merge_into(t, b, top_ranges)
+    _assert_valid(top)
+    assert dict(base_dirty)["b0"] == [(0, 64 * KiB), (1 * MiB, 1 * MiB)]
+    assert qemu_dirty(top, "b0")[0] == (0, 64 * KiB)
+    b0 = set().union(*(granules_of(o, n, 64 * KiB) for o, n in qemu_dirty(top, "b0")))
+    assert b0 >= granules_of(0, 64 * KiB, 64 * KiB) | granules_of(1 * MiB, 1 * MiB, 64 * KiB) | {48}
+    assert qemu_dirty(top, "big") == [(0, 128 * KiB), (1 * MiB, 1 * MiB), (3 * MiB, 128 * KiB)]
+    assert qemu_dirty(top, "off") == []
+    assert 48 in set().union(*(granules_of(o, n, 64 * KiB) for o, n in qemu_dirty(top, "late")))
