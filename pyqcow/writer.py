@@ -120,7 +120,8 @@ class WriterMixin:
         """Persistent bitmaps: flag every one "in use" before the first change.
 
         Their stored contents go stale with our first change; a clean close
-        stores them again with the flag cleared (``_store_bitmaps``).  QEMU marks a bitmap in use (BME_FLAG_IN_USE) while it has the image open
+        stores them again with the flag cleared (``_store_bitmaps``).  QEMU
+        marks a bitmap in use (BME_FLAG_IN_USE) while it has the image open
         read-write and treats an in-use bitmap found on open as inconsistent: it
         is never used for incremental backups again, only removed.  Setting the
         flag (an in-place write of the flags fields, then fsync, before any data)
@@ -728,7 +729,11 @@ class WriterMixin:
 
 
     def make_empty(self) -> None:
-        """Drop every cluster of the active layer (qemu-img commit's 'empty the top')."""
+        """Drop every cluster of the active layer (qemu-img commit's 'empty the top').
+
+        Sets no bitmap bits: it is only used right after a commit, when the
+        backing file reads what this layer did, so the guest content does not
+        change (qemu-img commit leaves the top's bitmaps alone too)."""
         self._check_writable()
         self._begin_write()
         rc = self.refcounts
