@@ -27,6 +27,7 @@ __all__ = [
     "merge_problems",
     "read_bitmap",
     "read_bitmap_directory",
+    "write_problems",
 ]
 
 BME_FLAG_IN_USE = 1 << 0
@@ -590,4 +591,33 @@ def allocated_ranges(img) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], out[-1][1] + r.length)
         else:
             out.append((r.guest_offset, r.length))
+    return out
+
+
+def write_problems(img) -> list[str]:
+    """Persistent bitmaps of ``img`` that a write through pyqcow cannot keep valid
+    (they end up flagged in use, as after a crash): enabled bitmaps pyqcow cannot
+    load (unknown extra data, a malformed table) or a directory it cannot read.
+    Bitmaps already in use are not listed (they are invalid already).  For
+    callers that want to refuse before writing; reads metadata only."""
+    if img.format != "qcow2":
+        return []
+    h = img.header
+    if h.version < 3 or h.bitmaps is None or not h.autoclear_features & spec.Autoclear.BITMAPS:
+        return []
+    try:
+        infos = read_bitmap_directory(img) or []
+    except FormatError as e:
+        return [f"{img.path}: cannot read its persistent bitmaps ({e.message}); a write invalidates them"]
+    out = []
+    for b in infos:
+        if b.in_use:
+            continue
+        why = _unusable(b)
+        if why is None:
+            want = bitmap_table_size(img.virtual_size, b.granularity_bits, img.cluster_size)
+            if b.bitmap_table_size != want:
+                why = "does not match the disk size (malformed)"
+        if why:
+            out.append(f"{img.path}: bitmap {b.name!r} {why}; a write invalidates it")
     return out

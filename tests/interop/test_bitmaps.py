@@ -414,3 +414,37 @@ def test_merge_via_stream_carries_base_bitmaps(tmp_path: Path) -> None:
     assert qemu_dirty(top, "big") == [(0, 128 * KiB), (1 * MiB, 1 * MiB), (3 * MiB, 128 * KiB)]
     assert qemu_dirty(top, "off") == []
     assert 48 in set().union(*(granules_of(o, n, 64 * KiB) for o, n in qemu_dirty(top, "late")))
+
+
+def test_write_problems_lists_bitmaps_a_write_would_invalidate(tmp_path: Path) -> None:
+    """A bitmap whose table does not match the disk size cannot be maintained: it is
+    listed before any write, and a write leaves it in use (invalid, never wrong)
+    while the good one stays valid."""
+    p = _with_bitmaps(tmp_path / "a.qcow2")
+    with QcowImage(p) as img:
+        assert bitmaps.write_problems(img) == []
+        d = img.header.bitmaps.bitmap_directory_offset
+    with open(p, "r+b") as f:  # b0's table size: 1 entry -> 2 (malformed)
+        f.seek(d + 8)
+        f.write((2).to_bytes(4, "big"))
+    with QcowImage(p) as img:
+        assert bitmaps.write_problems(img) == [
+            f"{p}: bitmap 'b0' does not match the disk size (malformed); a write invalidates it"
+        ]
+    with pyqcow.open(p, "r+") as img:
+        img.write(0, b"z")
+    flags = bitmap_flags(p)
+    assert "in-use" in flags["b0"] and "in-use" not in flags["big"]
+    assert qemu_dirty(p, "big") == [(0, 128 * KiB)]
+    res, rc = qemu.check_json(p)
+    assert not res.get("corruptions"), res
+
+
+def test_cli_commit_keeps_bitmaps_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pyqcow.cli.main import main
+
+    base, top = _chain(tmp_path / "p")
+    assert main(["commit", str(top)]) == 0
+    assert capsys.readouterr().err == ""
+    _assert_valid(base)
+    assert qemu_dirty(base, "b0")[-1] == (3 * MiB, 64 * KiB)
