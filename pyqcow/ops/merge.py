@@ -168,17 +168,17 @@ def _direction_refusals(top, base, keep: str, via: str) -> list[Refusal]:
 
 
 def _bitmap_refusals(top, base, via: str) -> list[Refusal]:
-    """Persistent bitmaps that could not stay valid in the merged image."""
+    """Persistent bitmaps that could not stay valid in the merged image: the one
+    written (``write_problems``) and the other's carried into it (``merge_problems``)."""
     from .. import bitmaps
 
-    problems = getattr(bitmaps, "merge_problems", None)
-    if problems is None or top.format != "qcow2" or base.format != "qcow2":
-        return [Refusal(img.path, "has persistent dirty bitmaps that the merged image cannot keep "
-                                  "valid", True)
-                for img in (top, base)
-                if img.format == "qcow2" and img.header.bitmaps is not None]
     dest, src = (base, top) if via == "commit" else (top, base)
-    return [Refusal(dest.path, p, True) for p in problems(dest, src)]
+    out = []
+    for why in bitmaps.write_problems(dest) + bitmaps.merge_problems(dest, src):
+        path, sep, reason = why.partition(": ")
+        out.append(Refusal(path, reason, True) if sep and os.path.exists(path)
+                   else Refusal(dest.path, why, True))
+    return out
 
 
 def _general_refusals(top, base, keep: str, mode_locks: bool, retarget=()) -> list[Refusal]:
@@ -373,13 +373,16 @@ def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = Fa
 
 def _run(plan: MergePlan, top, progress) -> None:
     base = top.backing
+    dirty = _dirty_ranges(top, base)
     if plan.via == "commit":
         base = reopen_rw(top, base)
+        # bitmaps first: merge_into checks them as they are on disk (the first write
+        # flags the written image's bitmaps in use); the bits are stored on close
+        _carry_bitmaps(dest=base, src=top, dirty=dirty)
         res = commit_mod.commit(None, None, drop=True, progress=progress, _top=top)
         plan.bytes_copied = res.bytes_copied
         if base.virtual_size > top.virtual_size:
             _shrink(base, top.virtual_size)
-        _carry_bitmaps(dest=base, src=top, plan=plan)
         if plan.keep == "base":
             for overlay in plan.retarget:
                 _repoint(overlay, base)
@@ -395,10 +398,10 @@ def _run(plan: MergePlan, top, progress) -> None:
             if base.format == "qcow2" and (base.header.backing_file or None) != final:
                 base.set_backing(final, plan.new_backing_format)
     else:
+        _carry_bitmaps(dest=top, src=base, dirty=dirty)
         res = stream_mod.stream(None, _backing_target(top, plan), progress=progress,
                                 backing_name=plan.interim_backing, _top=top)
         plan.bytes_copied = res.bytes_copied
-        _carry_bitmaps(dest=top, src=base, plan=plan)
         if plan.keep == "base":
             _take_mode(src_name=plan.base, file=top)
             top.flush()
@@ -460,13 +463,24 @@ def _shrink(img, size: int) -> None:
         img.flush()
 
 
-def _carry_bitmaps(*, dest, src, plan: MergePlan) -> None:
+def _carry_bitmaps(*, dest, src, dirty) -> None:
+    """The merged image carries the bitmaps of both; TOP's clusters are dirty in all."""
     from .. import bitmaps
 
-    carry = getattr(bitmaps, "carry_for_merge", None)
-    if carry is None or dest.format != "qcow2" or src.format != "qcow2":
-        return
-    carry(dest, src, top=dest if plan.via == "stream" else src)
+    if dest.format == "qcow2" and src.format == "qcow2" and (
+            src.header.bitmaps is not None or dest.header.bitmaps is not None):
+        if bitmaps.merge_problems(dest, src):
+            return  # refused in the plan; --force merges without carrying them
+        bitmaps.merge_into(dest, src, dirty)
+
+
+def _dirty_ranges(top, base) -> list[tuple[int, int]]:
+    """Every range TOP allocates (taken before the copy: a stream fills TOP)."""
+    from .. import bitmaps
+
+    if any(i.format == "qcow2" and i.header.bitmaps is not None for i in (top, base)):
+        return bitmaps.allocated_ranges(top)
+    return []
 
 
 def _take_mode(*, src_name: str, file) -> None:
