@@ -94,3 +94,87 @@ def test_rebase_onto_sibling_still_works(chain, capsys):
     with pyqcow.open(top) as img:
         assert img.read(0, 256 * KiB) == b"\xb0" * (256 * KiB)
         assert img.read(MiB, 128 * KiB) == b"\x70" * (128 * KiB)
+
+
+# -- item 21: -f FMT wherever qemu-img takes it ---------------------------------------------
+@pytest.fixture
+def raw_file(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.raw"
+    p.write_bytes(b"\x5a" * (64 * KiB))
+    return p
+
+
+def test_check_raw_exits_63_like_qemu_img(raw_file, chain, capsys):
+    import subprocess
+
+    from qemu import require_tool
+
+    qemu_img = require_tool("qemu-img")
+    base, _ = chain
+    for argv in ([raw_file], ["-f", "raw", raw_file], ["-f", "raw", base]):
+        q = subprocess.run([qemu_img, "check", *map(str, argv)], capture_output=True, text=True,
+                           check=False)
+        assert q.returncode == 63 and "This image format does not support checks" in q.stderr
+        status, out, err = run(capsys, "check", *argv)
+        assert status == 63, err
+        assert out == ""
+        assert err == f"pyqcow: {argv[-1]}: This image format does not support checks\n"
+
+
+def test_check_f_qcow2(raw_file, chain, capsys):
+    base, _ = chain
+    status, out, err = run(capsys, "check", "-f", "qcow2", base)
+    assert status == 0, err
+    assert "No errors were found on the image." in out
+    status, out, err = run(capsys, "check", "-f", "qcow2", raw_file)
+    assert status == 1 and len(err.splitlines()) == 1, err
+    assert f"pyqcow: {raw_file}: not a qcow2 image" in err
+
+
+def test_commit_f(raw_file, chain, capsys):
+    base, top = chain
+    status, _, err = run(capsys, "commit", "-f", "qcow2", "-d", top)
+    assert status == 0, err
+    with pyqcow.open(base) as img:
+        assert img.read(MiB, 128 * KiB) == b"\x70" * (128 * KiB)
+    # the given format is used, never probed: TOP read as raw has no backing file
+    before = snapshot_files(base.parent)
+    status, _, err = run(capsys, "commit", "-f", "raw", top)
+    assert status == 1 and "no backing file" in err, err
+    status, _, err = run(capsys, "commit", "-f", "qcow2", raw_file)
+    assert status == 1 and "not a qcow2 image" in err, err
+    assert snapshot_files(base.parent) == before
+
+
+def test_rebase_f(raw_file, chain, capsys):
+    base, top = chain
+    before = snapshot_files(base.parent)
+    status, _, err = run(capsys, "rebase", "-f", "raw", "-u", "-b", "", top)
+    assert status == 1 and "opened as raw (-f raw)" in err, err
+    status, _, err = run(capsys, "rebase", "-f", "qcow2", "-u", "-b", "", raw_file)
+    assert status == 1 and "not a qcow2 image" in err, err
+    assert snapshot_files(base.parent) == before
+    status, _, err = run(capsys, "rebase", "-f", "qcow2", "-u", "-b", "", top)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("command", ["info", "map"])
+def test_info_map_f_uses_the_given_format(raw_file, chain, capsys, command):
+    base, _ = chain
+    status, out, err = run(capsys, command, "-f", "raw", "--output", "json", base)
+    assert status == 0, err
+    if command == "info":
+        import json
+
+        assert json.loads(out)["format"] == "raw"
+        assert json.loads(out)["virtual-size"] == base.stat().st_size
+    status, _, err = run(capsys, command, "-f", "qcow2", raw_file)
+    assert status == 1 and "not a qcow2 image" in err, err
+
+
+def test_compare_f_and_F(raw_file, chain, capsys):
+    base, _ = chain
+    status, out, err = run(capsys, "compare", "-f", "raw", "-F", "raw", base, base)
+    assert status == 0 and "identical" in out, err
+    status, _, err = run(capsys, "compare", "-f", "qcow2", raw_file, base)
+    assert status == 2 and "not a qcow2 image" in err, err
