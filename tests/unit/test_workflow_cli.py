@@ -178,3 +178,34 @@ def test_compare_f_and_F(raw_file, chain, capsys):
     assert status == 0 and "identical" in out, err
     status, _, err = run(capsys, "compare", "-f", "qcow2", raw_file, base)
     assert status == 2 and "not a qcow2 image" in err, err
+
+
+# -- item 27: write_atomic never touches the process-wide umask ------------------------------
+def test_write_atomic_never_changes_umask(tmp_path: Path, monkeypatch) -> None:
+    import stat
+
+    from pyqcow.libvirt import write_atomic
+
+    mask = os.umask(0o027)
+    os.umask(mask)
+
+    def no_umask(*_):
+        raise AssertionError("os.umask called: it changes the umask of every thread")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    new = tmp_path / "new.xml"
+    write_atomic(new, b"<domain/>")
+    assert new.read_bytes() == b"<domain/>"
+    assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~mask
+    old = tmp_path / "old.xml"
+    old.write_bytes(b"old")
+    for mode in (0o640, 0o604, 0o600):
+        old.chmod(mode)
+        write_atomic(old, b"<domain/>")
+        assert old.read_bytes() == b"<domain/>"
+        assert stat.S_IMODE(old.stat().st_mode) == mode
+    if os.geteuid() == 0:
+        os.chown(old, 4321, 4322)
+        write_atomic(old, b"<domain type='kvm'/>")
+        assert (old.stat().st_uid, old.stat().st_gid) == (4321, 4322)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.xml", "old.xml"]
