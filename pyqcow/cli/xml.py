@@ -4,9 +4,11 @@ commands (``create -b``, ``commit``, ``stream``, ``rebase``, ``merge``).
 
 Plan, then apply (as virt-xml does):
 
-1. :meth:`DomainXmlUpdate.prepare` reads the domain XML and finds the disk
-   before any image is touched, so an unreadable XML or an unknown target
-   fails first and nothing is created or written;
+1. :meth:`DomainXmlUpdate.prepare` reads the domain XML, finds the disk and
+   proves the XML's directory writable (creates and removes a temporary file
+   as ``write_atomic`` will) before any image is touched, so an unreadable or
+   unwritable XML or an unknown target fails first and nothing is created or
+   written (``--dry-run`` shows the same refusal);
 2. the command computes the chain the disk will name after the operation
    (absolute paths, formats) and :meth:`DomainXmlUpdate.plan` renders the new
    document with :func:`pyqcow.libvirt.rewrite_disk` (which validates it);
@@ -56,6 +58,23 @@ def same_path(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def check_writable(xml_path: str) -> None:
+    """Prove that the XML can be replaced: create and remove a temporary file where
+    ``write_atomic`` will (next to the file a symlink names, with its naming
+    scheme).  DomainXMLError otherwise, before any image is touched."""
+    target = os.path.realpath(xml_path)
+    directory = os.path.dirname(target) or "."
+    try:
+        fd, tmp = libvirt.open_temp(target, 0o600)
+    except OSError as e:
+        raise DomainXMLError(
+            xml_path, f"cannot write a file in its directory {directory} ({e.strerror or e}); "
+                      "it could not be updated after the operation, so nothing was done"
+        ) from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
 # -- the shared options ------------------------------------------------------------------
 def add_domain_xml_args(p: argparse.ArgumentParser, *, dry_run: bool = True) -> None:
     g = p.add_argument_group("libvirt domain XML")
@@ -93,6 +112,7 @@ class DomainXmlUpdate:
             raise DomainXMLError(xml_path, "--domain-xml needs --disk TARGET (e.g. --disk vda)")
         old = libvirt.read_domain(xml_path)
         libvirt.disk_source(old, target, xml_path=xml_path)  # checks the document and disk
+        check_writable(xml_path)
         return cls(xml_path, target, old)
 
     def source(self) -> ChainElement:

@@ -6,7 +6,10 @@ In-process CLI tests (``pyqcow.cli.main.main``), images made with pyqcow's API.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,88 @@ def test_write_atomic_never_changes_umask(tmp_path: Path, monkeypatch) -> None:
         write_atomic(old, b"<domain type='kvm'/>")
         assert (old.stat().st_uid, old.stat().st_gid) == (4321, 4322)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.xml", "old.xml"]
+
+
+# -- item 10: the domain XML is pre-flighted before any image is touched ----------------------
+DOMAIN = """<domain type='kvm'>
+  <name>t</name>
+  <memory unit='KiB'>65536</memory>
+  <os>
+    <type arch='x86_64'>hvm</type>
+  </os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{src}'/>
+      <target dev='vda' bus='virtio'/>{chain}
+    </disk>
+  </devices>
+</domain>
+"""
+
+
+def domain(d: Path, src: Path, chain: str = "") -> Path:
+    d.mkdir(exist_ok=True)
+    p = d / "dom.xml"
+    p.write_text(DOMAIN.format(src=src, chain=chain))
+    return p
+
+
+@contextlib.contextmanager
+def read_only_dir(d: Path):
+    """Make directory ``d`` unwritable, also for root (chmod does not stop root):
+    a read-only bind mount of it onto itself, else the immutable attribute."""
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        try:
+            yield
+        finally:
+            d.chmod(0o755)
+        return
+    ok = subprocess.run(["mount", "--bind", d, d], capture_output=True, check=False)
+    if ok.returncode == 0:
+        try:
+            subprocess.run(["mount", "-o", "remount,bind,ro", d], check=True, capture_output=True)
+            yield
+        finally:
+            subprocess.run(["umount", d], check=True, capture_output=True)
+        return
+    chattr = shutil.which("chattr")
+    if chattr and subprocess.run([chattr, "+i", d], capture_output=True).returncode == 0:
+        try:
+            yield
+        finally:
+            subprocess.run([chattr, "-i", d], check=True, capture_output=True)
+        return
+    pytest.skip("cannot make a directory read-only for root here (no bind mount, no chattr)")
+
+
+def _assert_read_only(d: Path) -> None:
+    with pytest.raises(OSError):
+        (d / "probe").write_bytes(b"")
+
+
+@pytest.mark.parametrize("command", ["create", "commit", "rebase", "stream", "merge"])
+def test_unwritable_xml_directory_refused_before_any_image_changes(chain, capsys, command):
+    base, top = chain
+    xml_dir = base.parent / "xml"
+    dom = domain(xml_dir, top)
+    argv = {
+        "create": ["create", "-b", "top.qcow2", "-F", "qcow2", base.parent / "new.qcow2"],
+        "commit": ["commit", top],
+        "rebase": ["rebase", "-b", "", top],
+        "stream": ["stream", top],
+        "merge": ["merge", top],
+    }[command]
+    before = snapshot_files(base.parent)
+    with read_only_dir(xml_dir):
+        _assert_read_only(xml_dir)
+        status, out, err = run(capsys, *argv, "--domain-xml", dom, "--disk", "vda")
+        dry = run(capsys, *argv, "--domain-xml", dom, "--disk", "vda", "--dry-run")
+    assert status == 1, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"pyqcow: {dom}: cannot write a file in its directory {xml_dir}"), err
+    assert snapshot_files(base.parent) == before  # nothing created, nothing written
+    assert dom.read_text() == DOMAIN.format(src=top, chain="")
+    assert dry[0] == 1 and "cannot write a file in its directory" in dry[2]  # dry run: same refusal
+    assert sorted(p.name for p in xml_dir.iterdir()) == ["dom.xml"]
