@@ -297,3 +297,91 @@ def test_unwritable_xml_directory_refused_before_any_image_changes(chain, capsys
     assert dom.read_text() == DOMAIN.format(src=top, chain="")
     assert dry[0] == 1 and "cannot write a file in its directory" in dry[2]  # dry run: same refusal
     assert sorted(p.name for p in xml_dir.iterdir()) == ["dom.xml"]
+
+
+# -- item 10: xml sync when the disk's <source> no longer exists -----------------------------
+def xml_chain_text(*elements: tuple[Path, str]) -> str:
+    """<backingStore> elements naming ``elements`` (below the source), terminated."""
+    text = ""
+    for path, fmt in reversed(elements):
+        text = (f"<backingStore type='file'><format type='{fmt}'/><source file='{path}'/>"
+                f"{text or '<backingStore/>'}</backingStore>")
+    return "\n      " + (text or "<backingStore/>")
+
+
+def test_xml_sync_after_plain_merge_uses_the_remaining_file(chain, capsys):
+    base, top = chain
+    dom = domain(base.parent / "xml", top, xml_chain_text((base, "qcow2")))
+    status, _, err = run(capsys, "merge", top)  # no --domain-xml: the XML names a deleted top
+    assert status == 0 and not top.exists(), err
+    status, out, err = run(capsys, "xml", "sync", dom, "--disk", "vda")
+    assert status == 0, err
+    assert err.startswith(f"pyqcow: warning: {dom}: disk 'vda' names {top}, which no longer "
+                          f"exists; using {base}"), err
+    text = dom.read_text()
+    assert f"<source file='{base}'/>" in text and str(top) not in text
+    assert run(capsys, "xml", "sync", dom, "--disk", "vda") == (0, "", "")  # now in sync
+
+
+def test_xml_sync_missing_source_picks_the_head_of_the_remaining_chain(tmp_path, capsys):
+    base, mid, top = (tmp_path / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    create(base, SIZE)
+    create(mid, backing="base.qcow2", backing_format="qcow2")
+    dom = domain(tmp_path / "xml", top, xml_chain_text((mid, "qcow2"), (base, "qcow2")))
+    status, _, err = run(capsys, "xml", "sync", "-q", dom, "--disk", "vda")
+    assert (status, err) == (0, ""), err
+    text = dom.read_text()
+    assert f"<source file='{mid}'/>" in text and f"<source file='{base}'/>" in text
+    assert str(top) not in text
+
+
+def test_xml_sync_missing_source_ambiguous_or_nothing_left_refused(tmp_path, capsys):
+    base, mid, top = (tmp_path / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    create(base, SIZE)
+    create(mid, SIZE)  # not backed by base any more: two unrelated heads
+    dom = domain(tmp_path / "xml", top, xml_chain_text((mid, "qcow2"), (base, "qcow2")))
+    xml = dom.read_bytes()
+    status, _, err = run(capsys, "xml", "sync", dom, "--disk", "vda")
+    assert status == 1 and len(err.splitlines()) == 1, err
+    assert f"names {top}, which no longer exists" in err and "--source FILE" in err
+    assert f"{mid}" in err and f"{base}" in err
+    assert dom.read_bytes() == xml
+    mid.unlink()
+    base.unlink()
+    status, _, err = run(capsys, "xml", "sync", dom, "--disk", "vda")
+    assert status == 1 and "no file of its chain in the XML exists" in err, err
+    assert dom.read_bytes() == xml
+
+
+def test_xml_sync_source_option(tmp_path, capsys):
+    base, mid, top = (tmp_path / n for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+    create(base, SIZE)
+    create(mid, SIZE)
+    dom = domain(tmp_path / "xml", top, xml_chain_text((mid, "qcow2"), (base, "qcow2")))
+    xml = dom.read_bytes()
+    # a file of the XML's chain
+    status, _, err = run(capsys, "xml", "sync", dom, "--disk", "vda", "--source", base)
+    assert status == 0, err
+    assert f"<source file='{base}'/>" in dom.read_text() and str(mid) not in dom.read_text()
+    # an image whose chain contains one of the XML's files (a new overlay of base)
+    new = tmp_path / "new.qcow2"
+    create(new, backing="base.qcow2", backing_format="qcow2")
+    status, _, err = run(capsys, "xml", "sync", dom, "--disk", "vda", "--source", new)
+    assert status == 0, err
+    text = dom.read_text()
+    assert f"<source file='{new}'/>" in text and f"<source file='{base}'/>" in text
+    # an unrelated image, or a missing file: refused, XML untouched
+    dom.write_bytes(xml)
+    other = tmp_path / "other.qcow2"
+    create(other, SIZE)
+    status, _, err = run(capsys, "xml", "sync", dom, "--disk", "vda", "--source", other)
+    assert status == 1 and "its backing chain contains none of them" in err, err
+    status, _, err = run(capsys, "xml", "sync", dom, "--disk", "vda", "--source", top)
+    assert status == 1 and "--source: no such file" in err, err
+    assert dom.read_bytes() == xml
+
+
+def test_pending_operation_placeholder():
+    from pyqcow.cli.xml import _pending_operation
+
+    assert _pending_operation("/nonexistent/dom.xml", "vda") is None
