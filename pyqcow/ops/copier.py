@@ -8,6 +8,8 @@ unaligned edges go through read + write.
 
 from __future__ import annotations
 
+import time
+
 from .. import fastcopy
 from ..entries import ClusterType
 from .plan import Piece
@@ -40,6 +42,16 @@ def _src_fd(layer) -> int:
 PREPARE_TABLES = 32
 BATCH_BYTES = 256 * 1024 * 1024
 
+# A batch is copied in slices, each one call into fastcopy (which Python cannot
+# interrupt): progress is reported and Ctrl-C (KeyboardInterrupt) is taken
+# between slices.  The slice size adapts to the measured rate so that a slice
+# takes about SLICE_SECONDS: progress updates several times a second and an
+# interrupt stops the copy well within a second, on fast and slow disks alike.
+SLICE_SECONDS = 0.2
+SLICE_MIN = 1024 * 1024
+SLICE_MAX = 64 * 1024 * 1024
+SLICE_START = 8 * 1024 * 1024
+
 
 class _Batch:
     """Prepared (source fd, source offset, host offset, length) runs not yet copied."""
@@ -51,16 +63,46 @@ class _Batch:
         self.bytes = 0
         self.progress = progress
         self.unreported = 0  # progress is reported once the bytes are really there
+        self.slice = SLICE_START
 
     def done(self, n: int) -> None:
         self.unreported += n
         if not self.runs:
             self.report()
 
-    def report(self) -> None:
-        if self.progress is not None and self.unreported:
-            self.progress.advance(self.unreported)
-        self.unreported = 0
+    def report(self, n: int | None = None) -> None:
+        """Report ``n`` (default: all) of the bytes done but not yet reported."""
+        n = self.unreported if n is None else min(n, self.unreported)
+        if self.progress is not None and n:
+            self.progress.advance(n)
+        self.unreported -= n
+
+    def _slices(self):
+        """The pending runs, cut into lists of about ``self.slice`` bytes."""
+        out: list[tuple[int, int, int]] = []
+        size = 0
+        for src, dst, length in self.runs:
+            while length:
+                take = min(length, self.slice - size)
+                out.append((src, dst, take))
+                size += take
+                src, dst, length = src + take, dst + take, length - take
+                if size >= self.slice:
+                    yield out, size
+                    out, size = [], 0
+        if out:
+            yield out, size
+
+    def _copy_sliced(self) -> None:
+        dst_fd = self.dest.data_hf.fd
+        for runs, size in self._slices():
+            t0 = time.monotonic()
+            fastcopy.copy_runs(self.fd, dst_fd, runs)
+            elapsed = time.monotonic() - t0
+            if elapsed > 0:
+                want = int(size / elapsed * SLICE_SECONDS)
+                self.slice = max(SLICE_MIN, min(SLICE_MAX, want))
+            self.report(size)
 
     def add(self, src_fd: int, runs: list[tuple[int, int, int]]) -> None:
         if src_fd != self.fd:
@@ -73,7 +115,7 @@ class _Batch:
 
     def drain(self) -> None:
         if self.runs:
-            fastcopy.copy_runs(self.fd, self.dest.data_hf.fd, self.runs)
+            self._copy_sliced()
             self.runs = []
             self.bytes = 0
         self.report()
