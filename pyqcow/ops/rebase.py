@@ -138,18 +138,24 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
         prog = copier.Progress(total, progress)
         copied = 0
         cs = top.cluster_size
-        for start, length in ranges:
-            pos = start
-            end = start + length
-            while pos < end:
-                n = min(COMPARE_CHUNK, end - pos)
-                old_buf = _view(old, pos, n)
-                new_buf = _view(new_img, pos, n)
-                if old_buf != new_buf:
-                    copied += _write_differences(top, pos, old_buf, new_buf, cs)
-                prog.advance(n)
-                pos += n
-        top.flush()
+        try:
+            for start, length in ranges:
+                pos = start
+                end = start + length
+                while pos < end:
+                    n = min(COMPARE_CHUNK, end - pos)
+                    old_buf = _view(old, pos, n)
+                    new_buf = _view(new_img, pos, n)
+                    if old_buf != new_buf:
+                        copied += _write_differences(top, pos, old_buf, new_buf, cs)
+                    prog.advance(n)
+                    pos += n
+            top.flush()
+        except BaseException:
+            # Ctrl-C (or an error) in the middle of a write: the in-memory metadata
+            # may be half updated; leave the file as after its last flush
+            copier._abandon(top)
+            raise
         top.set_backing(backing, fmt)
         return RebaseResult(path, backing, copied)
     finally:

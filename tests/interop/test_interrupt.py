@@ -156,3 +156,37 @@ def test_sigint_stops_a_long_copy_within_a_second(tmp_path: Path, command: str) 
         _, rc = qemu.check_json(img)
         assert rc in (0, 3), f"qemu-img check {img.name}: exit {rc}"
     assert qemu.compare(ref, top, fmt_a="raw", fmt_b="qcow2") == 0
+
+
+def test_rebase_interrupted_mid_write_leaves_a_clean_image(tmp_path: Path, monkeypatch) -> None:
+    """A KeyboardInterrupt inside a data write of a safe rebase (between the
+    cluster allocation and the L2 update) must not let close() flush half-made
+    metadata: the image stays as after its last flush, same guest data."""
+    from pyqcow.hostfile import HostFile
+    from pyqcow.ops.rebase import rebase
+
+    qemu.require_tool("qemu-img")
+    old = qemu.create(tmp_path / "old.qcow2", 8 * MiB)
+    qemu.qemu_io(old, f"write -P 0x11 0 {8 * MiB}")
+    qemu.create(tmp_path / "new.qcow2", 8 * MiB)
+    top = qemu.create(tmp_path / "top.qcow2", None, backing=old, backing_fmt="qcow2")
+    qemu.qemu_io(top, f"write -P 0x22 {MiB} {MiB}")
+    ref = qemu.convert_raw(top, tmp_path / "ref.raw")
+    real = HostFile.pwrite
+    calls = []
+
+    def pwrite(self, data, offset):
+        if self.path.endswith("top.qcow2") and len(data) >= 65536:
+            calls.append(offset)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real(self, data, offset)
+
+    monkeypatch.setattr(HostFile, "pwrite", pwrite)
+    with pytest.raises(KeyboardInterrupt):
+        rebase(top, "new.qcow2", backing_format="qcow2")
+    monkeypatch.undo()
+    assert len(calls) >= 3
+    _, rc = qemu.check_json(top)
+    assert rc in (0, 3)
+    assert qemu.compare(ref, top, fmt_a="raw", fmt_b="qcow2") == 0
