@@ -97,11 +97,12 @@ def _stderr_line(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fmt = args.format or probe_format(args.image)  # the given format is never probed
+    found = probe_format(args.image)  # (also: the file exists and can be read)
+    fmt = args.format or found  # a given format is used as given
     if fmt == "raw":
         sys.stderr.write(f"pyqcow: {args.image}: This image format does not support checks\n")
         return EXIT_NOT_SUPPORTED
-    if args.format and probe_format(args.image) != "qcow2":
+    if found != "qcow2":
         raise FormatError(args.image, "not a qcow2 image (bad magic), but -f qcow2 was given")
     result = check(args.image, args.repair, log=_stderr_line, force_share=args.force_share)
     if not args.quiet:

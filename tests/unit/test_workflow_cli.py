@@ -124,6 +124,11 @@ def test_check_raw_exits_63_like_qemu_img(raw_file, chain, capsys):
         assert err == f"pyqcow: {argv[-1]}: This image format does not support checks\n"
 
 
+def test_check_f_raw_missing_file_is_an_error(tmp_path, capsys):
+    status, _, err = run(capsys, "check", "-f", "raw", tmp_path / "missing.raw")
+    assert status == 1 and "no such file" in err, err
+
+
 def test_check_f_qcow2(raw_file, chain, capsys):
     base, _ = chain
     status, out, err = run(capsys, "check", "-f", "qcow2", base)
