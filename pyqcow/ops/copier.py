@@ -53,6 +53,46 @@ SLICE_MAX = 64 * 1024 * 1024
 SLICE_START = 8 * 1024 * 1024
 
 
+class Slicer:
+    """``fastcopy.copy_runs`` in calls of about SLICE_SECONDS each.
+
+    ``report(n)`` (optional) is called after each call with the bytes it
+    covered; a KeyboardInterrupt is raised between calls.  One Slicer per copy
+    (it learns the rate).  Also for copies outside this module (convert).
+    """
+
+    def __init__(self) -> None:
+        self.size = SLICE_START
+
+    def _cut(self, runs):
+        out: list[tuple[int, int, int]] = []
+        size = 0
+        for src, dst, length in runs:
+            while length:
+                take = min(length, self.size - size)
+                out.append((src, dst, take))
+                size += take
+                src, dst, length = src + take, dst + take, length - take
+                if size >= self.size:
+                    yield out, size
+                    out, size = [], 0
+        if out:
+            yield out, size
+
+    def copy_runs(self, src_fd: int, dst_fd: int, runs, *, skip_zero: bool = False,
+                  report=None) -> int:
+        written = 0
+        for part, size in self._cut(runs):
+            t0 = time.monotonic()
+            written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero)
+            elapsed = time.monotonic() - t0
+            if elapsed > 0:
+                self.size = max(SLICE_MIN, min(SLICE_MAX, int(size / elapsed * SLICE_SECONDS)))
+            if report is not None:
+                report(size)
+        return written
+
+
 class _Batch:
     """Prepared (source fd, source offset, host offset, length) runs not yet copied."""
 
@@ -63,7 +103,7 @@ class _Batch:
         self.bytes = 0
         self.progress = progress
         self.unreported = 0  # progress is reported once the bytes are really there
-        self.slice = SLICE_START
+        self.slicer = Slicer()
 
     def done(self, n: int) -> None:
         self.unreported += n
@@ -77,33 +117,6 @@ class _Batch:
             self.progress.advance(n)
         self.unreported -= n
 
-    def _slices(self):
-        """The pending runs, cut into lists of about ``self.slice`` bytes."""
-        out: list[tuple[int, int, int]] = []
-        size = 0
-        for src, dst, length in self.runs:
-            while length:
-                take = min(length, self.slice - size)
-                out.append((src, dst, take))
-                size += take
-                src, dst, length = src + take, dst + take, length - take
-                if size >= self.slice:
-                    yield out, size
-                    out, size = [], 0
-        if out:
-            yield out, size
-
-    def _copy_sliced(self) -> None:
-        dst_fd = self.dest.data_hf.fd
-        for runs, size in self._slices():
-            t0 = time.monotonic()
-            fastcopy.copy_runs(self.fd, dst_fd, runs)
-            elapsed = time.monotonic() - t0
-            if elapsed > 0:
-                want = int(size / elapsed * SLICE_SECONDS)
-                self.slice = max(SLICE_MIN, min(SLICE_MAX, want))
-            self.report(size)
-
     def add(self, src_fd: int, runs: list[tuple[int, int, int]]) -> None:
         if src_fd != self.fd:
             self.drain()
@@ -115,7 +128,7 @@ class _Batch:
 
     def drain(self) -> None:
         if self.runs:
-            self._copy_sliced()
+            self.slicer.copy_runs(self.fd, self.dest.data_hf.fd, self.runs, report=self.report)
             self.runs = []
             self.bytes = 0
         self.report()

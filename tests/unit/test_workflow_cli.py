@@ -390,3 +390,37 @@ def test_pending_operation_placeholder():
     from pyqcow.cli.xml import _pending_operation
 
     assert _pending_operation("/nonexistent/dom.xml", "vda") is None
+
+
+# -- item 20: the copier works in short, reported slices ---------------------------------------
+def test_slicer_copies_exactly_the_runs_in_short_reported_calls(tmp_path: Path, monkeypatch):
+    from pyqcow import fastcopy
+    from pyqcow.ops import copier
+
+    src_data = os.urandom(3 * MiB)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(src_data)
+    dst.write_bytes(bytes(4 * MiB))
+    runs = [(0, MiB, 1536 * KiB), (2 * MiB, 0, 512 * KiB), (1536 * KiB, 3 * MiB, 700 * KiB)]
+    calls: list[int] = []
+    real = fastcopy.copy_runs
+
+    def counting(s, d, part, **kw):
+        calls.append(sum(r[2] for r in part))
+        return real(s, d, part, **kw)
+
+    monkeypatch.setattr(fastcopy, "copy_runs", counting)
+    monkeypatch.setattr(copier, "SLICE_START", 256 * KiB)
+    monkeypatch.setattr(copier, "SLICE_MAX", 256 * KiB)
+    monkeypatch.setattr(copier, "SLICE_MIN", 64 * KiB)
+    reported: list[int] = []
+    slicer = copier.Slicer()
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        slicer.copy_runs(s.fileno(), d.fileno(), runs, report=reported.append)
+    total = sum(r[2] for r in runs)
+    assert max(calls) <= 256 * KiB and sum(calls) == total
+    assert reported == calls
+    expect = bytearray(4 * MiB)
+    for so, do, n in runs:
+        expect[do : do + n] = src_data[so : so + n]
+    assert dst.read_bytes() == bytes(expect)
