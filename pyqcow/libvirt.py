@@ -35,9 +35,8 @@ import difflib
 import errno
 import os
 import re
+import secrets
 import stat
-import tempfile
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -757,14 +756,28 @@ def rewrite_disk(
 # Writing
 # --------------------------------------------------------------------------
 
-_umask_lock = threading.Lock()
+#: temporary files next to the target: ".<name>.<8 random hex digits>.tmp"
+_TEMP_ATTEMPTS = 100
 
 
-def _current_umask() -> int:
-    with _umask_lock:
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return mask
+def open_temp(target: str, mode: int = 0o666) -> tuple[int, str]:
+    """Create and open (write-only) a new temporary file next to ``target``.
+
+    Named ``.<target name>.<random>.tmp`` in ``target``'s directory, created
+    with ``O_EXCL | O_NOFOLLOW`` and ``mode`` (the kernel applies the umask; the
+    process-wide umask is never read or changed, which would not be
+    thread-safe).  Returns (fd, path).  ``OSError`` passes through.
+    """
+    directory = os.path.dirname(target) or "."
+    prefix = f".{os.path.basename(target)}."
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(_TEMP_ATTEMPTS):
+        tmp = os.path.join(directory, f"{prefix}{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no usable temporary file name", os.path.join(directory, prefix))
 
 
 def _fsync_dir(directory: str) -> None:
@@ -794,7 +807,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         st: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
         st = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    # a new file gets 0666 minus the umask from the kernel, as open(2) would give
+    # it; an existing file's mode is set with fchmod below (0600 until then)
+    fd, tmp = open_temp(target, 0o666 if st is None else 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -808,8 +823,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
                     except PermissionError:
                         pass
                 os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            else:
-                os.fchmod(f.fileno(), 0o666 & ~_current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:

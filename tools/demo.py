@@ -8,7 +8,9 @@ base.qcow2, without copying the whole disk: pyqcow measures both directions
 (commit new into base, or stream base into new and rename) and copies the
 cheaper one, and rewrites the domain XML to match.
 
-Everything happens in ./demo-out/ (recreated each run; --out DIR to choose):
+Everything happens in ./demo-out/ in the current directory (--out DIR to choose).
+It is recreated each run, but only if an earlier run made it (it holds a
+.pyqcow-demo marker): any other existing directory is refused, never deleted.
 
     1. base.qcow2 (64 MiB, 48 MiB of data written with qemu-io)
     2. dom.xml, a libvirt domain whose disk vda is base.qcow2 (absolute paths)
@@ -212,10 +214,33 @@ def demo(out: Path) -> None:
     print("\ndemo: OK: base.qcow2 holds the guest's data and dom.xml names it")
 
 
+MARKER = ".pyqcow-demo"
+
+
+def prepare_out(out: Path) -> None:
+    """Make ``out`` an empty directory holding the demo's marker.
+
+    An existing ``out`` is deleted only if an earlier demo made it (marker
+    present, or empty); anything else is refused, untouched.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DemoError(f"{out} exists and is not a directory; not touching it (use --out DIR)")
+    if out.exists():
+        if not (out / MARKER).is_file() and any(out.iterdir()):
+            raise DemoError(
+                f"{out} exists and was not made by the demo (no {MARKER} in it); "
+                "not deleting it (remove it, or use --out DIR)"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by pyqcow's tools/demo; deleted by its next run\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "demo-out",
-                    help="directory for the demo files (default: ./demo-out)")
+    ap.add_argument("--out", type=Path, default=Path("demo-out"),
+                    help="directory for the demo files (default: ./demo-out in the current "
+                         "directory; recreated if an earlier demo made it, else refused)")
     args = ap.parse_args(argv)
 
     for tool in ("qemu-img", "qemu-io"):
@@ -224,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     out: Path = args.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    try:
+        prepare_out(out)
+    except DemoError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
     try:
         demo(out)
     except DemoError as e:

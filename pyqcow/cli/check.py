@@ -1,9 +1,9 @@
-"""``pyqcow check [--output human|json] [-r leaks|all] [-q] [-U] IMAGE``
+"""``pyqcow check [--output human|json] [-r leaks|all] [-q] [-U] [-f FMT] IMAGE``
 
 Consistency check (and repair) of a qcow2 image with qemu-img check's output:
 the same JSON (``--output=json``), the same human report, the same messages on
 stderr and the same exit status (0 clean, 1 the check could not complete,
-2 corruptions, 3 leaked clusters only).
+2 corruptions, 3 leaked clusters only, 63 the format has no check: raw).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..chain import probe_format
 from ..check import CheckResult, check
+from ..errors import FormatError
 from .output import qemu_json
 
 
@@ -40,8 +42,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="check even if another process (a VM) has the image open (read-only)",
     )
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), metavar="FMT",
+                   help="image format: qcow2 or raw (default: probe); as qemu-img, a raw "
+                        "image cannot be checked (exit status 63)")
     p.add_argument("image", metavar="IMAGE")
     return p
+
+
+#: qemu-img check's exit status when the format has no check ("This image
+#: format does not support checks": -ENOTSUP from bdrv_check, qemu-img.c)
+EXIT_NOT_SUPPORTED = 63
 
 
 def human_report(result: CheckResult) -> str:
@@ -87,6 +97,13 @@ def _stderr_line(line: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    found = probe_format(args.image)  # (also: the file exists and can be read)
+    fmt = args.format or found  # a given format is used as given
+    if fmt == "raw":
+        sys.stderr.write(f"pyqcow: {args.image}: This image format does not support checks\n")
+        return EXIT_NOT_SUPPORTED
+    if found != "qcow2":
+        raise FormatError(args.image, "not a qcow2 image (bad magic), but -f qcow2 was given")
     result = check(args.image, args.repair, log=_stderr_line, force_share=args.force_share)
     if not args.quiet:
         if args.output == "json":

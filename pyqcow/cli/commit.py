@@ -1,4 +1,4 @@
-"""``pyqcow commit [-b BASE] [-d] [-p] [-q] TOP``
+"""``pyqcow commit [-f FMT] [-b BASE] [-d] [-p] [-q] TOP``
 
 Like ``qemu-img commit``: copy every range TOP (and every image between TOP
 and BASE) allocates into BASE (TOP's backing file without ``-b``), then empty
@@ -40,6 +40,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "file); implies -d")
     p.add_argument("-d", dest="drop", action="store_true",
                    help="do not empty TOP after the commit")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), metavar="FMT",
+                   help="format of TOP: qcow2 or raw (default: probe); only a qcow2 image "
+                        "has a backing file to commit into")
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("top", metavar="TOP")
@@ -64,7 +67,7 @@ def locate_base(top, base: str | None):
 
 def run(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
-    with open_image(args.top, "r", force_share=True) as top:
+    with open_image(args.top, "r", format=args.format, force_share=True) as top:
         _parent, base_img = locate_base(top, args.base)
         base_path = base_img.path
         nbytes = data_bytes(commit_op.plan_commit(top, base_img))

@@ -170,9 +170,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error_status
 
 
+def _on_sigint(signum, frame) -> None:
+    """The first Ctrl-C raises KeyboardInterrupt (wherever the program is: main
+    turns it into one line and status 130); later ones are ignored while the
+    operation stops, so that no second KeyboardInterrupt can interrupt the
+    clean-up or the message and show a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def entry() -> None:
-    """Console-script entry point (``pyqcow = "pyqcow.cli.main:entry"``)."""
-    sys.exit(main())
+    """Console-script entry point (``pyqcow = "pyqcow.cli.main:entry"``).
+
+    Ctrl-C at any moment from here on ends the process with ``pyqcow:
+    interrupted`` and exit status 130, never a traceback.  A launcher may start
+    the process with SIGINT blocked (e.g. ``env --block-signal=INT``), which
+    covers the interpreter's own start-up: a Ctrl-C that came meanwhile stays
+    pending and is delivered here, once the handler is in place.
+    """
+    import signal
+
+    status = EXIT_INTERRUPTED
+    try:
+        signal.signal(signal.SIGINT, _on_sigint)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        status = main()
+    except KeyboardInterrupt:  # outside main's own try (its first or last lines)
+        _error("interrupted")
+        status = EXIT_INTERRUPTED
+    finally:
+        # the work is done (or abandoned): a Ctrl-C now must not change the outcome
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

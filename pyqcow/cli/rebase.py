@@ -21,7 +21,7 @@ import sys
 
 from .. import spec
 from ..chain import probe_format, resolve_backing
-from ..errors import OperationError
+from ..errors import FormatError, OperationError
 from ..libvirt import ChainElement
 from ..ops import rebase as rebase_op
 from .progress import add_progress_args, progress_from_args
@@ -42,7 +42,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-u", dest="unsafe", action="store_true",
                    help="unsafe: only rewrite the header (the new backing must hold the "
                         "same data)")
-    p.add_argument("-f", dest="format", choices=("qcow2",), help="image format (only qcow2)")
+    p.add_argument("-f", dest="format", choices=("qcow2", "raw"), metavar="FMT",
+                   help="format of IMAGE: qcow2 or raw (default: probe); only a qcow2 image "
+                        "has a backing file")
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("image", metavar="IMAGE")
@@ -59,9 +61,13 @@ def run(args: argparse.Namespace) -> int:
         )
     if not os.path.exists(image):
         raise OperationError(image, "no such file")
-    fmt = probe_format(image)
+    fmt = args.format or probe_format(image)
     if fmt != "qcow2":
-        raise OperationError(image, f"is a {fmt} image; only qcow2 images have a backing file")
+        how = "opened as raw (-f raw)" if args.format else "a raw image"
+        raise OperationError(image, f"is {how}; only qcow2 images have a backing file")
+    if probe_format(image) != "qcow2":
+        raise FormatError(image, "not a qcow2 image (bad magic), but -f qcow2 was given")
+    rebase_op.check_no_loop(image, backing, args.backing_format)
     update = DomainXmlUpdate.prepare(args)
     bfmt = args.backing_format
     bpath = None

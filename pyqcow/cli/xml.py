@@ -1,12 +1,14 @@
-"""``pyqcow xml sync DOMAIN_XML --disk TARGET [--dry-run]``, and the
+"""``pyqcow xml sync DOMAIN_XML --disk TARGET [--source FILE] [--dry-run]``, and the
 ``--domain-xml FILE --disk TARGET [--dry-run]`` plumbing shared by the chain
 commands (``create -b``, ``commit``, ``stream``, ``rebase``, ``merge``).
 
 Plan, then apply (as virt-xml does):
 
-1. :meth:`DomainXmlUpdate.prepare` reads the domain XML and finds the disk
-   before any image is touched, so an unreadable XML or an unknown target
-   fails first and nothing is created or written;
+1. :meth:`DomainXmlUpdate.prepare` reads the domain XML, finds the disk and
+   proves the XML's directory writable (creates and removes a temporary file
+   as ``write_atomic`` will) before any image is touched, so an unreadable or
+   unwritable XML or an unknown target fails first and nothing is created or
+   written (``--dry-run`` shows the same refusal);
 2. the command computes the chain the disk will name after the operation
    (absolute paths, formats) and :meth:`DomainXmlUpdate.plan` renders the new
    document with :func:`pyqcow.libvirt.rewrite_disk` (which validates it);
@@ -17,6 +19,15 @@ Plan, then apply (as virt-xml does):
 
 After the operation ``apply`` re-reads the chain from the images; if it is not
 the one planned (it should always be), the images win and a warning says so.
+
+``xml sync`` when the disk's ``<source>`` no longer exists (a plain ``merge``
+removed it): ``--source FILE`` names the new top (a file of the disk's chain in
+the XML, or an image whose backing chain contains one of them); without it,
+the existing files of the XML's chain that are not below another one in the
+images' chains are the candidates, and exactly one is used, with a warning;
+otherwise the sync is refused, listing what exists.  (An interrupted
+operation's intent record, when there is one, goes first:
+``_pending_operation``.)
 
 ``xml sync`` never guesses a format: the top image is opened with the format
 the disk's ``<driver type>`` gives (libvirt's own rule: a raw disk is never
@@ -56,6 +67,23 @@ def same_path(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def check_writable(xml_path: str) -> None:
+    """Prove that the XML can be replaced: create and remove a temporary file where
+    ``write_atomic`` will (next to the file a symlink names, with its naming
+    scheme).  DomainXMLError otherwise, before any image is touched."""
+    target = os.path.realpath(xml_path)
+    directory = os.path.dirname(target) or "."
+    try:
+        fd, tmp = libvirt.open_temp(target, 0o600)
+    except OSError as e:
+        raise DomainXMLError(
+            xml_path, f"cannot write a file in its directory {directory} ({e.strerror or e}); "
+                      "it could not be updated after the operation, so nothing was done"
+        ) from e
+    os.close(fd)
+    os.unlink(tmp)
+
+
 # -- the shared options ------------------------------------------------------------------
 def add_domain_xml_args(p: argparse.ArgumentParser, *, dry_run: bool = True) -> None:
     g = p.add_argument_group("libvirt domain XML")
@@ -93,6 +121,7 @@ class DomainXmlUpdate:
             raise DomainXMLError(xml_path, "--domain-xml needs --disk TARGET (e.g. --disk vda)")
         old = libvirt.read_domain(xml_path)
         libvirt.disk_source(old, target, xml_path=xml_path)  # checks the document and disk
+        check_writable(xml_path)
         return cls(xml_path, target, old)
 
     def source(self) -> ChainElement:
@@ -173,6 +202,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("domain_xml", metavar="DOMAIN_XML")
     s.add_argument("--disk", metavar="TARGET", required=True,
                    help="the disk to rewrite, by its <target dev> (e.g. vda)")
+    s.add_argument("--source", metavar="FILE",
+                   help="the image the disk names from now on (its new top): a file of "
+                        "the disk's chain in the XML, or an image whose backing chain "
+                        "contains one of them; needed when <source> no longer exists and "
+                        "the XML's chain does not say which file replaced it")
     s.add_argument("--dry-run", action="store_true",
                    help="print the unified diff of the change and write nothing")
     s.add_argument("-q", dest="quiet", action="store_true", help="print nothing on success")
@@ -190,10 +224,104 @@ def run(args: argparse.Namespace) -> int:
     raise OperationError(None, f"unknown xml action {args.xml_command!r}")  # pragma: no cover
 
 
+def _pending_operation(xml_path: str, target: str):
+    """The interrupted multi-file operation (intent record) that concerns disk
+    ``target`` of the domain XML ``xml_path``, or None.
+
+    PLACEHOLDER for the intent-record lookup (issue 11, item 10: ``pyqcow
+    recover``): returns None for now.  When it returns a record, ``xml sync``
+    refuses to guess a new top and sends the user to ``pyqcow recover``.
+    """
+    return None
+
+
+def _exists(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+def _heads(elements: list[ChainElement]) -> list[ChainElement]:
+    """The existing files of ``elements`` that are not in the backing chain (read
+    from the images) of another existing one: the candidates for the new top."""
+    existing = [e for e in elements if _exists(e.path)]
+    below: list[str] = []
+    for e in existing:
+        try:
+            below += [c.path for c in image_chain(e.path, e.format)[1:]]
+        except Exception:  # noqa: BLE001, S112 - an unreadable image is still a candidate
+            continue
+    return [e for e in existing if not any(same_path(e.path, b) for b in below)]
+
+
+def _explicit_source(update: DomainXmlUpdate, xml_chain: list[ChainElement], name: str) -> ChainElement:
+    """``--source FILE``: a file of the XML's chain, or an image whose chain
+    contains one of them (its format: the XML's for a file of the chain, else
+    the disk's ``<driver type>``, never probed)."""
+    path = os.path.abspath(name)
+    if not _exists(path):
+        raise OperationError(name, "--source: no such file")
+    for e in xml_chain:
+        if same_path(e.path, path):
+            return ChainElement(path, e.format)
+    fmt = xml_chain[0].format
+    try:
+        chain = image_chain(path, fmt)
+    except Exception as e:  # noqa: BLE001 - reported as the reason
+        raise DomainXMLError(update.path, f"--source {name}: cannot read its chain ({e})") from e
+    if not any(same_path(c.path, e.path) for c in chain for e in xml_chain if _exists(e.path)):
+        names = ", ".join(e.path for e in xml_chain)
+        raise DomainXMLError(
+            update.path,
+            f"--source {path} is not a file of disk '{update.target}' ({names}) and its "
+            "backing chain contains none of them; refusing to point the disk at another disk",
+        )
+    return ChainElement(path, fmt)
+
+
+def _choose_top(update: DomainXmlUpdate, source: str | None, quiet: bool) -> ChainElement:
+    """The image the disk names after the sync (see ``xml sync --help``)."""
+    src = update.source()
+    xml_chain = libvirt.disk_chain(update.old, update.target, xml_path=update.path)
+    if source is not None:
+        return _explicit_source(update, xml_chain, source)
+    if _exists(src.path) or not os.path.isabs(src.path):
+        return src
+    pending = _pending_operation(update.path, update.target)
+    if pending is not None:
+        raise DomainXMLError(
+            update.path, f"disk '{update.target}': {src.path} no longer exists and an "
+                         f"interrupted operation concerns it; run `pyqcow recover` first"
+        )
+    heads = _heads(xml_chain[1:])
+    if len(heads) == 1:
+        new = heads[0]
+        if not quiet:
+            warnings.warn(
+                f"{update.path}: disk '{update.target}' names {src.path}, which no longer "
+                f"exists; using {new.path}, the one remaining file of its chain in the XML "
+                "(name another with --source FILE)",
+                stacklevel=2,
+            )
+        return new
+    existing = [e.path for e in xml_chain if _exists(e.path)]
+    if not existing:
+        what = "no file of its chain in the XML exists"
+        if len(xml_chain) == 1:
+            what = "the XML names no backing file of it"
+        raise DomainXMLError(
+            update.path, f"disk '{update.target}' names {src.path}, which no longer exists, "
+                         f"and {what}; name the image with --source FILE"
+        )
+    raise DomainXMLError(
+        update.path, f"disk '{update.target}' names {src.path}, which no longer exists, and "
+                     f"more than one file of its chain does ({', '.join(existing)}); name the "
+                     "new top with --source FILE"
+    )
+
+
 def _sync(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
     assert update is not None
-    src = update.source()
+    src = _choose_top(update, getattr(args, "source", None), args.quiet)
     if not os.path.isabs(src.path):
         raise DomainXMLError(update.path, f"disk '{update.target}' source {src.path!r} is not absolute")
     if src.format not in libvirt.FORMATS:

@@ -8,6 +8,8 @@ unaligned edges go through read + write.
 
 from __future__ import annotations
 
+import time
+
 from .. import fastcopy
 from ..entries import ClusterType
 from .plan import Piece
@@ -40,6 +42,56 @@ def _src_fd(layer) -> int:
 PREPARE_TABLES = 32
 BATCH_BYTES = 256 * 1024 * 1024
 
+# A batch is copied in slices, each one call into fastcopy (which Python cannot
+# interrupt): progress is reported and Ctrl-C (KeyboardInterrupt) is taken
+# between slices.  The slice size adapts to the measured rate so that a slice
+# takes about SLICE_SECONDS: progress updates several times a second and an
+# interrupt stops the copy well within a second, on fast and slow disks alike.
+SLICE_SECONDS = 0.2
+SLICE_MIN = 1024 * 1024
+SLICE_MAX = 64 * 1024 * 1024
+SLICE_START = 8 * 1024 * 1024
+
+
+class Slicer:
+    """``fastcopy.copy_runs`` in calls of about SLICE_SECONDS each.
+
+    ``report(n)`` (optional) is called after each call with the bytes it
+    covered; a KeyboardInterrupt is raised between calls.  One Slicer per copy
+    (it learns the rate).  Also for copies outside this module (convert).
+    """
+
+    def __init__(self) -> None:
+        self.size = SLICE_START
+
+    def _cut(self, runs):
+        out: list[tuple[int, int, int]] = []
+        size = 0
+        for src, dst, length in runs:
+            while length:
+                take = min(length, self.size - size)
+                out.append((src, dst, take))
+                size += take
+                src, dst, length = src + take, dst + take, length - take
+                if size >= self.size:
+                    yield out, size
+                    out, size = [], 0
+        if out:
+            yield out, size
+
+    def copy_runs(self, src_fd: int, dst_fd: int, runs, *, skip_zero: bool = False,
+                  report=None) -> int:
+        written = 0
+        for part, size in self._cut(runs):
+            t0 = time.monotonic()
+            written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero)
+            elapsed = time.monotonic() - t0
+            if elapsed > 0:
+                self.size = max(SLICE_MIN, min(SLICE_MAX, int(size / elapsed * SLICE_SECONDS)))
+            if report is not None:
+                report(size)
+        return written
+
 
 class _Batch:
     """Prepared (source fd, source offset, host offset, length) runs not yet copied."""
@@ -51,16 +103,19 @@ class _Batch:
         self.bytes = 0
         self.progress = progress
         self.unreported = 0  # progress is reported once the bytes are really there
+        self.slicer = Slicer()
 
     def done(self, n: int) -> None:
         self.unreported += n
         if not self.runs:
             self.report()
 
-    def report(self) -> None:
-        if self.progress is not None and self.unreported:
-            self.progress.advance(self.unreported)
-        self.unreported = 0
+    def report(self, n: int | None = None) -> None:
+        """Report ``n`` (default: all) of the bytes done but not yet reported."""
+        n = self.unreported if n is None else min(n, self.unreported)
+        if self.progress is not None and n:
+            self.progress.advance(n)
+        self.unreported -= n
 
     def add(self, src_fd: int, runs: list[tuple[int, int, int]]) -> None:
         if src_fd != self.fd:
@@ -73,7 +128,7 @@ class _Batch:
 
     def drain(self) -> None:
         if self.runs:
-            fastcopy.copy_runs(self.fd, self.dest.data_hf.fd, self.runs)
+            self.slicer.copy_runs(self.fd, self.dest.data_hf.fd, self.runs, report=self.report)
             self.runs = []
             self.bytes = 0
         self.report()

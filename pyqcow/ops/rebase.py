@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .. import spec
 from ..chain import open_image, probe_format, resolve_backing
-from ..errors import OperationError
+from ..errors import BackingChainError, OperationError, QcowError
 from ..image import QcowImage
 from . import copier
 from .common import check_backing_target, open_chain, same_file
@@ -28,6 +28,75 @@ def _validate_name(path: str, backing: str) -> None:
         raise OperationError(path, f"backing file name too long ({len(backing.encode())} bytes, maximum 1023)")
 
 
+_HEADER_READ = 2 * 1024 * 1024  # the backing name lies in cluster 0 (at most 2 MiB)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def header_chain(start: str, fmt: str | None = None) -> list[str]:
+    """The chain ``start`` heads, as file names, read from the headers alone.
+
+    No image is opened (so no lock is taken and nothing is validated beyond the
+    header): this is for finding loops before anything is opened read-write.
+    The walk stops quietly at a missing, unreadable or non-qcow2 file, at a
+    repeated file and at the depth limit; opening the chain reports those.
+    """
+    from ..header import parse_header
+
+    names = [start]
+    seen = {_identity(start)}
+    cur, cur_fmt = start, fmt
+    while len(names) <= spec.MAX_CHAIN_DEPTH:
+        try:
+            if (cur_fmt or probe_format(cur)) != "qcow2":
+                break
+            with open(cur, "rb") as f:
+                head = f.read(_HEADER_READ)
+            h = parse_header(cur, head, os.path.getsize(cur))
+            if not h.backing_file:
+                break
+            nxt = resolve_backing(cur, h.backing_file)
+        except (OSError, QcowError):
+            break
+        if not os.path.exists(nxt):
+            break
+        names.append(nxt)
+        ident = _identity(nxt)
+        if ident in seen:
+            break
+        seen.add(ident)
+        cur, cur_fmt = nxt, h.backing_format or None
+    return names
+
+
+def check_no_loop(path, backing: str | None, backing_format: str | None = None) -> None:
+    """Refuse (BackingChainError) if making ``backing`` the backing file of ``path``
+    would make a loop: ``backing`` is ``path`` itself or has it in its chain."""
+    if not backing:
+        return
+    path = os.fspath(path)
+    try:
+        full = resolve_backing(path, backing)
+    except QcowError:
+        return  # not a local file: reported by the rebase itself
+    if not os.path.exists(full):
+        return
+    chain = header_chain(full, backing_format)
+    for i, name in enumerate(chain):
+        if same_file(name, path):
+            names = " -> ".join([path, *chain[: i + 1]])
+            raise BackingChainError(
+                path, f"backing file {backing!r} would make a backing loop ({names}); "
+                      "an image cannot be in its own backing chain"
+            )
+
+
 def rebase(path, backing: str | None, *, backing_format: str | None = None, unsafe: bool = False,
            progress=None) -> RebaseResult:
     path = os.fspath(path)
@@ -36,6 +105,9 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
         _validate_name(path, backing)
         if backing_format not in (None, "qcow2", "raw"):
             raise OperationError(path, f"unsupported backing format {backing_format!r}")
+        # before anything is opened (read-write, with locks): our own lock on an
+        # image of the loop would otherwise be reported as another process's
+        check_no_loop(path, backing, backing_format)
     if unsafe:
         fmt = backing_format
         if backing is not None and fmt is None:
@@ -66,18 +138,24 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
         prog = copier.Progress(total, progress)
         copied = 0
         cs = top.cluster_size
-        for start, length in ranges:
-            pos = start
-            end = start + length
-            while pos < end:
-                n = min(COMPARE_CHUNK, end - pos)
-                old_buf = _view(old, pos, n)
-                new_buf = _view(new_img, pos, n)
-                if old_buf != new_buf:
-                    copied += _write_differences(top, pos, old_buf, new_buf, cs)
-                prog.advance(n)
-                pos += n
-        top.flush()
+        try:
+            for start, length in ranges:
+                pos = start
+                end = start + length
+                while pos < end:
+                    n = min(COMPARE_CHUNK, end - pos)
+                    old_buf = _view(old, pos, n)
+                    new_buf = _view(new_img, pos, n)
+                    if old_buf != new_buf:
+                        copied += _write_differences(top, pos, old_buf, new_buf, cs)
+                    prog.advance(n)
+                    pos += n
+            top.flush()
+        except BaseException:
+            # Ctrl-C (or an error) in the middle of a write: the in-memory metadata
+            # may be half updated; leave the file as after its last flush
+            copier._abandon(top)
+            raise
         top.set_backing(backing, fmt)
         return RebaseResult(path, backing, copied)
     finally:

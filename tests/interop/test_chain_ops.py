@@ -658,13 +658,15 @@ def test_rebase_missing_new_backing(make):
         rebase(ours.top, "nope.qcow2", backing_format="qcow2")
 
 
-def test_rebase_onto_itself_refused(make):
-    # (qemu-img rebase -u accepts a loop, so unsafe mode is not checked)
+@pytest.mark.parametrize("unsafe", [False, True], ids=["safe", "unsafe"])
+def test_rebase_onto_itself_refused(make, unsafe):
+    # qemu-img rebase -u accepts a loop; pyqcow refuses it in both modes, before
+    # opening anything (it used to report its own lock as "another process")
     orig, ours, _ = make("qcow2")
-    with _guarded(ours.dir), pytest.raises(QcowError):
-        rebase(ours.base, "top.qcow2", backing_format="qcow2")
-    with _guarded(ours.dir), pytest.raises(QcowError):
-        rebase(ours.top, "top.qcow2", backing_format="qcow2")
+    with _guarded(ours.dir), pytest.raises(QcowError, match=r"would make a backing loop \(.*base"):
+        rebase(ours.base, "top.qcow2", backing_format="qcow2", unsafe=unsafe)
+    with _guarded(ours.dir), pytest.raises(QcowError, match=r"would make a backing loop \(.*top"):
+        rebase(ours.top, "top.qcow2", backing_format="qcow2", unsafe=unsafe)
 
 
 # --------------------------------------------------------------------------- write ordering
