@@ -84,12 +84,16 @@ def run(args: argparse.Namespace) -> int:
         if update is not None:
             update.print_diff()
         return 0
+    if update is not None:
+        update.begin("commit", args.top)
     bar = progress_from_args(args)
     try:
         commit_op.commit(args.top, base_path if args.base is not None else None,
                          drop=drop, progress=bar)
-    except BaseException:
+    except BaseException as e:
         bar.abort()
+        if update is not None:
+            update.abandon(e)
         raise
     bar.finish()
     if update is not None:

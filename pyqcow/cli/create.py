@@ -145,7 +145,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # 2. the image
-    probed = create(image, size, unsafe=args.unsafe, force=args.force, **kwargs)
+    if update is not None:
+        update.begin("create", image)
+    try:
+        probed = create(image, size, unsafe=args.unsafe, force=args.force, **kwargs)
+    except BaseException as e:
+        if update is not None:
+            update.abandon(e)
+        raise
     if probed is not None:
         notice(args, f"{image}: backing file format not given; probed {probed} "
                      f"(pass -F {probed} to say so)")

@@ -20,7 +20,7 @@ import os
 import sys
 
 from .. import spec
-from ..chain import probe_format, resolve_backing
+from ..chain import host_path, probe_format, resolve_backing
 from ..errors import FormatError, OperationError
 from ..libvirt import ChainElement
 from ..ops import rebase as rebase_op
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             bfmt = probe_format(bpath)
     if update is not None:
         update.require_source(image, "the image")
-        chain = [ChainElement(os.path.abspath(image), "qcow2")]
+        chain = [ChainElement(host_path(image), "qcow2")]
         if bpath is not None:
             if not os.path.exists(bpath):
                 raise OperationError(
@@ -93,12 +93,16 @@ def run(args: argparse.Namespace) -> int:
         if update is not None:
             update.print_diff()
         return 0
+    if update is not None:
+        update.begin("rebase", image)
     bar = progress_from_args(args)
     try:
         rebase_op.rebase(image, backing, backing_format=args.backing_format,
                          unsafe=args.unsafe, progress=bar)
-    except BaseException:
+    except BaseException as e:
         bar.abort()
+        if update is not None:
+            update.abandon(e)
         raise
     bar.finish()
     if update is not None:

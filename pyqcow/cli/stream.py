@@ -65,11 +65,15 @@ def run(args: argparse.Namespace) -> int:
         if update is not None:
             update.print_diff()
         return 0
+    if update is not None:
+        update.begin("stream", args.top)
     bar = progress_from_args(args)
     try:
         stream_op.stream(args.top, base_path, progress=bar)
-    except BaseException:
+    except BaseException as e:
         bar.abort()
+        if update is not None:
+            update.abandon(e)
         raise
     bar.finish()
     if update is not None:

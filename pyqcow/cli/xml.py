@@ -106,6 +106,7 @@ class DomainXmlUpdate:
         self.old = old
         self.new: bytes | None = None
         self.chain: list[ChainElement] | None = None
+        self._record = None
 
     # 1. before anything else
     @classmethod
@@ -155,6 +156,22 @@ class DomainXmlUpdate:
         else:
             sys.stdout.write(f"{self.path}: disk '{self.target}' already names this chain\n")
 
+    # 2b. just before the image operation's first change
+    def begin(self, op: str, image: str) -> None:
+        """Write the intent record (images + this XML) that `pyqcow recover` finishes."""
+        from ..ops import intent
+
+        self._record = intent.begin_xml(op, image, self)
+
+    def abandon(self, exc: BaseException) -> None:
+        """The image operation failed cleanly (an error, not a crash or Ctrl-C): there
+        is nothing to finish, the XML keeps naming the images as they were."""
+        from ..errors import QcowError
+
+        if self._record is not None and isinstance(exc, (QcowError, OSError)):
+            self._record.finish()
+            self._record = None
+
     # 3. after the operation succeeded
     def apply(self, actual_top: str | None = None, actual_format: str | None = None) -> bytes:
         """Write the planned document (checked against the images' actual chain)."""
@@ -181,6 +198,9 @@ class DomainXmlUpdate:
             )
         if new != self.old:
             libvirt.write_atomic(self.path, new)
+        if self._record is not None:
+            self._record.finish()
+            self._record = None
         return new
 
 
@@ -225,14 +245,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _pending_operation(xml_path: str, target: str):
-    """The interrupted multi-file operation (intent record) that concerns disk
-    ``target`` of the domain XML ``xml_path``, or None.
+    """The interrupted multi-file operations (intent records) that concern disk
+    ``target`` of the domain XML ``xml_path`` (an empty list if none)."""
+    from ..ops import intent
 
-    PLACEHOLDER for the intent-record lookup (issue 11, item 10: ``pyqcow
-    recover``): returns None for now.  When it returns a record, ``xml sync``
-    refuses to guess a new top and sends the user to ``pyqcow recover``.
-    """
-    return None
+    return intent.find(xml_path, target=target)
 
 
 def _exists(path: str) -> bool:
@@ -286,7 +303,7 @@ def _choose_top(update: DomainXmlUpdate, source: str | None, quiet: bool) -> Cha
     if _exists(src.path) or not os.path.isabs(src.path):
         return src
     pending = _pending_operation(update.path, update.target)
-    if pending is not None:
+    if pending:
         raise DomainXMLError(
             update.path, f"disk '{update.target}': {src.path} no longer exists and an "
                          f"interrupted operation concerns it; run `pyqcow recover` first"
@@ -319,6 +336,16 @@ def _choose_top(update: DomainXmlUpdate, source: str | None, quiet: bool) -> Cha
 
 
 def _sync(args: argparse.Namespace) -> int:
+    # an interrupted operation's intent record goes first: finish it (pyqcow recover)
+    if _pending_operation(args.domain_xml, args.disk):
+        from ..ops import intent
+
+        steps = intent.recover(args.domain_xml, dry_run=args.dry_run, target=args.disk)
+        if not args.quiet:
+            for step in steps:
+                sys.stdout.write(step + "\n")
+        if args.dry_run:
+            return 0
     update = DomainXmlUpdate.prepare(args)
     assert update is not None
     src = _choose_top(update, getattr(args, "source", None), args.quiet)

@@ -191,12 +191,35 @@ def _finish(rec: Record, dry_run: bool) -> list[str]:
     steps: list[str] = []
     if d["op"] == "merge":
         steps += _finish_merge(rec, dry_run)
+    elif rec.xml and not _image_step_done(rec):
+        # a single-image operation that did not finish: the images are as before (or
+        # as the operation left them, consistent), and the XML still names them
+        steps.append(f"{d['op']} of {d.get('kept')} did not complete; the domain XML "
+                     f"{rec.xml['path']} is left as it is")
+        if dry_run:
+            return [f"would note: {s}" for s in steps] + [f"would remove {rec.path}"]
+        rec.finish()
+        return steps + [f"removed {rec.path}"]
     if rec.xml:
         steps += _finish_xml(rec, dry_run)
     if dry_run:
         return [f"would {s}" for s in steps] + [f"would remove {rec.path}"]
     rec.finish()
     return steps + [f"removed {rec.path}"]
+
+
+def _image_step_done(rec: Record) -> bool:
+    """The images' chain is the one the XML update was planned for."""
+    from ..chain import chain_description
+
+    chain = [(p, f) for p, f in (rec.xml or {}).get("chain", [])]
+    if not chain:
+        return False
+    try:
+        with open_image(chain[0][0], "r", format=chain[0][1], force_share=True) as img:
+            return chain_description(img) == chain
+    except (QcowError, OSError):
+        return False
 
 
 def _backing_of(path: str) -> str | None:
@@ -291,7 +314,7 @@ def _finish_xml(rec: Record, dry_run: bool) -> list[str]:
         return []
     old = libvirt.read_domain(xml_path)
     src = libvirt.disk_source(old, disk, xml_path=xml_path)
-    names_ok = {chain[0].path}
+    names_ok = {e.path for e in chain}
     d = rec.data
     names_ok.update(n for n in (d.get("top"), d.get("base"), d.get("kept")) if n)
     if src.path not in names_ok:

@@ -626,3 +626,59 @@ def test_create_domain_xml_names_the_real_file(tmp_path, capsys):
 
     src = re.search(r"<source file='([^']+)'", xml.read_text()).group(1)
     assert os.path.exists(src) and os.path.samefile(src, tmp_path / "pool" / "new.qcow2")
+
+
+def test_xml_sync_finishes_an_interrupted_merge(tmp_path, capsys, monkeypatch):
+    """`pyqcow xml sync` runs the recovery first (no need to know about `recover`)."""
+    d = tmp_path / "vm"
+    base, top = chain(d)
+    xml = _xml(tmp_path, top)
+    content = raw(top, tmp_path)
+    real = merge_mod._remove
+
+    def crash(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_mod, "_remove", crash)
+    rc, out, err = run_cli(capsys, "merge", str(top), "--domain-xml", str(xml), "--disk", "vda")
+    assert rc == 130
+    monkeypatch.undo()
+    assert not top.exists() and str(top) in xml.read_text()
+    rc, out, err = run_cli(capsys, "xml", "sync", str(xml), "--disk", "vda")
+    assert rc == 0, err
+    assert f"file='{base}'" in xml.read_text() and intent.find(str(d)) == []
+    assert raw(base, tmp_path) == content
+
+
+@pytest.mark.parametrize("fail", ["crash", "error"])
+def test_create_xml_record(tmp_path, capsys, monkeypatch, fail):
+    """create -b --domain-xml writes a record first: after a crash between the image
+    and the XML, recover points the XML at the new overlay; after a clean error the
+    record is dropped and the XML is left alone."""
+    d = tmp_path / "vm"
+    d.mkdir()
+    base = qemu.create(d / "base.qcow2", 1 * MiB)
+    xml = _xml(tmp_path, base)
+    from pyqcow.cli import xml as cli_xml
+
+    if fail == "crash":
+        def boom(self, *a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli_xml.DomainXmlUpdate, "apply", boom)
+        rc, out, err = run_cli(capsys, "create", "-b", "base.qcow2", "-F", "qcow2",
+                               str(d / "new.qcow2"), "--domain-xml", str(xml), "--disk", "vda")
+        assert rc == 130
+        monkeypatch.undo()
+        assert str(d / "new.qcow2") not in xml.read_text()
+        rc, out, err = run_cli(capsys, "recover", str(xml))
+        assert rc == 0, err
+        assert f"file='{d / 'new.qcow2'}'" in xml.read_text()
+    else:
+        (d / "new.qcow2").mkdir()  # create fails cleanly: a directory is in the way
+        rc, out, err = run_cli(capsys, "create", "-b", "base.qcow2", "-F", "qcow2",
+                               str(d / "new.qcow2"), "--domain-xml", str(xml), "--disk", "vda")
+        assert rc == 1
+        assert f"file='{base}'" in xml.read_text()
+    assert intent.find(str(d)) == []

@@ -386,10 +386,10 @@ def test_xml_sync_source_option(tmp_path, capsys):
     assert dom.read_bytes() == xml
 
 
-def test_pending_operation_placeholder():
+def test_pending_operation_none_without_records(tmp_path: Path):
     from pyqcow.cli.xml import _pending_operation
 
-    assert _pending_operation("/nonexistent/dom.xml", "vda") is None
+    assert _pending_operation(str(tmp_path / "dom.xml"), "vda") == []
 
 
 # -- item 20: the copier works in short, reported slices ---------------------------------------
