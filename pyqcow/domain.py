@@ -610,7 +610,8 @@ def merge(conn_or_uri, domain_name: str, snapshot_name: str, *, keep: str = "bas
                         "snapshot": snap.name, "created": int(time.time()),
                         "renames": {k: list(v) for k, v in renames.items()}})
     for _target, top, mp, above in jobs:
-        merge_op.merge(top, keep=keep, via=mp.via, progress=progress, retarget=above)
+        merge_op.merge(top, keep=keep, via=mp.via, progress=progress, retarget=above,
+                       _costs=(mp.commit_bytes, mp.stream_bytes))
     # recompute against the files as they are now (idempotent), then apply
     changes = _metadata_with(domain, renames, skip=snap.name)
     _apply_metadata(domain, changes, snap.name)

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     bar = progress_from_args(args)
     try:
         done = merge_op.merge(args.top, keep=args.keep, via=plan.via, progress=bar,
-                              force=args.force, xml_update=update)
+                              force=args.force, xml_update=update,
+                              _costs=(plan.commit_bytes, plan.stream_bytes))
     except BaseException:
         bar.abort()
         raise

@@ -221,14 +221,18 @@ def plan_merge(top_path, *, keep: str = "base", via: str = "auto", force: bool =
             top.close()
 
 
-def _plan(top, keep: str, via: str, force: bool, probe_locks: bool, retarget=()) -> MergePlan:
+def _plan(top, keep: str, via: str, force: bool, probe_locks: bool, retarget=(),
+          costs: tuple[int, int] | None = None) -> MergePlan:
     base = top.backing
     if base is None:
         raise BackingChainError(top.path, "image has no backing file: nothing to merge")
     if top.format != "qcow2":
         raise OperationError(top.path, "merge needs a qcow2 top image")
-    commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
-    stream_bytes = stream_mod.stream_bytes(top, base.backing)
+    if costs is not None:
+        commit_bytes, stream_bytes = costs  # from the plan just shown (informational)
+    else:
+        commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
+        stream_bytes = stream_mod.stream_bytes(top, base.backing)
     retarget = [os.fspath(p) for p in retarget]
     per_dir = {d: _direction_refusals(top, base, keep, d) for d in ("commit", "stream")}
     if retarget:
@@ -331,7 +335,7 @@ def _remove_step(name: str) -> str:
 # -- running --------------------------------------------------------------------------------
 def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = False,
           progress=None, force: bool = False, xml_update=None, retarget=(),
-          _record=None) -> MergePlan:
+          _record=None, _costs: tuple[int, int] | None = None) -> MergePlan:
     """Merge TOP into one image at the kept name (see the module docstring).
 
     ``xml_update``: the domain XML update that goes with it (the CLI's
@@ -349,12 +353,15 @@ def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = Fa
     if _record is not None:
         retarget = _record.data.get("retarget", retarget)
     if via == "auto":
-        via = plan_merge(top_path, keep=keep, via=via, force=force, retarget=retarget).via
+        first = plan_merge(top_path, keep=keep, via=via, force=force, retarget=retarget)
+        via, _costs = first.via, (first.commit_bytes, first.stream_bytes)
     # open with the modes the direction needs: QEMU's locks held from here to the end
     top = open_image(top_path, "r+" if via == "stream" else "r",
                      backing_mode="r+" if via == "commit" else "r")
     try:
-        plan = _plan(top, keep, via, force, False, retarget)
+        # the binding plan, under the locks; the byte counts (which only inform) come
+        # from the plan made just before when the caller has one
+        plan = _plan(top, keep, via, force, False, retarget, _costs)
         if _record is not None:
             plan.new_backing = _record.data.get("new_backing", plan.new_backing)
             plan.removed_files = _record.data.get("removed_files", plan.removed_files)
