@@ -36,8 +36,15 @@ def _block_sigint() -> None:  # runs in the child between fork and exec
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
+@pytest.mark.parametrize("caller_blocks", [True, False], ids=["blocked-start", "plain-start"])
 @pytest.mark.parametrize("delay_ms", [0, 5, 10, 20, 40])
-def test_sigint_at_startup_one_line_and_130(tmp_path: Path, delay_ms: int) -> None:
+def test_sigint_at_startup_one_line_and_130(tmp_path: Path, delay_ms: int,
+                                           caller_blocks: bool) -> None:
+    """The installed `pyqcow` command (tools/launcher/pyqcow) starts Python with SIGINT
+    blocked, so even started plainly it ends with one line and 130 from a few
+    milliseconds on; a signal that lands while the kernel is still exec'ing it or its
+    shell starts kills it with no output at all (status -2, which a shell reports as
+    130)."""
     if not PYQCOW.exists():
         pytest.fail(f"console script {PYQCOW} not installed (tools/test installs it)")
     fifo = tmp_path / "fifo"
@@ -45,7 +52,7 @@ def test_sigint_at_startup_one_line_and_130(tmp_path: Path, delay_ms: int) -> No
     for _ in range(3):
         proc = subprocess.Popen(
             [str(PYQCOW), "info", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=_block_sigint,  # noqa: PLW1509 - the launcher's blocked start
+            preexec_fn=_block_sigint if caller_blocks else None,  # noqa: PLW1509
         )
         time.sleep(delay_ms / 1000)
         proc.send_signal(signal.SIGINT)
@@ -56,6 +63,11 @@ def test_sigint_at_startup_one_line_and_130(tmp_path: Path, delay_ms: int) -> No
             out, err = proc.communicate()
             pytest.fail(f"pyqcow did not stop on SIGINT sent at {delay_ms} ms: {err!r}")
         assert b"Traceback" not in err, err.decode()
+        if not caller_blocks and delay_ms < 20 and proc.returncode == -signal.SIGINT:
+            # killed while the kernel exec'd the launcher or its shell started (a few
+            # ms on a loaded machine), before any Python ran: silent
+            assert (out, err) == (b"", b"")
+            continue
         assert (proc.returncode, out, err) == (130, b"", b"pyqcow: interrupted\n")
 
 
