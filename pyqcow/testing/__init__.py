@@ -36,9 +36,9 @@ def _check_engine() -> None:
 _check_engine()
 
 from . import strategies  # noqa: E402
-from .bounded import BoundedResult, ReaderFailure, run_bounded  # noqa: E402
+from .bounded import BoundedResult, ReaderError, ReaderFailure, run_bounded  # noqa: E402
 from .invalid import InvalidImage, invalid_images  # noqa: E402
 from .strategies import *  # noqa: E402,F403 - the public names, listed once in strategies.__all__
 
-__all__ = ["strategies", *strategies.__all__, "BoundedResult", "InvalidImage", "ReaderFailure",
-           "invalid_images", "run_bounded"]
+__all__ = ["strategies", *strategies.__all__, "BoundedResult", "InvalidImage", "ReaderError",
+           "ReaderFailure", "invalid_images", "run_bounded"]

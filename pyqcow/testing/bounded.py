@@ -31,7 +31,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-__all__ = ["BoundedResult", "ReaderFailure", "run_bounded"]
+__all__ = ["BoundedResult", "ReaderError", "ReaderFailure", "run_bounded"]
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MEMORY = 1 << 30
@@ -44,6 +44,18 @@ class ReaderFailure(AssertionError):
     def __init__(self, message: str, kind: str):
         super().__init__(message)
         self.kind = kind
+
+
+class ReaderError(Exception):
+    """The reader's exception when it cannot travel back from the child as itself
+    (it does not pickle): ``type_name`` and the message are kept."""
+
+    def __init__(self, type_name: str, message: str):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+
+    def __reduce__(self):
+        return (ReaderError, (self.type_name, str(self).partition(": ")[2]))
 
 
 @dataclass
@@ -70,10 +82,10 @@ def _child(w: int, memory: int | None, fn, args, kwargs) -> None:  # pragma: no 
         except BaseException as e:  # noqa: BLE001 - reported to the parent
             tb = traceback.format_exc()
             try:
-                pickle.dumps(e)
+                pickle.loads(pickle.dumps(e))  # e.g. an __init__(path, msg) does not unpickle
                 payload = ("exception", (e, tb))
             except Exception:  # noqa: BLE001
-                payload = ("exception", (RuntimeError(f"{type(e).__name__}: {e}"), tb))
+                payload = ("exception", (ReaderError(type(e).__name__, str(e)), tb))
         try:
             data = pickle.dumps(payload)
         except Exception as e:  # noqa: BLE001

@@ -336,6 +336,21 @@ def test_run_bounded_memory_bound():
     assert e.value.kind in ("memory", "signal")
 
 
+def _open_garbage(path):
+    with pyqcow.open(path):
+        pass
+
+
+def test_run_bounded_brings_back_exceptions_that_do_not_unpickle(tmp_path):
+    """QcowError(path, msg) does not unpickle as itself: the showcase saw "exited
+    without a result" (a ReaderFailure) for pyqcow refusing an image."""
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfa" + bytes(508))
+    r = run_bounded(_open_garbage, str(bad), timeout=20, raise_errors=False)
+    assert r.kind == "exception", r
+    assert "bad.qcow2" in str(r.error)
+
+
 def test_run_bounded_crash_and_no_raise_mode():
     r = run_bounded(os.abort, timeout=10, raise_errors=False)
     assert not r.ok and r.kind == "signal" and "SIGABRT" in r.message
