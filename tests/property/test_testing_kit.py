@@ -283,18 +283,30 @@ def test_keep_failing_keeps_the_minimal_example_with_a_script(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 6. shrinking
-def test_chains_shrink_to_two_layers_and_no_ops():
+def _shrunk_chain(rng_seed: int):
+    return find(chains(depth=st.integers(2, 4), raw_base=False, max_ops=4),
+                lambda c: any(len(c.expected[i]) > len(c.expected[i + 1])
+                              for i in range(c.depth - 1)),
+                settings=settings(max_examples=200, database=None, deadline=None,
+                                  suppress_health_check=list(HealthCheck)),
+                random=random.Random(rng_seed))
+
+
+@pytest.mark.parametrize("rng_seed", [3, 5])  # these stayed at 4 layers before
+def test_chains_shrink_to_two_layers_and_no_ops(rng_seed):
     """A "bug" needing an overlay larger than its backing file shrinks to the
     smallest chain that has one: two layers, no operations."""
-    ch = find(chains(depth=st.integers(2, 4), raw_base=False, max_ops=4),
-              lambda c: any(len(c.expected[i]) > len(c.expected[i + 1])
-                            for i in range(c.depth - 1)),
-              settings=settings(max_examples=200, database=None, deadline=None,
-                                suppress_health_check=list(HealthCheck)),
-              random=random.Random(0))  # this seed stayed at 3 layers before
+    ch = _shrunk_chain(rng_seed)
     assert ch.depth == 2
     assert ch.ops == [[], []]
     assert len(ch.expected[0]) == len(ch.expected[1]) + 512
+
+
+@pytest.mark.slow
+def test_chains_shrink_to_two_layers_most_of_the_time():
+    """Before: 4 of 10 seeds reached two layers; now 9 of 10 (seed 8 stays at 4)."""
+    depths = [_shrunk_chain(s).depth for s in range(10)]
+    assert depths.count(2) >= 9, depths
 
 
 def test_images_shrink_to_one_small_write():
@@ -541,3 +553,18 @@ def test_bench_testing_reports_images_and_chains_per_second():
                         "--chains", "3"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "images " in r.stdout and "chains " in r.stdout and "/s" in r.stdout
+
+
+# ---------------------------------------------------------------------------- the showcase
+def test_showcase_runs_and_falls_back_to_pyqcow(tmp_path):
+    """tools/showcase: with no way to install dissect.hypervisor (its cache dir cannot
+    be made), it says so and tests pyqcow's own reader, which passes."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "showcase_testing.py"),
+                        "--examples", "4", "--cache-dir", str(blocker / "cache")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "dissect.hypervisor unavailable" in r.stdout
+    assert "reader under test: pyqcow" in r.stdout
+    assert "0 of 5 properties failed for pyqcow" in r.stdout, r.stdout
