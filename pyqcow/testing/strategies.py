@@ -433,7 +433,8 @@ class _ParamsStrategy(st.SearchStrategy):
         return _ParamsStrategy(_validate(self.opts, overlay=True), overlay=True)
 
     def __repr__(self) -> str:
-        return f"image_params({', '.join(f'{k}={v!r}' for k, v in self.opts.items())})"
+        given = self.opts.get("_given", {})
+        return f"image_params({', '.join(f'{k}={v!r}' for k, v in given.items())})"
 
 
 def image_params(
@@ -487,7 +488,17 @@ def image_params(
         unknown_extensions=tuple(_bools("unknown_extensions", unknown_extensions)),
         dirty=tuple(_bools("dirty", dirty)), corrupt=tuple(_bools("corrupt", corrupt)),
     )
-    return _ParamsStrategy(_validate(opts))
+    o = _validate(opts)
+    defaults = image_params.__kwdefaults__ or {}
+    o["_given"] = {k: v for k, v in dict(
+        cluster_sizes=cluster_sizes, compat=compat, refcount_bits=refcount_bits,
+        extended_l2=extended_l2, compression_types=compression_types,
+        lazy_refcounts=lazy_refcounts, max_clusters=max_clusters, virtual_size=virtual_size,
+        writers=writers, creators=creators, compressed=compressed, zero_clusters=zero_clusters,
+        discard=discard, data_file=data_file, bitmaps=bitmaps,
+        unknown_extensions=unknown_extensions, dirty=dirty, corrupt=corrupt,
+    ).items() if v != defaults.get(k)}
+    return _ParamsStrategy(o)
 
 
 def _validate(opts: dict, overlay: bool = False) -> dict:
