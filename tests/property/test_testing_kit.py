@@ -571,3 +571,24 @@ def test_showcase_runs_and_falls_back_to_pyqcow(tmp_path):
     assert "dissect.hypervisor unavailable" in r.stdout
     assert "reader under test: pyqcow" in r.stdout
     assert "0 of 5 properties failed for pyqcow" in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------------------- 4. all toggles
+ALL_TOGGLES = image_params(compressed=(False, True), zero_clusters=(False, True),
+                           discard=(False, True), data_file=(False, True),
+                           bitmaps=(False, True), unknown_extensions=(False, True),
+                           dirty=(False, True), corrupt=(False, True), max_clusters=16)
+
+
+@needs_qemu
+@pytest.mark.filterwarnings("ignore:.*marked corrupt")
+@settings(max_examples=15, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(ch=chains(params=ALL_TOGGLES, raw_base=False))
+def test_every_toggle_mix_reads_as_its_model_in_qemu_and_pyqcow(ch):
+    for path, content, p in zip(ch.layers, ch.expected, ch.params, strict=True):
+        assert _qemu_raw(path) == content, p
+        with pyqcow.open(path) as q:
+            assert q.read(0, q.virtual_size) == content, p
+        r = subprocess.run(["qemu-img", "check", "-U", path], capture_output=True, text=True)
+        assert r.returncode == 0 or (p.dirty and r.returncode == 3), (p, r.stdout, r.stderr)
