@@ -278,6 +278,19 @@ class QcowImage(WriterMixin):
                     elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                         host = e & spec.L2E_OFFSET_MASK
                         self._check_host(host, limit, e)
+                        # a stretch of entries whose host clusters follow each other
+                        # (equal flags, offsets one cluster apart) is one run: compare
+                        # raw entries, check only the last host (the largest)
+                        last_index = ((l2_span_end - 1) >> cb) & (self.l2_entries - 1)
+                        j = l2_index + 1
+                        expect = e + cs
+                        while j <= last_index and table[j] == expect:
+                            j += 1
+                            expect += cs
+                        if j > l2_index + 1:
+                            self._check_host((expect - cs) & spec.L2E_OFFSET_MASK, limit,
+                                             expect - cs)
+                            cl_end = min(l2_span_end, (cluster + j - l2_index) << cb)
                         out.append(Run(pos, cl_end - pos, t, host + in_cluster))
                     else:
                         if self.header.version == 2 and t == ClusterType.ZERO_PLAIN:
