@@ -15,6 +15,14 @@ from .errors import (
     UnsupportedFeature,
     UnsupportedFeatureError,
 )
+from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal.py
+    check_file_signature,
+    check_file_signature_file_object,
+    encryption_types,
+    file,
+    get_version,
+    open_file_object,
+)
 
 __version__ = "0.1.0"
 
@@ -82,10 +90,16 @@ __all__ = [
     "UnsupportedFeature",
     "UnsupportedFeatureError",
     "check",
+    "check_file_signature",
+    "check_file_signature_file_object",
     "commit",
     "create",
+    "encryption_types",
+    "file",
+    "get_version",
     "merge",
     "open",
+    "open_file_object",
     "rebase",
     "stream",
 ]
