@@ -13,7 +13,9 @@ fails with EROFS, and nothing is ever written to the image.  The images are
 opened read-only with QEMU's shared read lock (unless force_share) and with
 O_NOATIME, so the evidence keeps its access and modification times.  The times
 shown are the image file's.  Reads from several processes or threads are
-served concurrently; the engine is entered under one lock.
+all served, one request at a time: libfuse's single-threaded loop (the
+engine runs under the GIL anyway, and threads cost more in switching than they
+gain; see tools/bench read).
 
 Needs ``mfusepy`` (the ``pyqcow[fuse]`` extra) and libfuse 3 (Debian: fuse3).
 """
@@ -27,6 +29,7 @@ import threading
 from dataclasses import dataclass
 
 from .errors import OperationError
+from .libyal import _fill_bytes
 
 __all__ = ["ImageFS", "build_tree", "load_mfusepy"]
 
@@ -152,9 +155,12 @@ class ImageFS:
         n = min(size, node.size - offset)
         if n <= 0:
             return b""
+        src = node.source
         try:
             with self._lock:
-                return node.source.read(offset, n)
+                if n <= 65536:
+                    return src.read(offset, n)
+                return _fill_bytes(n, lambda view: src.readinto(view, offset))
         except Exception as e:  # a corrupt image: the reader gets EIO, the mount lives on
             raise OSError(errno.EIO, f"{e}") from e
 
