@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -71,6 +72,8 @@ def _wait_mounted(mountpoint: str, pid: int, timeout: float = 30.0) -> None:
         if os.path.ismount(mountpoint):
             return
         time.sleep(0.02)
+    os.kill(pid, signal.SIGTERM)  # before our exit closes (and unlocks) the shared files
+    os.waitpid(pid, 0)
     raise OperationError(mountpoint, f"not mounted after {timeout:.0f} s")
 
 

@@ -330,3 +330,36 @@ def test_libqcow_itself_refuses_zstd_and_extended_l2(libqcow_binding, images):
         ours.open(str(images[shape]))
         assert ours.read_buffer_at_offset(SIZE, 0) == _expected(images[shape], shape)
         ours.close()
+
+
+@pytest.mark.parametrize("shape", ["v2", "zstd", "extl2", "datafile"])
+def test_our_open_takes_a_file_object(images, shape):
+    """pyqcow.open(file-like object): our image object over a file-object host."""
+    img = images[shape]
+    want = _expected(img, shape)
+    with open(img, "rb") as fo:  # a real file object, read via read/seek (no fd use)
+        with pyqcow.open(fo) as im:
+            assert im.virtual_size == len(want)
+            assert im.read(0, len(want)) == want
+            assert im.reader().read() == want
+            assert im.read_buffer_at_offset(4096, 70000) == want[70000:74096]
+        assert not fo.closed
+    with pytest.raises(ValueError, match="read-only"):
+        pyqcow.open(io.BytesIO(img.read_bytes()), "r+")
+
+
+def test_file_object_errors_are_oserrors_naming_the_object(images):
+    class Failing(_DfvfsLike):
+        armed = False
+
+        def read(self, size=None):
+            if self.armed:
+                raise OSError(5, "device gone")
+            return super().read(size)
+
+    fo = Failing(images["v3"].read_bytes())
+    f = pyqcow.open_file_object(fo)
+    fo.armed = True
+    with pytest.raises(OSError, match=r"pyqcow: <file object>: cannot read .*device gone"):
+        f.read_buffer_at_offset(SIZE, 0)
+    f.close()

@@ -269,3 +269,33 @@ def test_mount_without_mfusepy_says_what_to_install(capsys, tmp_path, monkeypatc
     status, out, err = _run(capsys, "mount", "x.qcow2", str(tmp_path))
     assert status == 1
     assert err.startswith("pyqcow: pyqcow mount needs mfusepy: pip install 'pyqcow[fuse]'")
+
+
+def test_a_corrupt_cluster_reads_as_eio_and_the_mount_lives_on(tmp_path):
+    _need_fuse()
+    import pyqcow
+
+    img = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "4M")
+    qemu_io(img, "write -P 0x61 0 64k", "write -P 0x62 1M 64k")
+    with pyqcow.open(img) as im:
+        l2 = im.l1[0] & ((1 << 56) - 1) & ~511
+    with open(img, "r+b") as f:  # the second cluster's L2 entry points far past the end
+        f.seek(l2 + 8 * (1 << 20) // 65536)
+        f.write((1 << 63 | 1 << 40).to_bytes(8, "big"))
+    m = Mounted(img, tmp_path / "mnt")
+    try:
+        fd = os.open(m.mnt / "disk.raw", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == b"\x61" * 4096
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, 1 << 20)
+            assert ei.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 8192) == b"\x61" * 4096  # still serving
+        finally:
+            os.close(fd)
+        subprocess.run(["umount", str(m.mnt)], check=True, timeout=60)
+        rc, err = m.wait()
+        assert rc == 0 and "Traceback" not in err
+    finally:
+        m.cleanup()
