@@ -15,7 +15,8 @@ O_NOATIME, so the evidence keeps its access and modification times.  The times
 shown are the image file's.  Reads from several processes or threads are
 all served, one request at a time: libfuse's single-threaded loop (the
 engine runs under the GIL anyway, and threads cost more in switching than they
-gain; see tools/bench read).
+gain; see tools/bench read).  pyqcow mount uses FUSE direct_io unless asked for
+the page cache.
 
 Needs ``mfusepy`` (the ``pyqcow[fuse]`` extra) and libfuse 3 (Debian: fuse3).
 """

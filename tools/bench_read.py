@@ -21,7 +21,7 @@ calls; its module is also called ``pyqcow``, so it runs in a venv of its own),
 ``qemu-img bench`` (sequential only), and two FUSE mounts read as plain files
 (``os.preadv`` / ``os.pread``, the file's page cache dropped before each pass so
 every read reaches the FUSE server): ``pyqcow mount`` (disk.raw; and with
-``--direct-io``) and libyal's ``qcowmount`` (Debian libqcow-utils).  The mounts need root and /dev/fuse.  The other readers live in venvs under --cache-dir (default
+``--page-cache``) and libyal's ``qcowmount`` (Debian libqcow-utils).  The mounts need root and /dev/fuse.  The other readers live in venvs under --cache-dir (default
 ~/.cache/pyqcow-bench), made on first use with pip; each runs in a subprocess
 of its venv's python.  Every reader's output is hashed in an untimed pass and
 compared with ``qemu-img convert -O raw``: a wrong reader is reported, not
@@ -321,7 +321,7 @@ class FuseMount:
         self.mnt = scratch / f"mnt-{kind}-{image.stem}"
         self.mnt.mkdir()
         if kind.startswith("pyqcow-fuse"):
-            extra = ["--direct-io"] if kind == "pyqcow-fuse-dio" else []
+            extra = ["--page-cache"] if kind == "pyqcow-fuse-pc" else []
             argv = [sys.executable, "-m", "pyqcow.cli.main", "mount", "-d", *extra,
                     str(image), str(self.mnt)]
             self.file = self.mnt / "disk.raw"
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         why = fuse_reason()
         if why is None:
             readers.append(("pyqcow-fuse", sys.executable, "pyqcow mount, disk.raw"))
-            readers.append(("pyqcow-fuse-dio", sys.executable, "pyqcow mount --direct-io"))
+            readers.append(("pyqcow-fuse-pc", sys.executable, "pyqcow mount --page-cache"))
         else:
             log(f"  FUSE rows skipped: {why}")
         if not args.no_others:
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {label}: {kind} ...")
                 mount = None
                 target, wkind = img, kind
-                if kind in ("pyqcow-fuse", "pyqcow-fuse-dio", "qcowmount"):
+                if kind in ("pyqcow-fuse", "pyqcow-fuse-pc", "qcowmount"):
                     try:
                         mount = FuseMount(kind, img, scratch)
                     except RuntimeError as e:
@@ -500,7 +500,7 @@ def report(results: dict, readers, size: int, data: int, args) -> None:
                 if parts:
                     log(f"  pyqcow vs {kind}: " + ", ".join(parts))
         for a, b in (("pyqcow-libyal", "libqcow"), ("pyqcow-fuse", "qcowmount"),
-                     ("pyqcow-fuse-dio", "qcowmount")):
+                     ("pyqcow-fuse-pc", "qcowmount")):
             ta = results.get((label, a), ({}, ""))[0]
             tb = results.get((label, b), ({}, ""))[0]
             if isinstance(ta, dict) and isinstance(tb, dict) and ta and tb:

@@ -1,4 +1,4 @@
-"""``pyqcow mount [-U] [--snapshots] [--layers] [-d] [--direct-io] IMAGE MOUNTPOINT``
+"""``pyqcow mount [-U] [--snapshots] [--layers] [-d] [--page-cache] IMAGE MOUNTPOINT``
 
 A read-only FUSE file system (pyqcow/fuse.py) showing the guest disk of IMAGE
 as ``MOUNTPOINT/disk.raw``; with ``--snapshots`` each internal snapshot as
@@ -7,8 +7,9 @@ alone as ``layers/N-FILENAME.raw`` (0 = IMAGE; holes where a layer has no data).
 
 Runs in the foreground until unmounted (``umount MOUNTPOINT``, ``fusermount3 -u
 MOUNTPOINT`` or Ctrl-C); ``-d`` mounts and returns, leaving a background
-process that ends at unmount.  ``--direct-io`` bypasses the kernel's page
-cache (faster single passes; no mmap).  The images are opened read-only with QEMU's
+process that ends at unmount.  Reads bypass the kernel's page cache (FUSE
+direct_io: the fastest for a pass over the disk); ``--page-cache`` lets the
+kernel cache them (needed to mmap the files).  The images are opened read-only with QEMU's
 shared read lock (``-U``: without it) and never written, nor their access
 times changed.  Everything is checked (mfusepy, the mount point, the chain)
 before anything is mounted.
@@ -41,9 +42,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="also show each layer of the chain alone as layers/N-FILENAME.raw")
     p.add_argument("-d", "--daemon", action="store_true",
                    help="mount, then return (a background process serves until unmount)")
-    p.add_argument("--direct-io", action="store_true",
-                   help="bypass the page cache: every read reaches pyqcow (faster for "
-                   "one pass over the disk; mmap of the files is refused)")
+    p.add_argument("--page-cache", action="store_true",
+                   help="let the kernel cache what was read (needed to mmap the files; "
+                   "slower for a single pass: by default every read reaches pyqcow "
+                   "directly, FUSE direct_io)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (FUSE allow_other)")
     p.add_argument("--backing-root", metavar="DIR",
@@ -110,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
             "fsname": "pyqcow:" + os.path.abspath(args.image).replace(",", "_"),
             "subtype": "pyqcow",
         }
-        if args.direct_io:
+        if not args.page_cache:
+            # every read reaches us with its own size: no readahead of data nobody
+            # asked for, no copy kept twice (a loop-mounted guest caches its own)
             options["direct_io"] = True
         if args.allow_other:
             options["allow_other"] = True

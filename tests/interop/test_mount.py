@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import random
 import signal
@@ -216,15 +217,18 @@ def test_ctrl_c_unmounts_cleanly(evidence, tmp_path):
     qemu_io(evidence["top"], "read 0 512")
 
 
-def test_daemon_mode_with_direct_io_returns_and_fusermount_unmounts(evidence, tmp_path):
+def test_daemon_mode_with_page_cache_returns_and_fusermount_unmounts(evidence, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    proc = subprocess.run([*PYQCOW, "mount", "-d", "--direct-io", str(evidence["top"]), str(mnt)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([*PYQCOW, "mount", "-d", "--page-cache", str(evidence["top"]),
+                           str(mnt)], capture_output=True, text=True, timeout=60)
     try:
         assert proc.returncode == 0, proc.stderr
         assert os.path.ismount(mnt)
-        assert _read_chunks(mnt / "disk.raw", 12345) == (evidence["exp"] / "disk.raw").read_bytes()
+        want = (evidence["exp"] / "disk.raw").read_bytes()
+        assert _read_chunks(mnt / "disk.raw", 12345) == want
+        with open(mnt / "disk.raw", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert mm[FS_SIZE - 70000 :] == want[FS_SIZE - 70000 :]  # mmap needs the page cache
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True, capture_output=True,
                        timeout=60)
         deadline = time.monotonic() + 10
