@@ -164,6 +164,11 @@ def _bytes_filler():
 _fill_bytes = _bytes_filler()
 
 
+# pyqcow.image._UNALLOCATED: what QcowImage._single_cluster_host answers for a range
+# inside one unallocated cluster (tests/interop/test_libyal_api.py checks the value)
+_UNALLOCATED = -2
+
+
 def _io_error(e: QcowError) -> OSError:
     return OSError(f"pyqcow: {e}")
 
@@ -174,6 +179,7 @@ class _BorrowedLayer:
     def __init__(self, image) -> None:
         self.__dict__["_image"] = image
         self.__dict__["readinto"] = image.readinto
+        self.__dict__["read"] = image.read
 
     def __getattr__(self, name):
         return getattr(self._image, name)
@@ -191,6 +197,7 @@ class LibyalMethods:
     """
 
     _libyal_offset = 0
+    _single_cluster_host = None  # QcowImage's own (the read fast path) overrides it
 
     # -- state ------------------------------------------------------------------
     def _libyal_check_open(self, function: str) -> None:
@@ -229,6 +236,22 @@ class LibyalMethods:
                 n = size
             if n > 0:
                 self._libyal_offset = offset + n
+                single = self._single_cluster_host
+                if single is not None and n <= 65536:
+                    # inside one cluster: its data straight from the file, or the
+                    # backing image's bytes when the cluster is unallocated
+                    host = single(offset, n, self.l1)
+                    if host >= 0:
+                        data = os.pread(self.hf.fd, n, host)
+                        if len(data) == n:
+                            return data
+                    elif host == _UNALLOCATED:
+                        b = self.backing
+                        if b is not None and offset + n <= b.virtual_size:
+                            try:
+                                return b.read(offset, n)
+                            except QcowError as e:
+                                raise _io_error(e) from None
                 return self._libyal_read(offset, n)
         size = _check_int(size, "size", "read_buffer_at_offset")
         offset = _check_int(offset, "offset", "read_buffer_at_offset")

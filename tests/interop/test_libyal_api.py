@@ -363,3 +363,10 @@ def test_file_object_errors_are_oserrors_naming_the_object(images):
     with pytest.raises(OSError, match=r"pyqcow: <file object>: cannot read .*device gone"):
         f.read_buffer_at_offset(SIZE, 0)
     f.close()
+
+
+def test_the_libyal_fast_path_knows_the_engines_unallocated_marker():
+    import pyqcow.image
+    import pyqcow.libyal
+
+    assert pyqcow.libyal._UNALLOCATED == pyqcow.image._UNALLOCATED
