@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .errors import (
     BackingChainError,
     ChainError,
@@ -14,6 +16,14 @@ from .errors import (
     QcowError,
     UnsupportedFeature,
     UnsupportedFeatureError,
+)
+from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal.py
+    check_file_signature,
+    check_file_signature_file_object,
+    encryption_types,
+    file,
+    get_version,
+    open_file_object,
 )
 
 __version__ = "0.1.0"
@@ -32,8 +42,22 @@ def __getattr__(name: str):
 
 
 def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):
-    """Open an image and its backing chain.  ``mode`` is "r" or "r+"."""
+    """Open an image and its backing chain.  ``mode`` is "r" or "r+".
+
+    ``path`` may also be a file-like object (``read`` and ``seek``): the qcow2
+    image in it is opened read-only, alone (join a backing image with
+    ``set_parent``), without locks (pyqcow/fileobj.py).
+    """
     from .chain import open_image
+
+    if not isinstance(path, (str, bytes, os.PathLike)) and callable(
+        getattr(path, "read", None)
+    ) and callable(getattr(path, "seek", None)):
+        if mode != "r":
+            raise ValueError("a file-like object is opened read-only: mode must be 'r'")
+        from .fileobj import FileObjectImage
+
+        return FileObjectImage(path)
 
     return open_image(
         path, mode, force_share=force_share, backing_root=backing_root, format=format
@@ -82,10 +106,16 @@ __all__ = [
     "UnsupportedFeature",
     "UnsupportedFeatureError",
     "check",
+    "check_file_signature",
+    "check_file_signature_file_object",
     "commit",
     "create",
+    "encryption_types",
+    "file",
+    "get_version",
     "merge",
     "open",
+    "open_file_object",
     "rebase",
     "stream",
 ]

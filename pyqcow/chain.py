@@ -6,12 +6,13 @@ import os
 
 from . import spec
 from .errors import BackingChainError, FormatError, QcowError
+from .hostfile import read_opener
 
 
 def probe_format(path: str) -> str:
     """'qcow2' if the file starts with the qcow2 magic, else 'raw'."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=read_opener) as f:
             magic = f.read(4)
     except FileNotFoundError:
         raise BackingChainError(path, "no such file") from None

@@ -30,6 +30,27 @@ LOCK_WRITE = (
 
 _FLOCK_FMT = "hhqqi4x"  # struct flock on Linux (x86_64, aarch64): 32 bytes
 
+# Extra open(2) flags for read-only opens.  ``pyqcow mount`` sets O_NOATIME
+# (set_noatime) so serving evidence never changes its access time; the kernel
+# allows it to the file's owner and to root, others open without it.
+_READ_ONLY_FLAGS = 0
+
+
+def set_noatime(on: bool = True) -> None:
+    """Open host files read-only with O_NOATIME from now on (process-wide)."""
+    global _READ_ONLY_FLAGS
+    _READ_ONLY_FLAGS = getattr(os, "O_NOATIME", 0) if on else 0
+
+
+def read_opener(path, flags: int) -> int:
+    """An ``open(..., opener=)`` for read-only opens that honours set_noatime."""
+    if _READ_ONLY_FLAGS and not flags & (os.O_WRONLY | os.O_RDWR):
+        try:
+            return os.open(path, flags | _READ_ONLY_FLAGS)
+        except PermissionError:
+            pass
+    return os.open(path, flags)
+
 
 def _flock(lock_type: int, start: int, length: int) -> bytes:
     return struct.pack(_FLOCK_FMT, lock_type, os.SEEK_SET, start, length, 0)
@@ -51,7 +72,7 @@ class HostFile:
         if stat.S_ISDIR(st.st_mode):
             raise QcowError(self.path, "is a directory, not an image file")
         try:
-            self.fd = os.open(self.path, flags)
+            self.fd = read_opener(self.path, flags)
         except PermissionError:
             raise QcowError(
                 self.path, "permission denied" + (" (opening for writing)" if writable else "")

@@ -22,6 +22,7 @@ from .errors import (
 )
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
+from .libyal import LibyalMethods
 from .mapping import Run, detect_metadata_preallocation, merge_runs
 from .writer import WriterMixin
 
@@ -50,7 +51,7 @@ def zero_fill(dst: memoryview) -> None:
         dst[i : i + m] = _ZERO_BUFFER[:m]
 
 
-class QcowImage(WriterMixin):
+class QcowImage(WriterMixin, LibyalMethods):
     format = "qcow2"
 
     def __init__(
@@ -62,13 +63,15 @@ class QcowImage(WriterMixin):
         data_file: str | None = None,
         data_root: str | None = None,
         _repair: bool = False,
+        _host=None,
     ) -> None:
         if mode not in ("r", "r+"):
             raise ValueError("mode must be 'r' or 'r+'")
         self.path = os.fspath(path)
         self.writable = mode == "r+"
         self.backing = None
-        self.hf = HostFile(self.path, writable=self.writable)
+        # _host: an already open host (pyqcow.fileobj.FileObjectHost: a file-like object)
+        self.hf = _host if _host is not None else HostFile(self.path, writable=self.writable)
         self.data_hf = self.hf
         self._closed = False
         try:
@@ -343,7 +346,9 @@ class QcowImage(WriterMixin):
     # writer edits those in place), so nothing decoded outlives one call.  Adjacent
     # clusters of one kind (data at consecutive host offsets, zeros, backing) are
     # coalesced so that a large read is a few preadv calls and zero fills.
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int | None = None, length: int | None = None) -> bytes:
+        if length is None:  # libyal's read(size=None): at the libyal offset (pyqcow.libyal)
+            return self.read_buffer(offset)
         check_range(self.path, offset, length, self.virtual_size)
         host = self._single_cluster_host(offset, length, self.l1)
         if host >= 0:

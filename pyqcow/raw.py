@@ -6,10 +6,11 @@ import os
 
 from .entries import ClusterType
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
+from .libyal import LibyalMethods
 from .mapping import Run
 
 
-class RawImage:
+class RawImage(LibyalMethods):
     format = "raw"
     backing = None
     cluster_size = 65536
@@ -32,7 +33,9 @@ class RawImage:
     def chain(self) -> list:
         return [self]
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int | None = None, length: int | None = None) -> bytes:
+        if length is None:  # libyal's read(size=None): at the libyal offset (pyqcow.libyal)
+            return self.read_buffer(offset)
         check_range(self.path, offset, length, self.virtual_size)
         return self.hf.pread(length, offset)
 

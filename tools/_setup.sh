@@ -8,6 +8,9 @@
 #     qemu-img, qemu-io   <- qemu-utils
 #     virt-xml-validate   <- libvirt-clients
 #     xmllint             <- libxml2-utils (virt-xml-validate needs it silently)
+#     fusermount3         <- fuse3 (pyqcow mount; libfuse3 comes with it)
+#     qcowmount           <- libqcow-utils (libyal's FUSE mount: tools/bench read)
+#     mkfs.ext2, mkfs.vfat <- e2fsprogs, dosfstools (guest file systems in the tests)
 # plus python3, python3-venv, and a C compiler with Python headers (gcc,
 # libc6-dev, python3-dev) for the cffi helper, if those are missing.
 #
@@ -39,6 +42,10 @@ _pyqcow_missing_pkgs() {
     command -v qemu-io >/dev/null 2>&1 || pkgs+=(qemu-utils)
     command -v virt-xml-validate >/dev/null 2>&1 || pkgs+=(libvirt-clients)
     command -v xmllint >/dev/null 2>&1 || pkgs+=(libxml2-utils)
+    command -v fusermount3 >/dev/null 2>&1 || pkgs+=(fuse3)
+    command -v qcowmount >/dev/null 2>&1 || pkgs+=(libqcow-utils)
+    command -v mkfs.ext2 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
+    command -v mkfs.vfat >/dev/null 2>&1 || pkgs+=(dosfstools)
     if ! command -v python3 >/dev/null 2>&1; then
         pkgs+=(python3 python3-venv python3-dev)
     else
@@ -130,10 +137,11 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     rm -f "$_pyqcow_log"
 fi
 
-# Extras: libvirt-python only where it can be built (libvirt-dev present).
-_pyqcow_extras="test"
+# Extras: the test tools, FUSE and dfvfs; libvirt-python only where it can be built
+# (libvirt-dev present).
+_pyqcow_extras="test,fuse,forensics-test"
 if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libvirt 2>/dev/null; then
-    _pyqcow_extras="test,libvirt"
+    _pyqcow_extras="$_pyqcow_extras,libvirt"
 elif [[ -n "${CI:-}" ]]; then
     _pyqcow_die "libvirt-dev is missing: the libvirt extra cannot be built under CI"
 fi
@@ -163,6 +171,14 @@ if [[ ! -f "$_pyqcow_stamp" || "$(cat "$_pyqcow_stamp")" != "$_pyqcow_hash" ]]; 
         rm -f "$_pyqcow_stamp"
         _pyqcow_die "pip install -e '.[$_pyqcow_extras]' failed (full log: $_pyqcow_log)"
     fi
+    # dfvfs pulls in libyal's libqcow-python, whose extension module is also called
+    # pyqcow and would shadow this package: this package serves its API instead.
+    if "$VENV/bin/python" -m pip show -q libqcow-python >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip uninstall --disable-pip-version-check -q -y libqcow-python \
+            >>"$_pyqcow_log" 2>&1 || _pyqcow_die "pip uninstall libqcow-python failed"
+    fi
+    "$VENV/bin/python" -c 'import pyqcow, sys; sys.exit(not hasattr(pyqcow, "__path__"))' \
+        || _pyqcow_die "'import pyqcow' does not load this package (is libqcow-python installed?)"
     rm -f "$_pyqcow_log"
     echo "$_pyqcow_hash" >"$_pyqcow_stamp"
 fi

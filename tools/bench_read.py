@@ -14,10 +14,14 @@ random bytes.  On each image it measures, hot page cache, best of --repeat:
 * random: --random-reads 4 KiB reads at random 512-byte aligned offsets (reads/s);
 
 for pyqcow (``reader().readinto`` into one reused buffer, and ``read``),
-dissect.hypervisor's QCow2 stream (``read``), libyal's libqcow binding
-(``read_buffer`` / ``read_buffer_at_offset``; its module is also called
-``pyqcow``, so it runs in a venv of its own) and ``qemu-img bench`` (sequential
-only).  The other readers live in venvs under --cache-dir (default
+pyqcow's libyal-compatible API (``pyqcow.file``: ``read_buffer`` /
+``read_buffer_at_offset``, the chain joined with ``set_parent``),
+dissect.hypervisor's QCow2 stream (``read``), libyal's libqcow binding (the same
+calls; its module is also called ``pyqcow``, so it runs in a venv of its own),
+``qemu-img bench`` (sequential only), and two FUSE mounts read as plain files
+(``os.preadv`` / ``os.pread``, the file's page cache dropped before each pass so
+every read reaches the FUSE server): ``pyqcow mount`` (disk.raw; and with
+``--page-cache``) and libyal's ``qcowmount`` (Debian libqcow-utils).  The mounts need root and /dev/fuse.  The other readers live in venvs under --cache-dir (default
 ~/.cache/pyqcow-bench), made on first use with pip; each runs in a subprocess
 of its venv's python.  Every reader's output is hashed in an untimed pass and
 compared with ``qemu-img convert -O raw``: a wrong reader is reported, not
@@ -69,8 +73,13 @@ def open_reader():
         from dissect.hypervisor.disk.qcow2 import QCow2
         q = QCow2(Path(image))
         return q, q.open()
-    if kind == "libqcow":
-        import pyqcow  # libyal's binding (own venv)
+    if kind.startswith("file-"):
+        fd = os.open(image, os.O_RDONLY)
+        return fd, fd
+    if kind in ("libqcow", "pyqcow-libyal"):
+        if kind == "pyqcow-libyal":
+            sys.path.insert(0, os.environ["PYQCOW_REPO"])
+        import pyqcow  # libqcow: libyal's binding (own venv); else this repo's
         files = []
         path = image
         import subprocess
@@ -86,7 +95,22 @@ def open_reader():
         return files, files[0]
     raise SystemExit("unknown reader " + kind)
 
+def drop_cache(fd):
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
 def seq_pass(r, h):
+    if kind.startswith("file-"):
+        drop_cache(r)
+        buf = bytearray(SEQ); mv = memoryview(buf)
+        total = 0
+        while True:
+            n = os.preadv(r, [buf], total)
+            if not n:
+                break
+            if h is not None:
+                h.update(mv[:n])
+            total += n
+        return total
     if kind == "pyqcow":
         buf = bytearray(SEQ); mv = memoryview(buf)
         r.seek(0)
@@ -99,7 +123,7 @@ def seq_pass(r, h):
                 h.update(mv[:n])
             total += n
         return total
-    if kind == "libqcow":
+    if kind in ("libqcow", "pyqcow-libyal"):
         r.seek_offset(0, os.SEEK_SET)
         total = 0
         while total < size:
@@ -122,6 +146,14 @@ def seq_pass(r, h):
     return total
 
 def rand_pass(r, h):
+    if kind.startswith("file-"):
+        drop_cache(r)
+        pread = os.pread
+        for off in offsets:
+            data = pread(r, RND, off)
+            if h is not None:
+                h.update(data)
+        return
     if kind == "pyqcow":
         buf = bytearray(RND); mv = memoryview(buf)
         seek, readinto = r.seek, r.readinto
@@ -131,7 +163,7 @@ def rand_pass(r, h):
             if h is not None:
                 h.update(mv)
         return
-    if kind == "libqcow":
+    if kind in ("libqcow", "pyqcow-libyal"):
         rb = r.read_buffer_at_offset
         for off in offsets:
             data = rb(RND, off)
@@ -282,6 +314,44 @@ def measure(python: str, kind: str, image: Path, size: int, seed: int, count: in
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class FuseMount:
+    """``pyqcow mount -d`` or ``qcowmount`` of IMAGE on a fresh directory; .file is the disk."""
+
+    def __init__(self, kind: str, image: Path, scratch: Path) -> None:
+        self.mnt = scratch / f"mnt-{kind}-{image.stem}"
+        self.mnt.mkdir()
+        if kind.startswith("pyqcow-fuse"):
+            extra = ["--page-cache"] if kind == "pyqcow-fuse-pc" else []
+            argv = [sys.executable, "-m", "pyqcow.cli.main", "mount", "-d", *extra,
+                    str(image), str(self.mnt)]
+            self.file = self.mnt / "disk.raw"
+        else:
+            argv = ["qcowmount", str(image), str(self.mnt)]  # daemonizes itself
+            self.file = self.mnt / "qcow1"
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not os.path.ismount(self.mnt):
+            raise RuntimeError(f"{argv[0]} did not mount: {(proc.stderr or proc.stdout).strip()}")
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.mnt)], capture_output=True, check=False)
+        deadline = time.monotonic() + 30
+        while os.path.ismount(self.mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def fuse_reason() -> str | None:
+    """Why the FUSE rows cannot run here (None: they can)."""
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    return None
+
+
 def qemu_img_bench(image: Path, size: int, repeat: int) -> float | None:
     best = None
     for _ in range(repeat):
@@ -331,7 +401,14 @@ def main(argv: list[str] | None = None) -> int:
         readers: list[tuple[str, str, str]] = [
             ("pyqcow", sys.executable, "pyqcow reader().readinto"),
             ("pyqcow-read", sys.executable, "pyqcow reader().read"),
+            ("pyqcow-libyal", sys.executable, "pyqcow.file (libyal API)"),
         ]
+        why = fuse_reason()
+        if why is None:
+            readers.append(("pyqcow-fuse", sys.executable, "pyqcow mount, disk.raw"))
+            readers.append(("pyqcow-fuse-pc", sys.executable, "pyqcow mount --page-cache"))
+        else:
+            log(f"  FUSE rows skipped: {why}")
         if not args.no_others:
             cache = Path(args.cache_dir)
             cache.mkdir(parents=True, exist_ok=True)
@@ -341,16 +418,33 @@ def main(argv: list[str] | None = None) -> int:
             py = ensure_venv(cache, "venv-libqcow", "libqcow-python")
             if py:
                 readers.append(("libqcow", str(py), "libqcow-python (libyal)"))
+            if why is None and shutil.which("qcowmount"):
+                readers.append(("qcowmount", sys.executable, "qcowmount (libqcow-utils)"))
+            elif why is None:
+                log("  qcowmount row skipped: qcowmount not found (Debian: libqcow-utils)")
         results: dict = {}
         load_before = os.getloadavg()[0]
         for img in (base, top):
             label = "image" if img == base else "overlay"
             for kind, py, _ in readers:
                 log(f"  {label}: {kind} ...")
-                timed = measure(py, kind, img, size, args.seed, args.random_reads, args.repeat,
-                                "time", worker)
-                check = measure(py, kind, img, size, args.seed, args.random_reads, 1, "verify",
-                                worker)
+                mount = None
+                target, wkind = img, kind
+                if kind in ("pyqcow-fuse", "pyqcow-fuse-pc", "qcowmount"):
+                    try:
+                        mount = FuseMount(kind, img, scratch)
+                    except RuntimeError as e:
+                        results[(label, kind)] = (f"failed: {e}", "")
+                        continue
+                    target, wkind = mount.file, "file-" + kind
+                try:
+                    timed = measure(py, wkind, target, size, args.seed, args.random_reads,
+                                    args.repeat, "time", worker)
+                    check = measure(py, wkind, target, size, args.seed, args.random_reads, 1,
+                                    "verify", worker)
+                finally:
+                    if mount is not None:
+                        mount.close()
                 if isinstance(check, dict):
                     ok_seq = check["seq_sha256"] == refs[img]["seq_sha256"]
                     ok_rand = check["rand_sha256"] == refs[img]["rand_sha256"]
@@ -383,16 +477,16 @@ def report(results: dict, readers, size: int, data: int, args) -> None:
     for label in ("image", "overlay"):
         log("")
         log(f"[{label}{' (over the image)' if label == 'overlay' else ''}]")
-        log(f"  {'reader':<14}{'sequential MB/s':>17}{'random reads/s':>17}  output")
+        log(f"  {'reader':<16}{'sequential MB/s':>17}{'random reads/s':>17}  output")
         ours = results.get((label, "pyqcow"), ({}, ""))[0]
         for kind in names:
             timed, verdict = results.get((label, kind), ({}, "not run"))
             if isinstance(timed, str):
-                log(f"  {kind:<14}{'-':>17}{'-':>17}  {timed}")
+                log(f"  {kind:<16}{'-':>17}{'-':>17}  {timed}")
                 continue
             seq = timed.get("seq_mbs")
             rnd = timed.get("rand_per_s")
-            log(f"  {kind:<14}{_num(seq):>17}{_num(rnd):>17}  {verdict}")
+            log(f"  {kind:<16}{_num(seq):>17}{_num(rnd):>17}  {verdict}")
         if isinstance(ours, dict) and ours:
             for kind in names[2:]:
                 timed = results.get((label, kind), ({}, ""))[0]
@@ -405,8 +499,18 @@ def report(results: dict, readers, size: int, data: int, args) -> None:
                     parts.append(f"random x{ours['rand_per_s'] / timed['rand_per_s']:.2f}")
                 if parts:
                     log(f"  pyqcow vs {kind}: " + ", ".join(parts))
+        for a, b in (("pyqcow-libyal", "libqcow"), ("pyqcow-fuse", "qcowmount"),
+                     ("pyqcow-fuse-pc", "qcowmount")):
+            ta = results.get((label, a), ({}, ""))[0]
+            tb = results.get((label, b), ({}, ""))[0]
+            if isinstance(ta, dict) and isinstance(tb, dict) and ta and tb:
+                parts = [f"{what} x{ta[k] / tb[k]:.2f}"
+                         for what, k in (("sequential", "seq_mbs"), ("random", "rand_per_s"))
+                         if ta.get(k) and tb.get(k)]
+                log(f"  {a} vs {b}: " + ", ".join(parts))
     log("")
-    log("goals (issue 6): sequential >= libqcow's ~8000 MB/s, random >= 60000 reads/s")
+    log("goals (issue 6): sequential >= libqcow's ~8000 MB/s, random >= 60000 reads/s; "
+        "(issue 16) pyqcow-libyal >= libqcow, pyqcow-fuse >= qcowmount")
 
 
 def _num(v) -> str:
