@@ -123,6 +123,8 @@ def main() -> int:
             subprocess.run(["sync"], check=True)
 
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        # as installed: Python caches compiled bytecode (the first round writes it)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         sides = {
             "libvirt": ["virsh", "-q", "-c", uri, "snapshot-delete", "bench", "s1"],
             "pyqcow": [sys.executable, "-m", "pyqcow.cli.main", "domain", "merge",
