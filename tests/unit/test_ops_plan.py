@@ -158,3 +158,18 @@ def test_prepare_write_contiguous_and_in_place(tmp_path, opts):
     assert rc == 0 and not res.get("leaks"), res
     for c in (0, 2, 5, length // cs - 1):
         qemu.qemu_io(img_path, f"read -P {0x40 + c % 64:#x} {c * cs} {cs}", read_only=True)
+
+
+@pytest.mark.parametrize(("keep", "expected"), [("base", "commit"), ("top", "stream")])
+def test_plan_merge_tie_goes_to_the_direction_without_a_rename(tmp_path, keep, expected):
+    """Equal byte counts: auto takes the direction that needs no rename (commit when
+    keeping base, stream when keeping top).  Flipping the tie-break must fail here."""
+    base = qemu.create(tmp_path / "base.qcow2", 8 * C)
+    qemu.qemu_io(base, f"write -P 0x11 0 {C}")
+    top = qemu.create(tmp_path / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2",
+                      cwd=tmp_path)
+    qemu.qemu_io(top, f"write -P 0x22 {4 * C} {C}")
+    plan = plan_merge(top, keep=keep, via="auto")
+    assert plan.commit_bytes == plan.stream_bytes == C
+    assert plan.via == expected
+    assert not any("rename" in s for s in plan.steps)
