@@ -144,18 +144,21 @@ def test_sigkill_random_points(name, tmp_path):
              else chains(depth=st.integers(max(scenarios.MIN_DEPTH.get(name, 2), 2), 3),
                          params=params, min_ops=4))
 
+    kills = [0]
+
     @seed(99)
     @settings(max_examples=2, deadline=None, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(ch=strat, s=st.integers(0, 1000))
     def run(ch, s):
         try:
-            _kill_many(name, ch, KILLS_PER_CHAIN, s, root, failures)
+            kills[0] += _kill_many(name, ch, KILLS_PER_CHAIN, s, root, failures)
         finally:
             ch.cleanup()
 
     run()
     _judge(name, failures)
+    assert kills[0] > 0, f"{name}: no drawn chain allowed the operation: nothing was killed"
 
 
 # ---------------------------------------------------------------------------- SIGINT
