@@ -129,12 +129,62 @@ def _names_same(a: str, b: str) -> bool:
         return os.path.normpath(a) == os.path.normpath(b) and ".." not in a.split("/")
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file ``path`` opens, or None if it cannot be stat'ed."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     return (st.st_dev, st.st_ino)
+
+
+def peek_header(path: str):
+    """The qcow2 header of ``path`` read without opening the image (no lock, no
+    validation beyond the header), or None for a missing, unreadable or raw file."""
+    from .header import parse_header
+
+    try:
+        if probe_format(path) != "qcow2":
+            return None
+        with open(path, "rb") as f:
+            head = f.read(1 << spec.MAX_CLUSTER_BITS)
+        return parse_header(path, head, os.path.getsize(path))
+    except (OSError, QcowError):
+        return None
+
+
+def header_chain(start: str, fmt: str | None = None, *, data_files: bool = False) -> list[str]:
+    """The files of the chain ``start`` heads, read from the headers alone.
+
+    No image is opened (so no lock is taken): this answers "which files would this
+    touch" and "would this make a loop" before anything is opened read-write.  The
+    walk stops quietly at a missing, unreadable or raw file, a repeated file and
+    the depth limit (opening the chain reports those).  ``fmt``: the format of
+    ``start`` if known (a raw file is never probed); ``data_files``: include each
+    image's external data file after it.
+    """
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    cur: str | None = start
+    cur_fmt = fmt
+    while cur is not None and len(out) <= spec.MAX_CHAIN_DEPTH:
+        ident = identity(cur)
+        if ident is None or ident in seen:
+            break
+        seen.add(ident)
+        out.append(cur)
+        h = peek_header(cur) if cur_fmt in (None, "qcow2") else None
+        if h is None:
+            break
+        if data_files and h.has_data_file and h.data_file:
+            name = h.data_file
+            out.append(name if os.path.isabs(name) else os.path.join(os.path.dirname(cur), name))
+        try:
+            cur = resolve_backing(cur, h.backing_file) if h.backing_file else None
+        except QcowError:
+            break
+        cur_fmt = h.backing_format or None
+    return out
 
 
 def _inside(path: str, root: str) -> bool:
@@ -161,7 +211,7 @@ def open_image(
     top = _open_one(path, fmt, mode, force_share, root)
     if not backing:
         return top
-    seen = {_identity(path)}
+    seen = {identity(path)}
     names = [path]
     cur = top
     try:
@@ -181,7 +231,7 @@ def open_image(
                     cur.path,
                     f"backing file {name!r} not found (chain: {' -> '.join(names + [bpath])})",
                 )
-            ident = _identity(bpath)
+            ident = identity(bpath)
             if ident in seen:
                 raise BackingChainError(
                     cur.path,

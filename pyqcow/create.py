@@ -8,7 +8,7 @@ import os
 
 from . import layout, spec
 from ._callmod import make_callable
-from .chain import probe_format, resolve_backing
+from .chain import header_chain, identity, probe_format, resolve_backing
 from .errors import FormatError, OperationError, QcowError
 from .header import Extension, Header, build_cluster0
 from .hostfile import LOCK_WRITE, HostFile, fsync_dir
@@ -44,14 +44,6 @@ COMPAT_VALUES = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 REFCOUNT_BITS = (1, 2, 4, 8, 16, 32, 64)
 COMPRESSION_TYPES = ("zlib", "zstd")
 PREALLOCATION_MODES = ("off", "metadata")
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 class OutputFile:
@@ -194,48 +186,19 @@ def _check_options(
 
 
 def chain_files(path: str, fmt: str | None = None) -> list[str]:
-    """Every file of the backing chain that starts at ``path``: images and data files.
-
-    Walks the headers only (no image is opened or locked) and stops quietly at a
-    missing file, a loop or anything unreadable: it answers "which files would a
-    write over this chain destroy", not "is this chain valid".
-    """
-    from .header import parse_header
-
-    out: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    cur: str | None = path
-    for _ in range(spec.MAX_CHAIN_DEPTH + 1):
-        if cur is None:
-            break
-        ident = _identity(cur)
-        if ident is None or ident in seen:
-            break
-        seen.add(ident)
-        out.append(cur)
-        try:
-            if probe_format(cur) != "qcow2":
-                break
-            with open(cur, "rb") as f:
-                head = f.read(1 << spec.MAX_CLUSTER_BITS)
-            h = parse_header(cur, head, os.path.getsize(cur))
-        except (OSError, QcowError):
-            break
-        if h.has_data_file and h.data_file:
-            name = h.data_file
-            out.append(name if os.path.isabs(name) else os.path.join(os.path.dirname(cur), name))
-        cur = resolve_backing(cur, h.backing_file) if h.backing_file else None
-    return out
+    """Every file of the backing chain that starts at ``path``: images and data files
+    (headers only; see :func:`pyqcow.chain.header_chain`)."""
+    return header_chain(path, fmt, data_files=True)
 
 
 def _refuse_chain_member(path: str, backing: str, bpath: str) -> None:
     """Never create over a file of the chain the new image is backed onto."""
-    own = _identity(path)
+    own = identity(path)
     if own is None:
         return
     for member in chain_files(bpath):
-        if _identity(member) == own:
-            if _identity(bpath) == own:
+        if identity(member) == own:
+            if identity(bpath) == own:
                 raise OperationError(path, "an image cannot be its own backing file")
             raise OperationError(
                 path,

@@ -224,15 +224,10 @@ def _image_step_done(rec: Record) -> bool:
 
 def _backing_of(path: str) -> str | None:
     """The file ``path``'s header names as its backing file (resolved), or None."""
-    from ..chain import probe_format
-    from ..header import parse_header
+    from ..chain import peek_header
 
-    if probe_format(path) != "qcow2":
-        return None
-    with open(path, "rb") as f:
-        head = f.read(1 << 21)
-    h = parse_header(path, head, os.path.getsize(path))
-    return resolve_backing(path, h.backing_file) if h.backing_file else None
+    h = peek_header(path)
+    return resolve_backing(path, h.backing_file) if h is not None and h.backing_file else None
 
 
 def _points_at(path: str, target: str) -> bool:
@@ -281,14 +276,10 @@ def _finish_merge(rec: Record, dry_run: bool) -> list[str]:
     # after the commit point: the final backing name, the other file's data file
     want = d.get("new_backing")
     if want and os.path.exists(kept):
-        from ..header import parse_header
+        from ..chain import peek_header
 
-        with open(kept, "rb") as f:
-            head = f.read(1 << 21)
-        try:
-            have = parse_header(kept, head, os.path.getsize(kept)).backing_file
-        except QcowError:
-            have = want
+        h = peek_header(kept)
+        have = h.backing_file if h is not None else want
         if have != want:
             steps.append(f"set backing of {kept} to {want}")
             if not dry_run:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from .. import spec
-from ..chain import open_image, probe_format, resolve_backing
+from ..chain import header_chain, open_image, probe_format, resolve_backing
 from ..errors import BackingChainError, OperationError, QcowError
 from ..image import QcowImage
 from . import copier
@@ -28,51 +28,6 @@ def _validate_name(path: str, backing: str) -> None:
         raise OperationError(path, f"backing file name too long ({len(backing.encode())} bytes, maximum 1023)")
 
 
-_HEADER_READ = 2 * 1024 * 1024  # the backing name lies in cluster 0 (at most 2 MiB)
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def header_chain(start: str, fmt: str | None = None) -> list[str]:
-    """The chain ``start`` heads, as file names, read from the headers alone.
-
-    No image is opened (so no lock is taken and nothing is validated beyond the
-    header): this is for finding loops before anything is opened read-write.
-    The walk stops quietly at a missing, unreadable or non-qcow2 file, at a
-    repeated file and at the depth limit; opening the chain reports those.
-    """
-    from ..header import parse_header
-
-    names = [start]
-    seen = {_identity(start)}
-    cur, cur_fmt = start, fmt
-    while len(names) <= spec.MAX_CHAIN_DEPTH:
-        try:
-            if (cur_fmt or probe_format(cur)) != "qcow2":
-                break
-            with open(cur, "rb") as f:
-                head = f.read(_HEADER_READ)
-            h = parse_header(cur, head, os.path.getsize(cur))
-            if not h.backing_file:
-                break
-            nxt = resolve_backing(cur, h.backing_file)
-        except (OSError, QcowError):
-            break
-        if not os.path.exists(nxt):
-            break
-        names.append(nxt)
-        ident = _identity(nxt)
-        if ident in seen:
-            break
-        seen.add(ident)
-        cur, cur_fmt = nxt, h.backing_format or None
-    return names
 
 
 def check_no_loop(path, backing: str | None, backing_format: str | None = None) -> None:
