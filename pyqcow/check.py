@@ -44,6 +44,7 @@ import copy
 import itertools
 import operator
 import os
+import re
 import warnings
 from array import array
 from collections.abc import Callable
@@ -1078,8 +1079,29 @@ def repair_dirty(img) -> None:
         raise CorruptImageError(img.path, f"could not repair dirty image ({detail})")
 
 
+_NONZERO_BYTE = re.compile(rb"[^\x00]")
+
+
 def _nonzero_entries(table: array, extended: bool):
-    """Indices of the L2 entries that are not all zero (the scan runs in C)."""
+    """Indices of the L2 entries that are not all zero (the scans run in C).
+
+    A mostly-zero table (the common case for a sparse image, and for the garbage
+    tables a broken L1 points at) is searched for its non-zero bytes instead of
+    turning every entry into a Python int.
+    """
+    raw = table.tobytes()
+    zero_bytes = raw.count(0)
+    if zero_bytes == len(raw):
+        return ()
+    if zero_bytes * 8 >= len(raw) * 7:
+        width = 16 if extended else 8
+        out = []
+        m = _NONZERO_BYTE.search(raw)
+        while m is not None:
+            i = m.start() // width
+            out.append(i)
+            m = _NONZERO_BYTE.search(raw, (i + 1) * width)
+        return out
     if extended:
         return itertools.compress(itertools.count(), map(operator.or_, table[0::2], table[1::2]))
     return itertools.compress(itertools.count(), table)
