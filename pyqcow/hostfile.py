@@ -30,6 +30,18 @@ LOCK_WRITE = (
 
 _FLOCK_FMT = "hhqqi4x"  # struct flock on Linux (x86_64, aarch64): 32 bytes
 
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): a block device's size in bytes
+
+
+def is_block_device(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def block_device_size(fd: int) -> int:
+    """Size in bytes of the block device open at ``fd`` (BLKGETSIZE64)."""
+    buf = fcntl.ioctl(fd, BLKGETSIZE64, bytes(8))
+    return struct.unpack("Q", buf)[0]
+
 
 def _flock(lock_type: int, start: int, length: int) -> bytes:
     return struct.pack(_FLOCK_FMT, lock_type, os.SEEK_SET, start, length, 0)
@@ -59,9 +71,16 @@ class HostFile:
         except OSError as e:
             raise QcowError(self.path, f"cannot open: {e.strerror}") from e
         self._locked: list[int] = []
+        #: a block device (an LVM logical volume, a loop device): its size is fixed
+        #: (BLKGETSIZE64), it is never truncated and never has holes punched
+        self.is_block_device = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+        self._device_size = block_device_size(self.fd) if self.is_block_device else 0
 
     # -- positional I/O -----------------------------------------------------
     def size(self) -> int:
+        """Bytes in the file; for a block device, the device size."""
+        if self.is_block_device:
+            return self._device_size
         return os.fstat(self.fd).st_size
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -103,6 +122,8 @@ class HostFile:
 
     def pwrite(self, data, offset: int) -> None:
         mv = memoryview(data).cast("B")
+        if self.is_block_device and offset + len(mv) > self._device_size:
+            raise self._no_space(offset + len(mv))
         done = 0
         while done < len(mv):
             n = os.pwrite(self.fd, mv[done:], offset + done)
@@ -111,13 +132,28 @@ class HostFile:
             done += n
 
     def truncate(self, size: int) -> None:
+        """Set the file size; on a block device only check that ``size`` fits."""
+        if self.is_block_device:
+            if size > self._device_size:
+                raise self._no_space(size)
+            return
         os.ftruncate(self.fd, size)
+
+    def _no_space(self, needed: int) -> OperationError:
+        return OperationError(
+            self.path,
+            f"no space left on block device: the image needs {needed} bytes, the device "
+            f"holds {self._device_size} (grow the device, e.g. lvextend)",
+        )
 
     def fsync(self) -> None:
         os.fsync(self.fd)
 
     def punch_hole(self, offset: int, length: int) -> bool:
-        """Deallocate a byte range (reads as zeros afterwards). False if unsupported."""
+        """Deallocate a byte range (reads as zeros afterwards). False if unsupported
+        (always on a block device: pyqcow never discards a device's blocks)."""
+        if self.is_block_device:
+            return False
         try:
             fallocate = getattr(os, "fallocate", None)
             if fallocate is None:
