@@ -9,6 +9,7 @@ qemu-img; the results are compared with ``qemu-img compare/check/info/map``
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -230,3 +231,64 @@ def test_resize_grow_moves_l1(tmp_path: Path, capsys) -> None:
     qemu_io(img, "read -P 0x42 0 1M", "read -P 0 1M 1M")
     assert info_json(img)["virtual-size"] == 1 << 30
     assert l1_before["virtual-size"] == MiB
+
+
+# --- measure ----------------------------------------------------------------------------
+
+_MEASURE_ARGS = [
+    ("-O", "raw"),
+    ("-O", "qcow2"),
+    ("-O", "qcow2", "-o", "cluster_size=4k"),
+    ("-O", "qcow2", "-o", "cluster_size=2M,refcount_bits=64"),
+    ("-O", "qcow2", "-o", "extended_l2=on,cluster_size=32k"),
+    ("-O", "qcow2", "-o", "compat=0.10,cluster_size=512"),
+    ("-O", "qcow2", "-o", "preallocation=full,refcount_bits=1"),
+]
+
+
+@pytest.mark.parametrize("args", _MEASURE_ARGS, ids=lambda a: "_".join(a[1::2]).replace(",", "+"))
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_measure_json_matches_qemu(name: str, args: tuple, shapes_dir: Path, capsys) -> None:
+    shape = _shape(name, shapes_dir)
+    theirs = qemu_img("measure", "--output=json", *args, shape.path)
+    status, ours, err = run(capsys, "measure", "--output=json", *args, shape.path)
+    assert (status, err) == (0, "")
+    assert ours == theirs  # byte for byte
+    if args == ("-O", "qcow2"):
+        assert run(capsys, "measure", *args, shape.path)[1] == qemu_img("measure", *args, shape.path)
+
+
+@pytest.mark.parametrize("size", ["0", "1000", "1G", "1.5T", "16T"])
+@pytest.mark.parametrize("args", _MEASURE_ARGS, ids=lambda a: "_".join(a[1::2]).replace(",", "+"))
+def test_measure_size_matches_qemu(size: str, args: tuple, capsys) -> None:
+    for fmt in ((), ("--output=json",)):
+        proc = qemu._run(["qemu-img", "measure", *fmt, *args, "--size", size], ok=(0, 1))
+        status, ours, err = run(capsys, "measure", *fmt, *args, "--size", size)
+        if proc.returncode:  # an L1 table over 32 MiB
+            assert "The image size is too large (try using a larger cluster size)" in proc.stderr
+            assert (status, ours) == (1, "")
+            assert err == (
+                "pyqcow: measure: the image size is too large (try using a larger cluster size)\n"
+            )
+        else:
+            assert (status, ours, err) == (0, proc.stdout, "")
+
+
+def test_measure_bitmaps_and_errors(tmp_path: Path, capsys) -> None:
+    img = create(tmp_path / "b.qcow2", 10 * MiB)
+    qemu_io(img, "write 0 100k", "write 1M 1k", "write -z 2M 64k")
+    for name, gran in (("b1", None), ("a-much-longer-bitmap-name" * 4, "512"), ("b3", "2M")):
+        qemu_img("bitmap", "--add", *(("-g", gran) if gran else ()), img, name)
+    for args in (("-O", "qcow2"), ("-O", "qcow2", "-o", "cluster_size=4k")):
+        theirs = qemu_img("measure", "--output=json", *args, img)
+        assert json.loads(theirs)["bitmaps"] > 0
+        assert run(capsys, "measure", "--output=json", *args, img)[1] == theirs
+    status, out, err = run(capsys, "measure", "--size", "1G", img)
+    assert (status, out) == (1, "")
+    assert err == f"pyqcow: {img}: --size N cannot be used together with an image\n"
+    status, out, err = run(capsys, "measure")
+    assert err == "pyqcow: measure: either --size N or one image must be given\n"
+    status, out, err = run(capsys, "measure", "-o", "cluster_size=4k", img)
+    assert status == 1 and "-o options need -O qcow2" in err
+    status, out, err = run(capsys, "measure", "-O", "qcow2", "-o", "cluster_size=3k", img)
+    assert status == 1 and "cluster_size" in err
