@@ -10,6 +10,7 @@ import argparse
 
 from ..errors import OperationError
 from ..ops.resize import resize
+from .cache import add_cache_options
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -36,6 +37,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _add_options(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="[+|-]SIZE")
+    add_cache_options(p)
     return p
 
 

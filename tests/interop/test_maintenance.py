@@ -292,3 +292,214 @@ def test_measure_bitmaps_and_errors(tmp_path: Path, capsys) -> None:
     assert status == 1 and "-o options need -O qcow2" in err
     status, out, err = run(capsys, "measure", "-O", "qcow2", "-o", "cluster_size=3k", img)
     assert status == 1 and "cluster_size" in err
+
+
+# --- convert options ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def conv_src(tmp_path: Path) -> Path:
+    """A chain: data, written zeros, a compressed cluster, a short tail."""
+    base = create(tmp_path / "cbase.qcow2", 6 * MiB + 1536)
+    qemu_io(base, "write -P 0x11 0 1M", "write -P 0x12 4M 256k")
+    top = create(tmp_path / "csrc.qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu_io(
+        top,
+        "write -P 0x21 512k 1M",
+        "write -P 0 2M 192k",
+        "write -c -P 0x33 3M 128k",
+        "write -z 4M 64k",
+        "write -P 0x44 6M 1536",
+    )
+    return top
+
+
+def test_convert_n_into_existing_qcow2_matches_qemu(conv_src: Path, tmp_path: Path, capsys) -> None:
+    q = create(tmp_path / "q.qcow2", 8 * MiB)
+    qemu_io(q, "write -P 0x09 0 8M")
+    p = tmp_path / "p.qcow2"
+    shutil.copyfile(q, p)
+    qemu_img("convert", "-n", "-O", "qcow2", conv_src, q)
+    status, out, err = run(capsys, "convert", "-n", "-O", "qcow2", conv_src, p)
+    assert (status, out, err) == (0, "", "")
+    assert compare(q, p) == 0
+    assert check_json(p)[1] == 0
+    assert _map_shape(p) == _map_shape(q)
+    qemu_io(p, "read -P 0x09 7M 1M")  # past the source's end: untouched
+    assert compare(conv_src, p) == 1  # sizes differ, 0x09 past the source's end
+
+
+def test_convert_n_target_is_zero(conv_src: Path, tmp_path: Path, capsys) -> None:
+    size = info_json(conv_src)["virtual-size"]
+    for fmt in ("qcow2", "raw"):
+        q = create(tmp_path / f"q.{fmt}", size, fmt=fmt)
+        p = create(tmp_path / f"p.{fmt}", size, fmt=fmt)
+        qemu_img("convert", "-n", "--target-is-zero", "-O", fmt, conv_src, q)
+        status, out, err = run(capsys, "convert", "-n", "--target-is-zero", "-O", fmt, conv_src, p)
+        assert (status, out, err) == (0, "", "")
+        assert compare(conv_src, p, fmt_b=fmt) == 0
+        if fmt == "qcow2":
+            assert check_json(p)[1] == 0
+            assert _map_shape(p) == _map_shape(q)
+        else:
+            # nothing written where the source reads zeros: as sparse as qemu's
+            assert p.stat().st_blocks <= q.stat().st_blocks
+
+
+def test_convert_n_raw_zeroes_what_the_source_reads_as_zeros(
+    conv_src: Path, tmp_path: Path, capsys
+) -> None:
+    size = info_json(conv_src)["virtual-size"]
+    p = tmp_path / "p.raw"
+    p.write_bytes(b"\x09" * (size + 4096))
+    assert run(capsys, "convert", "-n", "-O", "raw", conv_src, p)[0] == 0
+    q = tmp_path / "q.raw"
+    qemu_img("convert", "-O", "raw", conv_src, q)
+    data = p.read_bytes()
+    assert data[:size] == q.read_bytes() and data[size:] == b"\x09" * 4096
+
+
+def test_convert_option_errors(conv_src: Path, tmp_path: Path, capsys) -> None:
+    small = create(tmp_path / "small.qcow2", MiB)
+    before = _sha(small)
+    cases = [
+        (("--target-is-zero", "-O", "qcow2", conv_src, tmp_path / "new.qcow2"),
+         "--target-is-zero requires use of -n"),
+        (("-n", "-O", "qcow2", conv_src, small), "output file is smaller than input file"),
+        (("-n", "-O", "qcow2", "-o", "cluster_size=4k", conv_src, small),
+         "-o has no effect when skipping image creation (-n)"),
+        (("-n", "-O", "qcow2", conv_src, tmp_path / "missing.qcow2"),
+         "the target image does not exist"),
+        (("-m", "17", conv_src, tmp_path / "x.raw"), "the number of copy streams is 1..16"),
+        (("-m", "0", conv_src, tmp_path / "x.raw"), "the number of copy streams is 1..16"),
+        (("-S", "1000", conv_src, tmp_path / "x.raw"), "multiples of 512 up to 16 MiB"),
+        (("-S", "32M", conv_src, tmp_path / "x.raw"), "multiples of 512 up to 16 MiB"),
+    ]
+    for argv, msg in cases:
+        status, out, err = run(capsys, "convert", *argv)
+        assert (status, out) == (1, ""), argv
+        assert err.startswith("pyqcow: ") and msg in err and err.count("\n") == 1, err
+    assert _sha(small) == before
+    assert not (tmp_path / "x.raw").exists() and not (tmp_path / "new.qcow2").exists()
+    # an overlay target cannot be assumed to read as zeros
+    base = create(tmp_path / "b.qcow2", 8 * MiB)
+    ov = create(tmp_path / "ov.qcow2", None, backing=base, backing_fmt="qcow2")
+    status, _, err = run(capsys, "convert", "-n", "--target-is-zero", "-O", "qcow2", conv_src, ov)
+    assert status == 1
+    assert err == (f"pyqcow: {ov}: cannot use --target-is-zero when the destination image "
+                   "has a backing file\n")
+    status, _, err = run(capsys, "convert", "-t", "bogus", conv_src, tmp_path / "x.raw")
+    assert status == 1 and "invalid cache option 'bogus'" in err
+
+
+@pytest.mark.parametrize("sparse", ["0", "4k", "128k", "1M"])
+def test_convert_sparse_size_matches_qemu(conv_src: Path, tmp_path: Path, sparse: str, capsys) -> None:
+    for extra in ((), ("-o", "cluster_size=4k")):
+        q, p = tmp_path / "q.qcow2", tmp_path / "p.qcow2"
+        qemu_img("convert", "-O", "qcow2", *extra, "-S", sparse, conv_src, q)
+        status, _, err = run(capsys, "convert", "-O", "qcow2", *extra, "-S", sparse, conv_src, p)
+        assert (status, err) == (0, "")
+        assert compare(q, p) == 0
+        assert _map_shape(p) == _map_shape(q), (extra, sparse)
+        q.unlink()
+        p.unlink()
+    # raw, -S 0: every byte allocated
+    r = tmp_path / "r.raw"
+    assert run(capsys, "convert", "-O", "raw", "-S", sparse, conv_src, r)[0] == 0
+    assert compare(conv_src, r, fmt_b="raw") == 0
+    if sparse == "0":
+        assert r.stat().st_blocks * 512 >= r.stat().st_size
+
+
+@pytest.mark.parametrize("name", sorted(n for n, t in SHAPE_TAGS.items() if "huge" not in t))
+def test_convert_parallel_matches_qemu_on_every_shape(name: str, shapes_dir: Path, capsys) -> None:
+    """-W -m 4 (streams) gives the image qemu-img convert gives, on every shape."""
+    shape = _shape(name, shapes_dir)
+    d = shape.path.parent
+    q, p, r = d / "par-q.qcow2", d / "par-p.qcow2", d / "par-p.raw"
+    qemu_img("convert", "-O", "qcow2", shape.path, q)
+    status, out, err = run(capsys, "convert", "-W", "-m", "4", "-O", "qcow2", shape.path, p)
+    assert (status, out, err) == (0, "", "")
+    assert compare(q, p) == 0
+    assert check_json(p)[1] == 0
+    assert _map_shape(p) == _map_shape(q)
+    assert run(capsys, "convert", "-m", "3", "-O", "raw", shape.path, r)[0] == 0
+    assert compare(shape.path, r, fmt_b="raw") == 0
+    for f in (q, p, r):
+        f.unlink()
+
+
+def test_convert_cache_modes(conv_src: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import os
+
+    from pyqcow import hostfile
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    assert run(capsys, "convert", "-t", "unsafe", "-O", "qcow2", conv_src, tmp_path / "u.qcow2")[0] == 0
+    assert synced == []  # -t unsafe: no fsync at all
+    assert compare(conv_src, tmp_path / "u.qcow2") == 0
+    assert run(capsys, "convert", "-O", "qcow2", conv_src, tmp_path / "w.qcow2")[0] == 0
+    assert synced  # writeback (default): fsync at every ordering point
+    # none: the data goes through an O_DIRECT descriptor where the file system has it
+    opened: list[int] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: (opened.append(flags),
+                                                               real_open(path, flags, *a))[1])
+    dropped: list[int] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: dropped.append(adv))
+    for fmt in ("qcow2", "raw"):
+        out = tmp_path / f"n.{fmt}"
+        status, _, err = run(capsys, "convert", "-t", "none", "-T", "none", "-O", fmt, conv_src, out)
+        assert (status, err) == (0, "")
+        assert compare(conv_src, out, fmt_b=fmt) == 0
+    assert any(f & os.O_DIRECT for f in opened) or not _direct_io_works(tmp_path)
+    assert os.POSIX_FADV_DONTNEED in dropped  # -T none: the source left the page cache
+    assert hostfile.cache_mode() == "none"
+    run(capsys, "convert", "-O", "raw", conv_src, tmp_path / "again.raw")
+    assert hostfile.cache_mode() == "writeback"  # each command starts from the default
+
+
+def _direct_io_works(d: Path) -> bool:
+    import os
+
+    try:
+        fd = os.open(d / "direct-probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_cache_option_on_every_writing_command(tmp_path: Path, capsys, monkeypatch) -> None:
+    """-t unsafe reaches commit, stream, rebase, snapshot, resize: no fsync, same result."""
+    import os
+
+    base = create(tmp_path / "base.qcow2", 4 * MiB)
+    qemu_io(base, "write -P 0x11 0 2M")
+    mid = create(tmp_path / "mid.qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu_io(mid, "write -P 0x22 1M 1M")
+    top = create(tmp_path / "top.qcow2", None, backing=mid, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x33 3M 64k")
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-O", "raw", top, ref)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    for argv in (
+        ("snapshot", "-t", "unsafe", "-c", "s1", base),
+        ("commit", "-t", "unsafe", top),
+        ("stream", "-t", "unsafe", top),
+        ("resize", "-t", "unsafe", top, "+1M"),
+    ):
+        status, _, err = run(capsys, *argv)
+        assert (status, err) == (0, ""), argv
+    assert synced == []
+    assert check_json(top)[1] == 0
+    qemu_io(top, "read -P 0 4M 1M")
+    qemu_img("resize", "--shrink", top, "4M")
+    assert compare(ref, top, fmt_a="raw") == 0
+    # without -t: fsync again
+    assert run(capsys, "resize", top, "+1M")[0] == 0
+    assert synced
