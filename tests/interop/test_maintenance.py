@@ -503,3 +503,154 @@ def test_cache_option_on_every_writing_command(tmp_path: Path, capsys, monkeypat
     # without -t: fsync again
     assert run(capsys, "resize", top, "+1M")[0] == 0
     assert synced
+
+
+# --- amend ----------------------------------------------------------------------------------
+
+
+def _fmt_info(p: Path) -> dict:
+    data = info_json(p)["format-specific"]["data"]
+    return {k: data.get(k) for k in ("compat", "lazy-refcounts", "refcount-bits")}
+
+
+def _amend_both(shape: Shape, opts: str, capsys) -> tuple[Path, Path, int, str]:
+    q, p = _copies(shape, "amend-" + opts.replace(",", "+").replace("=", "-"))
+    qemu._run(["qemu-img", "amend", "-o", opts, q], ok=(0, 1))
+    status, out, err = run(capsys, "amend", "-o", opts, p)
+    return q, p, status, err
+
+
+_DOWNGRADE_REFUSED = {
+    "bitmap": "persistent bitmaps",
+    "compressed_zstd": "zstd compression",
+    "data_file": "an external data file",
+    "data_file_raw": "an external data file",
+    "extended_l2": "extended L2 entries",
+    "extended_l2_overlay": "extended L2 entries",
+    "refcount1": "1-bit refcounts",
+    "refcount64": "64-bit refcounts",
+    "snapshots": "internal snapshots",
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, t in SHAPE_TAGS.items() if "huge" not in t))
+def test_amend_compat_matches_qemu(name: str, shapes_dir: Path, capsys) -> None:
+    shape = _shape(name, shapes_dir)
+    version = info_json(shape.path)["format-specific"]["data"]["compat"]
+    target = "1.1" if version == "0.10" else "0.10"
+    refused = _DOWNGRADE_REFUSED.get(name) if target == "0.10" else None
+    if refused is None and target == "0.10" and info_json(shape.path).get("snapshots"):
+        refused = "internal snapshots"
+    if refused:
+        before = _sha(shape.path)
+        status, out, err = run(capsys, "amend", "-o", f"compat={target}", shape.path)
+        assert (status, out) == (1, "")
+        assert err.startswith(f"pyqcow: {shape.path}: ") and refused in err, err
+        assert _sha(shape.path) == before
+        return
+    q, p, status, err = _amend_both(shape, f"compat={target}", capsys)
+    assert (status, err) == (0, "")
+    assert _fmt_info(p) == _fmt_info(q)
+    assert _fmt_info(p)["compat"] == target
+    assert compare(q, p) == 0 and compare(shape.path, p) == 0
+    assert check_json(p)[1] == 0
+    assert _map_shape(p) == _map_shape(q)
+
+
+@pytest.mark.parametrize("bits", ["1", "8", "64"])
+@pytest.mark.parametrize(
+    "name", sorted(n for n, t in SHAPE_TAGS.items() if not t & {"huge", "v2", "dirty"})
+)
+def test_amend_refcount_bits_matches_qemu(name: str, bits: str, shapes_dir: Path, capsys) -> None:
+    shape = _shape(name, shapes_dir)
+    if name == "cluster2m":
+        # qemu-img 7.2 needs minutes here (2 MiB clusters): pyqcow alone, checked by qemu
+        p = _copies(shape, f"amend-rb{bits}")[1]
+        assert run(capsys, "amend", "-o", f"refcount_bits={bits}", p)[:3:2] == (0, "")
+        assert _fmt_info(p)["refcount-bits"] == int(bits)
+        assert compare(shape.path, p) == 0 and check_json(p)[1] == 0
+        return
+    q, p, status, err = _amend_both(shape, f"refcount_bits={bits}", capsys)
+    theirs = _fmt_info(q)["refcount-bits"]
+    if status:
+        # a refcount that does not fit (snapshots share clusters: refcount 2 > 1 bit)
+        assert theirs != int(bits)
+        assert "cannot decrease refcount entry width" in err
+        assert _fmt_info(p) == _fmt_info(shape.path)
+        return
+    assert err == ""
+    assert _fmt_info(p)["refcount-bits"] == theirs == int(bits)
+    assert compare(shape.path, p) == 0
+    assert check_json(p) == check_json(q) or check_json(p)[1] == 0
+    assert check_json(p)[1] == 0
+    # still writable by qemu, and the refcounts stay right
+    qemu_io(p, "write -P 0x6b 0 128k")
+    assert check_json(p)[1] == 0
+
+
+def test_amend_lazy_refcounts_and_errors(tmp_path: Path, capsys) -> None:
+    img = create(tmp_path / "a.qcow2", 4 * MiB)
+    assert run(capsys, "amend", "-o", "lazy_refcounts=on", img)[0] == 0
+    assert _fmt_info(img)["lazy-refcounts"] is True
+    assert run(capsys, "amend", "-o", "lazy_refcounts=off", img)[0] == 0
+    assert _fmt_info(img)["lazy-refcounts"] is False
+    before = _sha(img)
+    for opts, msg in (
+        ("cluster_size=4k", "invalid parameter 'cluster_size': this option is only supported "
+                            "for image creation"),
+        ("bogus=1", "invalid parameter 'bogus'"),
+        ("backing_file=x", "cannot amend the backing file (use 'pyqcow rebase')"),
+        ("compat=0.10,refcount_bits=64", "compat=0.10 requires refcount_bits=16"),
+        ("compat=0.10,lazy_refcounts=on", "lazy refcounts only supported with compatibility "
+                                          "level 1.1 and above"),
+        ("data_file=x.raw", "data_file can only be set for images that use an external data file"),
+        ("refcount_bits=3", "invalid value '3' for option refcount_bits: must be a power of two "
+                            "between 1 and 64"),
+    ):
+        status, out, err = run(capsys, "amend", "-o", opts, img)
+        assert (status, out, err) == (1, "", f"pyqcow: {img}: {msg}\n"), opts
+    assert _sha(img) == before
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(4096))
+    status, _, err = run(capsys, "amend", "-o", "compat=1.1", raw)
+    assert err == f"pyqcow: {raw}: amend needs a qcow2 image (this one is raw)\n"
+    # several options at once, and size
+    assert run(capsys, "amend", "-o", "compat=1.1,refcount_bits=8,size=8M", img)[0] == 0
+    assert _fmt_info(img) == {"compat": "1.1", "lazy-refcounts": False, "refcount-bits": 8}
+    assert info_json(img)["virtual-size"] == 8 * MiB
+    assert check_json(img)[1] == 0
+
+
+def test_amend_downgrade_expands_zero_clusters(tmp_path: Path, capsys) -> None:
+    """v2 has no zero flag: zero clusters over a backing file become written zeros."""
+    base = create(tmp_path / "base.qcow2", 4 * MiB)
+    qemu_io(base, "write -P 0x11 0 4M")
+    top = create(tmp_path / "top.qcow2", None, backing=base, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x22 0 1M", "write -z 0 64k", "write -z 2M 128k", "write -z -u 3M 64k")
+    q = tmp_path / "q.qcow2"
+    shutil.copyfile(top, q)
+    qemu_img("amend", "-o", "compat=0.10", q)
+    status, out, err = run(capsys, "amend", "-p", "-o", "compat=0.10", top)
+    assert (status, out) == (0, "")
+    assert _fmt_info(top)["compat"] == "0.10"
+    assert compare(q, top) == 0
+    qemu_io(top, "read -P 0 0 64k", "read -P 0x22 64k 960k", "read -P 0 2M 128k",
+            "read -P 0 3M 64k", "read -P 0x11 1M 1M")
+    assert check_json(top)[1] == 0
+    # and back to v3
+    assert run(capsys, "amend", "-o", "compat=1.1", top)[0] == 0
+    assert _fmt_info(top)["compat"] == "1.1" and check_json(top)[1] == 0
+
+
+def test_amend_data_file_name(tmp_path: Path, capsys) -> None:
+    df = tmp_path / "d.raw"
+    img = create(tmp_path / "a.qcow2", 4 * MiB, f"data_file={df}", "data_file_raw=on")
+    qemu_io(img, "write -P 0x5a 0 1M")
+    df2 = tmp_path / "d2.raw"
+    shutil.copyfile(df, df2)
+    assert run(capsys, "amend", "-o", f"data_file={df2},data_file_raw=off", img)[0] == 0
+    data = info_json(img)["format-specific"]["data"]
+    assert data["data-file"] == str(df2) and data["data-file-raw"] is False
+    qemu_io(img, "read -P 0x5a 0 1M")
+    status, _, err = run(capsys, "amend", "-o", "data_file_raw=on", img)
+    assert err == f"pyqcow: {img}: data_file_raw cannot be set on existing images\n"
