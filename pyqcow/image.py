@@ -563,6 +563,7 @@ class QcowImage(WriterMixin):
         self._closed = True
         try:
             self.flush()
+            self._store_bitmaps()
         finally:
             if self.backing is not None:
                 self.backing.close()

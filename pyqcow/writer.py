@@ -41,6 +41,7 @@ class WriterMixin:
         self.header_dirty = False
         self._write_started = False
         self._data_written = False
+        self._bitmaps: list | None = None  # pyqcow.bitmaps.Bitmap, loaded on the first write
         # compressed-cluster packing: next free byte (sector aligned) in the
         # host clusters last allocated for compressed data, and their end
         self._cpos = 0
@@ -66,28 +67,61 @@ class WriterMixin:
             raise OperationError(self.path, "image is closed")
 
     def _begin_write(self) -> None:
-        """Before the first change: drop autoclear bits we do not maintain."""
+        """Before the first change: load the persistent bitmaps and mark them in use
+        on disk (so a crash invalidates them instead of leaving them wrong), and
+        drop the autoclear bits we do not maintain."""
         if self._write_started:
             return
         self._write_started = True
         keep = spec.Autoclear.DATA_FILE_RAW
         h = self.header
-        if (
-            h.version == 3
-            and h.autoclear_features & spec.Autoclear.BITMAPS
-            and self._mark_bitmaps_in_use()
-        ):
-            keep |= spec.Autoclear.BITMAPS
+        if h.version == 3 and h.autoclear_features & spec.Autoclear.BITMAPS:
+            from .bitmaps import load_bitmaps
+
+            try:
+                self._bitmaps = load_bitmaps(self)
+            except FormatError:
+                self._bitmaps = None  # unreadable directory: flagged in use (below) or dropped
+            if self._mark_bitmaps_in_use():
+                keep |= spec.Autoclear.BITMAPS
+            else:
+                self._bitmaps = None
         if h.version == 3 and h.autoclear_features & ~keep:
             self.header = h.replace(autoclear_features=h.autoclear_features & keep)
             self._write_header()
             self.hf.fsync()
 
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        """Guest bytes [offset, offset+length) may change: set their bits in every
+        enabled persistent bitmap (before the data changes)."""
+        for b in self._bitmaps or ():
+            if b.enabled:
+                b.set_range(offset, length)
+
+    def bitmaps(self) -> list:
+        """The persistent bitmaps as they are in memory (pyqcow.bitmaps.Bitmap) once
+        the image was written; read from the file otherwise."""
+        if self._bitmaps is not None:
+            return list(self._bitmaps)
+        from .bitmaps import load_bitmaps
+
+        return load_bitmaps(self) or []
+
+    def _store_bitmaps(self) -> None:
+        """On a clean close: store the updated bitmaps, in_use cleared (copy-then-switch)."""
+        if not self._bitmaps or self.refcounts is None or not self.writable:
+            return
+        from .bitmaps import store_bitmaps
+
+        store_bitmaps(self, self._bitmaps)
+        self._bitmaps = None
+
     def _mark_bitmaps_in_use(self) -> bool:
         """Persistent bitmaps: flag every one "in use" before the first change.
 
-        We do not update bitmaps, so after our writes their contents are stale.
-        QEMU marks a bitmap in use (BME_FLAG_IN_USE) while it has the image open
+        Their stored contents go stale with our first change; a clean close
+        stores them again with the flag cleared (``_store_bitmaps``).  QEMU
+        marks a bitmap in use (BME_FLAG_IN_USE) while it has the image open
         read-write and treats an in-use bitmap found on open as inconsistent: it
         is never used for incremental backups again, only removed.  Setting the
         flag (an in-place write of the flags fields, then fsync, before any data)
@@ -180,6 +214,7 @@ class WriterMixin:
         if not len(mv):
             return
         self._begin_write()
+        self._mark_dirty(offset, len(mv))
         cb, cs = self.cluster_bits, self.cluster_size
         pos = 0
         total = len(mv)
@@ -385,6 +420,7 @@ class WriterMixin:
         if not 0 < length < cs:
             raise OperationError(self.path, "compressed data must be smaller than one cluster")
         self._begin_write()
+        self._mark_dirty(guest_offset, min(cs, self.virtual_size - guest_offset))
         rc = self.refcounts
         cluster = guest_offset >> cb
         table, l2_off = self._l2_for_write(cluster)
@@ -433,6 +469,7 @@ class WriterMixin:
         if not length:
             return
         self._begin_write()
+        self._mark_dirty(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
         end = offset + length
         pos = offset
@@ -451,6 +488,7 @@ class WriterMixin:
         self._check_writable()
         check_range(self.path, offset, length, self.virtual_size)
         self._begin_write()
+        self._mark_dirty(offset, length)
         cb, cs = self.cluster_bits, self.cluster_size
         end = offset + length
         pos = offset
@@ -547,6 +585,10 @@ class WriterMixin:
         self.header = self.header.replace(size=new_size)
         self.virtual_size = new_size
         self.header_dirty = True
+        # bitmaps grow with the disk, new bits clear (as qemu-img resize does)
+        for b in self._bitmaps or ():
+            if b.bits is not None:
+                b.resize(new_size)
 
     def shrink(self, new_size: int) -> None:
         """Cut the guest disk to ``new_size`` bytes, freeing every cluster past the end.
@@ -676,6 +718,7 @@ class WriterMixin:
         if offset & (cs - 1) or (length & (cs - 1) and offset + length != self.virtual_size):
             raise ValueError("prepare_write needs a cluster-aligned range")
         self._begin_write()
+        self._mark_dirty(offset, length)
         out: list[tuple[int, int, int]] = []
         end = offset + length
         pos = offset
@@ -738,7 +781,11 @@ class WriterMixin:
 
 
     def make_empty(self) -> None:
-        """Drop every cluster of the active layer (qemu-img commit's 'empty the top')."""
+        """Drop every cluster of the active layer (qemu-img commit's 'empty the top').
+
+        Sets no bitmap bits: it is only used right after a commit, when the
+        backing file reads what this layer did, so the guest content does not
+        change (qemu-img commit leaves the top's bitmaps alone too)."""
         self._check_writable()
         self._begin_write()
         rc = self.refcounts
