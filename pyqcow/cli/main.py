@@ -37,7 +37,7 @@ SUBCOMMANDS: list[str] = ["info", "map", "check", "convert", "compare", "dump", 
 #: Chain operations and libvirt XML.
 SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "recover", "xml", "domain"]
 SUBCOMMANDS += ["snapshot"]  # internal snapshots
-SUBCOMMANDS += ["resize", "measure", "amend"]  # offline maintenance (issue 15)
+SUBCOMMANDS += ["resize", "measure", "amend", "bitmap"]  # offline maintenance (issue 15)
 
 EXIT_INTERRUPTED = 130
 

@@ -87,7 +87,7 @@ def resize(
 
     Returns the new size.  Refused (``OperationError``, nothing written): a qcow2
     size that is not a multiple of 512, a v2 image with internal snapshots, an
-    image with persistent bitmaps or an external data file, a shrink of an image
+    image with an external data file, a shrink of an image
     with internal snapshots, and a shrink that would cut off data unless
     ``shrink=True``.
     """
@@ -114,10 +114,6 @@ def resize(
             raise OperationError(path, "virtual size too large (maximum 2^61 bytes)")
         if h.version == 2 and h.nb_snapshots:
             raise OperationError(path, "cannot resize a v2 image which has snapshots")
-        if h.bitmaps is not None and h.bitmaps.nb_bitmaps:
-            raise OperationError(
-                path, "cannot resize an image with persistent bitmaps (remove them first)"
-            )
         if img.has_data_file:
             raise OperationError(path, "cannot resize an image with an external data file")
         if new_size == current:
@@ -127,6 +123,10 @@ def resize(
                 raise OperationError(path, "cannot shrink an image with internal snapshots")
             _refuse_lossy_shrink(img, new_size, shrink)
             img.shrink(new_size)
+            # persistent bitmaps shrink with the disk (stored on close, as qemu does)
+            for b in img._bitmaps or ():
+                if b.bits is not None:
+                    b.resize(new_size)
             _trim_file(img)
             return new_size
         from ..header import size_to_l1

@@ -73,7 +73,6 @@ def _map_shape(p: Path) -> list[dict]:
 
 # what pyqcow refuses, and why (qemu resizes these: see the report of issue 15)
 _RESIZE_REFUSED = {
-    "bitmap": "persistent bitmaps",
     "data_file": "external data file",
     "data_file_raw": "external data file",
 }
@@ -103,6 +102,12 @@ def test_resize_grow_matches_qemu(name: str, shapes_dir: Path, capsys) -> None:
     assert _map_shape(p) == _map_shape(q)
     if "snapshots" in SHAPE_TAGS[name]:
         assert info_json(p)["snapshots"] == info_json(q)["snapshots"]
+    if "bitmap" in SHAPE_TAGS[name]:  # bitmaps grow with the disk and stay valid
+        from nbd_bitmap import bitmap_flags, qemu_dirty
+
+        assert bitmap_flags(p) == bitmap_flags(q)
+        for b in bitmap_flags(q):
+            assert qemu_dirty(p, b) == qemu_dirty(q, b)
 
 
 # qemu-img needs ~50 s to shrink the 16 TiB shape (pyqcow 0.1 s): left out
@@ -130,6 +135,12 @@ def test_resize_shrink_matches_qemu(name: str, shapes_dir: Path, capsys) -> None
     assert check_json(p)[1] == 0, check_json(p)
     assert _map_shape(p) == _map_shape(q)
     # the freed clusters went back: the file is no larger than qemu's result
+    if "bitmap" in SHAPE_TAGS[name]:  # bitmaps shrink with the disk and stay valid
+        from nbd_bitmap import bitmap_flags, qemu_dirty
+
+        assert bitmap_flags(p) == bitmap_flags(q)
+        for b in bitmap_flags(q):
+            assert qemu_dirty(p, b) == qemu_dirty(q, b)
     limit = max(q.stat().st_size, shape.path.stat().st_size)
     assert p.stat().st_size <= -(-limit // cs) * cs
     # and growing again reads zeros where the data was (as after qemu's shrink)
