@@ -1,5 +1,6 @@
 """``pyqcow convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTS] [-B BACKING [-F FMT]] [-l SNAPSHOT]
-[-n] [--target-is-zero] [-S SIZE] [-m N] [-W] [-t CACHE] [-T SRC_CACHE] [-p] [-q] [-U] SRC DST``
+[-n] [--target-is-zero] [--bitmaps] [-S SIZE] [-m N] [-W] [-t CACHE] [-T SRC_CACHE] [-p] [-q] [-U]
+SRC DST``
 
 Writes the guest view of SRC (its whole backing chain) to DST.  ``-O raw``
 makes a sparse raw file of the virtual size: ranges that read as zeros become
@@ -85,6 +86,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "a multiple of 512 up to 16M; 0 allocates everything)")
     p.add_argument("-m", dest="coroutines", metavar="N", default="1",
                    help="copy with N streams (threads) at once, 1..16 (default 1)")
+    p.add_argument("--bitmaps", action="store_true",
+                   help="qcow2 output: copy the persistent bitmaps of SRC's top image")
     p.add_argument("-W", dest="out_of_order", action="store_true",
                    help="allow out-of-order writes to DST (with -m: the streams write too)")
     add_cache_options(p, source=True)
@@ -119,7 +122,7 @@ def _copy_options(args: argparse.Namespace) -> ConvertOptions:
         )
     return ConvertOptions(
         existing=args.existing, target_is_zero=args.target_is_zero, sparse_size=sparse,
-        coroutines=m, out_of_order=args.out_of_order,
+        coroutines=m, out_of_order=args.out_of_order, bitmaps=args.bitmaps,
     )
 
 
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             f"(supported: {', '.join(OUTPUT_FORMATS)})",
         )
     if args.output_format != "qcow2":
-        for flag, used in (("-c", args.compress), ("-o", args.options),
+        for flag, used in (("-c", args.compress), ("-o", args.options), ("--bitmaps", args.bitmaps),
                            ("-B", args.backing), ("-F", args.backing_format)):
             if used:
                 raise OperationError(args.dst, f"{flag} needs -O qcow2")

@@ -105,6 +105,7 @@ class ConvertOptions:
     sparse_size: int = 4096  # -S: 0 writes every byte (fully allocated output)
     coroutines: int = 1  # -m: copy streams (threads) working at once
     out_of_order: bool = False  # -W: writes may complete in any order
+    bitmaps: bool = False  # --bitmaps: copy the source's persistent bitmaps (qcow2 output)
 
 
 DEFAULT_OPTIONS = ConvertOptions()
@@ -391,6 +392,9 @@ def convert_to_qcow2(
             copts["backing_format"] = backing_format
     if copts.get("preallocation", "off") != "off":
         raise OperationError(dst, "convert -O qcow2 supports preallocation=off only")
+    if opts.bitmaps and str(copts.get("compat", "1.1")) in ("0.10", "v2"):
+        raise OperationError(dst, "--bitmaps: a v2 (compat=0.10) image cannot hold bitmaps")
+    bitmaps = _source_bitmaps(src, dst) if opts.bitmaps else []
     # every option is checked (dry run) before the destination is opened or created
     create_mod.create(dst, src.virtual_size, dry_run=True, force=True, **copts)
     with create_mod.OutputFile(dst) as guard:
@@ -399,8 +403,11 @@ def convert_to_qcow2(
         create_mod.create(dst, src.virtual_size, force=True, _output=guard, **copts)
         with _open_output(dst) as out:
             if out.backing is not None:
-                return _fill_qcow2(src, out, compress, progress)
-            return _fill_qcow2_plain(src, out, compress, progress, opts, fresh=True)
+                n = _fill_qcow2(src, out, compress, progress)
+            else:
+                n = _fill_qcow2_plain(src, out, compress, progress, opts, fresh=True)
+            _add_bitmaps(out, bitmaps)
+            return n
 
 
 def _convert_into_existing(src, dst: str, compress: bool, progress, opts: ConvertOptions) -> int:
@@ -424,7 +431,53 @@ def _convert_into_existing(src, dst: str, compress: bool, progress, opts: Conver
         from .. import writer
 
         writer.require_writable_features(out)
-        return _fill_qcow2_plain(src, out, compress, progress, opts, fresh=False)
+        bitmaps = _source_bitmaps(src, dst) if opts.bitmaps else []
+        if bitmaps:
+            if out.header.version < 3:
+                raise OperationError(dst, "--bitmaps: a v2 (compat=0.10) image cannot hold bitmaps")
+            from ..bitmaps import read_bitmap_directory
+
+            have = {b.name for b in read_bitmap_directory(out) or []}
+            clash = [b.name for b in bitmaps if b.name in have]
+            if clash:
+                raise OperationError(dst, f"--bitmaps: the target already has bitmap {clash[0]!r}")
+        n = _fill_qcow2_plain(src, out, compress, progress, opts, fresh=False)
+        _add_bitmaps(out, bitmaps)
+        return n
+
+
+def _source_bitmaps(src, dst: str) -> list:
+    """The persistent bitmaps of the source's top image, with their bits (--bitmaps)."""
+    from ..bitmaps import load_bitmaps
+
+    if getattr(src, "format", None) != "qcow2" or not hasattr(src, "header"):
+        raise OperationError(dst, "--bitmaps: the source has no persistent bitmaps (not a "
+                                  "qcow2 image)")
+    out = load_bitmaps(src) or []
+    for b in out:
+        if b.bits is None:
+            raise OperationError(src.path, f"--bitmaps: cannot copy bitmap {b.name!r}: {b.why}")
+    return out
+
+
+def _add_bitmaps(out, bitmaps: list) -> None:
+    """Give ``out`` copies of ``bitmaps`` (stored on close, copy-then-switch)."""
+    if not bitmaps:
+        return
+    from ..bitmaps import BME_FLAG_IN_USE, Bitmap, BitmapInfo
+
+    out.flush()
+    out._begin_write()
+    live = list(out._bitmaps or [])
+    for b in bitmaps:
+        info = BitmapInfo(b.name, b.granularity_bits, b.flags & ~BME_FLAG_IN_USE, b.type, 0, 0,
+                          b.extra_data)
+        nb = Bitmap(info, bytearray(b.bits), b.nbits)
+        if out.virtual_size != b.nbits << b.granularity_bits:
+            nb.resize(out.virtual_size)
+        nb.changed = True
+        live.append(nb)
+    out._bitmaps = live
 
 
 def _open_output(dst: str):

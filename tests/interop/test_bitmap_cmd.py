@@ -149,3 +149,38 @@ def test_bitmap_errors(tmp_path: Path, capsys) -> None:
         assert err.startswith(msg) if msg.startswith("pyqcow") else msg in err, (argv, err)
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
     assert "bitmaps" not in info_json(v2)["format-specific"]["data"]
+
+
+def test_convert_bitmaps_matches_qemu(tmp_path: Path, capsys) -> None:
+    src = create(tmp_path / "src.qcow2", 8 * MiB)
+    qemu_img("bitmap", "--add", src, "a")
+    qemu_img("bitmap", "--add", "-g", "4k", "--disable", src, "b")
+    qemu_io(src, "write -P 1 1M 64k", "write -P 2 5M 4k")
+    qemu_img("bitmap", "--enable", src, "b")
+    qemu_io(src, "write -P 3 7M 512")
+    for extra in ((), ("-W", "-m", "3")):
+        q, p = tmp_path / "q.qcow2", tmp_path / "p.qcow2"
+        qemu_img("convert", "--bitmaps", "-O", "qcow2", src, q)
+        status, out, err = run(capsys, "convert", "--bitmaps", *extra, "-O", "qcow2", src, p)
+        assert (status, out, err) == (0, "", "")
+        _same(q, p)
+        assert qemu.compare(q, p) == 0
+        q.unlink()
+        p.unlink()
+    # -n into an existing image: its own bitmaps stay, a name clash is refused first
+    t = create(tmp_path / "t.qcow2", 8 * MiB)
+    qemu_img("bitmap", "--add", t, "own")
+    assert run(capsys, "convert", "-n", "--bitmaps", "-O", "qcow2", src, t)[0] == 0
+    assert sorted(bitmap_flags(t)) == ["a", "b", "own"]
+    assert qemu_dirty(t, "b") == qemu_dirty(src, "b")
+    assert_clean(t)
+    before = hashlib.sha256(t.read_bytes()).hexdigest()
+    status, _, err = run(capsys, "convert", "-n", "--bitmaps", "-O", "qcow2", src, t)
+    assert (status, err) == (1, f"pyqcow: {t}: --bitmaps: the target already has bitmap 'a'\n")
+    assert hashlib.sha256(t.read_bytes()).hexdigest() == before
+    status, _, err = run(capsys, "convert", "--bitmaps", "-O", "raw", src, tmp_path / "x.raw")
+    assert (status, err) == (1, f"pyqcow: {tmp_path / 'x.raw'}: --bitmaps needs -O qcow2\n")
+    status, _, err = run(capsys, "convert", "--bitmaps", "-O", "qcow2", "-o", "compat=0.10",
+                         src, tmp_path / "v2.qcow2")
+    assert status == 1 and "a v2 (compat=0.10) image cannot hold bitmaps" in err
+    assert not (tmp_path / "v2.qcow2").exists()
