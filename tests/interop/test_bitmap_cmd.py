@@ -184,3 +184,37 @@ def test_convert_bitmaps_matches_qemu(tmp_path: Path, capsys) -> None:
                          src, tmp_path / "v2.qcow2")
     assert status == 1 and "a v2 (compat=0.10) image cannot hold bitmaps" in err
     assert not (tmp_path / "v2.qcow2").exists()
+
+
+# --- on the shape zoo -------------------------------------------------------------------------
+from interop.shapes import SHAPE_TAGS, SHAPES  # noqa: E402
+
+_built: dict = {}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bitmap_zoo")
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, t in SHAPE_TAGS.items() if not t & {"v2", "huge", "dirty"})
+)
+def test_bitmap_on_every_shape(name: str, zoo: Path, capsys) -> None:
+    if name not in _built:
+        _built[name] = SHAPES[name](zoo)
+    shape = _built[name]
+    q = shape.path.with_name("bm-q.qcow2")
+    p = shape.path.with_name("bm-p.qcow2")
+    shutil.copyfile(shape.path, q)
+    shutil.copyfile(shape.path, p)
+    if name == "bitmap":  # the shape's own bitmap first
+        _both(q, p, capsys, "--clear", bitmap_flags(q) and next(iter(bitmap_flags(q))))
+    _both(q, p, capsys, "--add", "-g", "512", "new1")
+    _both(q, p, capsys, "--add", "--disable", "new2")
+    for img in (q, p):
+        qemu_io(img, "write -P 0x77 64k 3k")
+    _both(q, p, capsys, "--merge", "new1", "new2")
+    _same(q, p)
+    _both(q, p, capsys, "--remove", "new1")
+    _same(q, p)
