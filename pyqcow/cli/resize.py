@@ -43,13 +43,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # the last argument is the size even if it starts with '-' (qemu-img does the same)
-    rest = list(args.rest)
+    rest = [a for a in args.rest if a != "--"]
     if not rest:
         raise OperationError(args.image, "missing the new size ([+|-]SIZE)")
     size = rest.pop()
     if rest:
         extra = argparse.ArgumentParser(prog="pyqcow resize", add_help=False)
         _add_options(extra)
+        extra.add_argument("-t", dest="cache")
         try:
             more, unknown = extra.parse_known_args(rest)
         except SystemExit:
@@ -59,6 +60,13 @@ def run(args: argparse.Namespace) -> int:
         args.shrink = args.shrink or more.shrink
         args.quiet = args.quiet or more.quiet
         args.format = more.format or args.format
+        if more.cache is not None:
+            from ..hostfile import set_cache_mode
+
+            try:
+                set_cache_mode(more.cache)
+            except ValueError as e:
+                raise OperationError(args.image, str(e)) from None
     resize(args.image, size, shrink=args.shrink, format=args.format)
     if not args.quiet:
         print("Image resized.")

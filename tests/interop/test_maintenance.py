@@ -665,3 +665,22 @@ def test_amend_data_file_name(tmp_path: Path, capsys) -> None:
     qemu_io(img, "read -P 0x5a 0 1M")
     status, _, err = run(capsys, "amend", "-o", "data_file_raw=on", img)
     assert err == f"pyqcow: {img}: data_file_raw cannot be set on existing images\n"
+
+
+def test_resize_argument_forms(tmp_path: Path, capsys) -> None:
+    """Options before or after IMAGE, '--', and a negative size without '--' (as qemu-img)."""
+    img = create(tmp_path / "a.qcow2", 4 * MiB)
+    for argv, size in (
+        (("-t", "unsafe", img, "--shrink", "--", "-1M"), 3 * MiB),
+        ((img, "-t", "unsafe", "-q", "+2M"), 5 * MiB),
+        ((img, "--shrink", "-1M"), 4 * MiB),
+        (("--shrink", img, "-512"), 4 * MiB - 512),
+    ):
+        status, out, err = run(capsys, "resize", *argv)
+        assert (status, err) == (0, ""), argv
+        assert out == ("" if "-q" in argv else "Image resized.\n")
+        assert info_json(img)["virtual-size"] == size
+    status, _, err = run(capsys, "resize", img, "-t", "bogus", "+1M")
+    assert status == 1 and "invalid cache mode 'bogus'" in err
+    status, _, err = run(capsys, "resize", img, "--frobnicate", "+1M")
+    assert err == f"pyqcow: {img}: unexpected arguments: --frobnicate\n"
