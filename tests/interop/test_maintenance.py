@@ -25,9 +25,15 @@ MiB = 1024 * KiB
 
 
 @pytest.fixture(autouse=True)
-def _tools() -> None:
+def _tools():
     qemu.require_tool("qemu-img")
     qemu.require_tool("qemu-io")
+    yield
+    # -t/-T set a process-wide mode: never leak one into later tests of this worker
+    from pyqcow.hostfile import set_cache_mode
+
+    set_cache_mode("writeback")
+    set_cache_mode("writeback", source=True)
 
 
 @pytest.fixture(scope="module")
