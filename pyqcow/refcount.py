@@ -39,6 +39,20 @@ class Refcounts:
         self._reserved: set[int] = set()
         self.free_hint = 0
         self.end_cluster = (img.file_size + self.cluster_size - 1) >> self.cluster_bits
+        if img.hf.is_block_device:
+            # a device's size says nothing about the image: the used area ends
+            # after the last cluster with a nonzero refcount
+            self.end_cluster = self._last_used() + 1
+
+    def _last_used(self) -> int:
+        for bi in range(len(self.table) - 1, -1, -1):
+            if not self.table[bi] & spec.REFT_OFFSET_MASK:
+                continue
+            blk = self._block(bi)
+            for i in range(self.entries_per_block - 1, -1, -1):
+                if blk.get(i):
+                    return bi * self.entries_per_block + i
+        return 0
 
     # -- lookups ---------------------------------------------------------------------
     def _block(self, block_index: int, create: bool = False) -> RefcountBlock | None:

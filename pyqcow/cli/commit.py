@@ -25,6 +25,7 @@ from ..ops import commit as commit_op
 from ..ops.common import find_layer
 from ..ops.plan import data_bytes
 from ..units import format_size
+from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
 
@@ -46,6 +47,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("top", metavar="TOP")
+    add_cache_options(p)
     return p
 
 

@@ -38,6 +38,7 @@ SUBCOMMANDS: list[str] = ["info", "map", "check", "convert", "compare", "dump", 
 SUBCOMMANDS += ["create", "commit", "stream", "rebase", "merge", "recover", "xml", "domain"]
 SUBCOMMANDS += ["snapshot"]  # internal snapshots
 SUBCOMMANDS += ["mount"]  # read-only FUSE mount (pyqcow[fuse])
+SUBCOMMANDS += ["resize", "measure", "amend", "bitmap"]  # offline maintenance (issue 15)
 
 EXIT_INTERRUPTED = 130
 

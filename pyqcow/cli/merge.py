@@ -25,6 +25,7 @@ from ..errors import BackingChainError
 from ..libvirt import ChainElement
 from ..ops import merge as merge_op
 from ..units import format_size
+from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
 
@@ -49,6 +50,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("top", metavar="TOP")
+    add_cache_options(p)
     return p
 
 

@@ -24,6 +24,7 @@ from ..chain import host_path, probe_format, resolve_backing
 from ..errors import FormatError, OperationError
 from ..libvirt import ChainElement
 from ..ops import rebase as rebase_op
+from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
 
@@ -48,6 +49,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("image", metavar="IMAGE")
+    add_cache_options(p, source=True)
     return p
 
 

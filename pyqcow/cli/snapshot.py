@@ -14,6 +14,7 @@ import sys
 
 from ..image import QcowImage
 from ..snapshot import apply_snapshot, create_snapshot, delete_snapshot, read_snapshot_table
+from .cache import add_cache_options
 from .output import qemu_json, snapshot_row
 
 HEADER = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
@@ -37,6 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="-l only: read the image even if another process has it open")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("image", metavar="IMAGE")
+    add_cache_options(p)
     return p
 
 

@@ -20,6 +20,7 @@ from ..libvirt import ChainElement
 from ..ops import stream as stream_op
 from ..ops.plan import data_bytes
 from ..units import format_size
+from .cache import add_cache_options
 from .commit import locate_base
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
@@ -38,6 +39,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     add_progress_args(p)
     add_domain_xml_args(p)
     p.add_argument("top", metavar="TOP")
+    add_cache_options(p)
     return p
 
 

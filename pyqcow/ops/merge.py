@@ -102,6 +102,13 @@ def _dir_of(path: str) -> str:
     return os.path.dirname(os.path.abspath(path)) or "/"
 
 
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _needs_rename(keep: str, via: str) -> bool:
     return (keep == "base") == (via == "stream")
 
@@ -151,6 +158,15 @@ def _direction_refusals(top, base, keep: str, via: str) -> list[Refusal]:
                                            "directory; moving it to another directory would lose "
                                            "it", False))
     removed = real_top if keep == "base" else real_base
+    # a block device (an LVM volume) is written in place, never renamed or removed
+    moved = ((real_top, real_base) if keep == "base" else (real_base, real_top)) if (
+        _needs_rename(keep, via)) else ()
+    for name in dict.fromkeys((*moved, removed)):
+        if _is_block_device(name):
+            what = "removed" if name == removed and name not in moved else "renamed"
+            out.append(Refusal(name, f"is a block device; merging --keep {keep} via {via} would "
+                                     f"have it {what} (only a device at the kept name, written "
+                                     "in place by commit, can take part)", False))
     if not os.access(_dir_of(removed), os.W_OK | os.X_OK, effective_ids=True):
         out.append(Refusal(_dir_of(removed), "directory is not writable; cannot remove "
                                              f"{removed}", False))
