@@ -117,6 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = next((a for a in argv[:cut] if a != "--debug"), None)
     only = first if first in SUBCOMMANDS else None
     try:
+        # every command starts with qemu-img's default cache mode (-t/-T set it while
+        # parsing): an earlier in-process call's `-t unsafe` must not carry over
+        from ..hostfile import set_cache_mode
+
+        set_cache_mode("writeback")
+        set_cache_mode("writeback", source=True)
         parser = build_parser(only)
         try:
             args = parser.parse_args(argv)

@@ -690,3 +690,16 @@ def test_resize_argument_forms(tmp_path: Path, capsys) -> None:
     assert status == 1 and "invalid cache mode 'bogus'" in err
     status, _, err = run(capsys, "resize", img, "--frobnicate", "+1M")
     assert err == f"pyqcow: {img}: unexpected arguments: --frobnicate\n"
+
+
+def test_cache_mode_does_not_carry_over_between_commands(tmp_path):
+    """`-t unsafe` on one in-process command does not leak into the next one (which
+    has no -t option of its own)."""
+    from pyqcow.cli.main import main
+    from pyqcow.hostfile import cache_mode
+
+    src = qemu.create(tmp_path / "s.qcow2", 1 << 20)
+    assert main(["convert", "-t", "unsafe", "-O", "qcow2", str(src), str(tmp_path / "d.qcow2")]) == 0
+    assert cache_mode() == "unsafe"
+    assert main(["create", str(tmp_path / "n.qcow2"), "1M"]) == 0
+    assert cache_mode() == "writeback"
