@@ -790,11 +790,10 @@ def show(conn_or_uri, domain_name: str) -> dict:
 def _own_bytes(img) -> int:
     """Guest bytes this layer itself holds (what it changed over its backing)."""
     if img.format != "qcow2":
-        st = os.stat(img.path)
-        return st.st_blocks * 512
-    from .ops.plan import UNALLOCATED_TYPES
+        return os.stat(img.path).st_blocks * 512
+    from .mapping import allocated_bytes
 
-    return sum(r.length for r in img.runs(0, img.virtual_size) if r.type not in UNALLOCATED_TYPES)
+    return allocated_bytes(img)
 
 
 def show_human(info: dict) -> str:

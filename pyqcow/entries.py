@@ -171,11 +171,6 @@ class RefcountBlock:
         n = sum(bytes(self.data[:full]).translate(_NONZERO_PER_BYTE[self.order]))
         return n + sum(1 for i in range(full * per_byte, stop) if self.get(i))
 
-    def first_nonzero(self) -> bool:
-        if self._typed is not None:
-            return any(self._typed)
-        return any(self.data)
-
     def tobytes(self) -> bytes:
         if self._typed is not None:
             if _LITTLE and self.bits > 8:

@@ -4,7 +4,7 @@ dfvfs (and through it plaso) hands libyal's ``pyqcow`` its own file-like objects
 something with ``read`` and ``seek`` (and ``get_size``, or ``seek(0, 2)`` +
 ``tell`` for the size), that may have no file descriptor at all.
 ``FileObjectHost`` gives such an object the host-file interface the read engine
-uses (``size``, ``pread``, ``pread_strict``, ``preadinto``), and
+uses (``size``, ``pread``, ``preadinto``), and
 ``FileObjectImage`` is a read-only ``QcowImage`` over one.
 
 A file-object host takes no locks (there is no file to lock) and is never
@@ -89,14 +89,6 @@ class FileObjectHost:
         if length <= 0:
             return b""
         return self._read_at(length, offset)
-
-    def pread_strict(self, length: int, offset: int, what: str) -> bytes:
-        if offset < 0 or offset + length > self._size:
-            raise QcowError(
-                self.path,
-                f"{what} at offset {offset:#x} (+{length} bytes) lies beyond the end of the file",
-            )
-        return self.pread(length, offset)
 
     def preadinto(self, buf, offset: int) -> None:
         mv = memoryview(buf).cast("B")

@@ -154,15 +154,6 @@ class HostFile:
             got += len(more)
         return b"".join(chunks)
 
-    def pread_strict(self, length: int, offset: int, what: str) -> bytes:
-        """Read exactly ``length`` bytes that must lie inside the file."""
-        if offset < 0 or offset + length > self.size():
-            raise QcowError(
-                self.path,
-                f"{what} at offset {offset:#x} (+{length} bytes) lies beyond the end of the file",
-            )
-        return self.pread(length, offset)
-
     def preadinto(self, buf, offset: int) -> None:
         """Fill ``buf`` (writable buffer) from ``offset``; zeros past the end of file."""
         mv = memoryview(buf).cast("B")

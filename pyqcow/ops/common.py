@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..chain import open_image, probe_format, resolve_backing
-from ..errors import BackingChainError, OperationError, QcowError
+from ..errors import BackingChainError, QcowError
 
 
 def same_file(a: str, b: str) -> bool:
@@ -102,8 +102,3 @@ def dependents(path: str, *, exclude: tuple[str, ...] = ()) -> list[str]:
         if h.backing_file and same_file(resolve_backing(p, h.backing_file), path):
             out.append(p)
     return out
-
-
-def require(cond: bool, path: str, msg: str) -> None:
-    if not cond:
-        raise OperationError(path, msg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..entries import ClusterType
 from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run
 
 
@@ -107,7 +106,3 @@ def data_bytes_within(pieces: list[Piece], ranges: list[tuple[int, int]]) -> int
             total += min(end, r1) - max(start, r0)
             k += 1
     return total
-
-
-def is_raw_hole(run: Run | None) -> bool:
-    return run is not None and run.type == ClusterType.ZERO_ALLOC
