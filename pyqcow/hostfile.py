@@ -173,12 +173,7 @@ class HostFile:
         if self.direct_fd >= 0 and not (offset | len(mv)) % _DIRECT_ALIGN and len(mv):
             self._pwrite_direct(mv, offset)
             return
-        done = 0
-        while done < len(mv):
-            n = os.pwrite(self.fd, mv[done:], offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, f"short write to {self.path}")
-            done += n
+        self.pwrite_buffered(mv, offset)
 
     def truncate(self, size: int) -> None:
         """Set the file size; on a block device only check that ``size`` fits."""
@@ -209,6 +204,7 @@ class HostFile:
             buf.close()
 
     def pwrite_buffered(self, data, offset: int) -> None:
+        """Write all of ``data`` through the ordinary (page-cache) descriptor."""
         mv = memoryview(data).cast("B")
         done = 0
         while done < len(mv):
