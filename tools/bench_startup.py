@@ -110,8 +110,11 @@ def main() -> int:
     ap.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img")
     ap.add_argument("--goal-ms", type=float, default=35.0, help="pyqcow's goal per command (35)")
     args = ap.parse_args()
-    if not os.access(args.pyqcow, os.X_OK):
+    # the commands run in a temporary directory: absolute paths
+    found = args.pyqcow if os.sep in args.pyqcow else shutil.which(args.pyqcow)
+    if not found or not os.access(found, os.X_OK):
         sys.exit(f"tools/bench startup: {args.pyqcow}: not an executable pyqcow command")
+    args.pyqcow = os.path.abspath(found)
     env = _env()
     python = _python_of(args.pyqcow)
     with tempfile.TemporaryDirectory(prefix="pyqcow-bench-startup-") as work:
