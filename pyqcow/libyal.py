@@ -161,7 +161,12 @@ def _bytes_filler():
     return fill
 
 
-_fill_bytes = _bytes_filler()
+def _fill_bytes(n: int, into) -> bytes:
+    """The first call builds the filler (ctypes loads on first use: start-up time)
+    and puts it in this name's place."""
+    global _fill_bytes
+    _fill_bytes = _bytes_filler()
+    return _fill_bytes(n, into)
 
 
 # pyqcow.image._UNALLOCATED: what QcowImage._single_cluster_host answers for a range

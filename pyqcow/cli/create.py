@@ -20,14 +20,16 @@ import os
 import sys
 import time
 
-from .. import libvirt
 from ..chain import host_path, probe_format, resolve_backing
 from ..create import create, parse_options
 from ..errors import OperationError
-from ..libvirt import ChainElement
 from ..units import format_size, parse_size
 from .progress import notice
 from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    from ..libvirt import ChainElement
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -106,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     snapshot_doc = None
     new_chain: list[ChainElement] | None = None
     if backing is not None and (update is not None or args.snapshot_xml):
+        from .. import libvirt  # lxml: only when XML is in play (start-up time)
+        from ..libvirt import ChainElement
+
         bpath = resolve_backing(image, backing)
         if not os.path.exists(bpath):
             raise OperationError(
@@ -161,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     if update is not None:
         update.apply(image, "qcow2")
     if snapshot_doc is not None:
+        from .. import libvirt
+
         libvirt.write_atomic(args.snapshot_xml, snapshot_doc)
     return 0
 

@@ -13,10 +13,8 @@ import os
 import sys
 
 from .. import spec
-from ..bitmaps import read_bitmap_directory
 from ..chain import open_image, resolve_backing
 from ..errors import BackingChainError, QcowError
-from ..snapshot import read_snapshot_table
 from .output import format_size, qdict_order, qemu_json, snapshot_row
 
 
@@ -123,7 +121,11 @@ def image_info(img, filename: str) -> dict:
         d["full-backing-filename"] = full_backing_filename(img.path, h.backing_file)
         if h.backing_format:
             d["backing-filename-format"] = h.backing_format
-    snapshots = read_snapshot_table(img)
+    snapshots = []
+    if h.nb_snapshots:  # the snapshot code loads only for an image that has some
+        from ..snapshot import read_snapshot_table
+
+        snapshots = read_snapshot_table(img)
     if snapshots:
         d["snapshots"] = [s.as_qemu_json() for s in snapshots]
     d["format-specific"] = {"type": "qcow2", "data": qcow2_specific(img)}
@@ -146,7 +148,11 @@ def qcow2_specific(img) -> dict:
     data["lazy-refcounts"] = h.lazy_refcounts
     data["corrupt"] = h.corrupt
     data["refcount-bits"] = h.refcount_bits
-    bitmaps = read_bitmap_directory(img)
+    bitmaps = None
+    if h.extension(spec.ExtType.BITMAPS) is not None:  # the bitmap code loads only if needed
+        from ..bitmaps import read_bitmap_directory
+
+        bitmaps = read_bitmap_directory(img)
     if bitmaps is not None:
         data["bitmaps"] = [b.as_qemu_json() for b in bitmaps]
     data["compression-type"] = compression

@@ -13,9 +13,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any, TextIO
 
 from ..units import format_size, parse_size
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 __all__ = [
     "Progress",

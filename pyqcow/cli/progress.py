@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import TextIO
 
 from ..units import format_size
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    from typing import TextIO
 
 __all__ = ["ProgressBar", "add_progress_args", "notice", "progress_from_args"]
 

@@ -22,7 +22,6 @@ import sys
 from .. import spec
 from ..chain import host_path, probe_format, resolve_backing
 from ..errors import FormatError, OperationError
-from ..libvirt import ChainElement
 from ..ops import rebase as rebase_op
 from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
@@ -78,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(bpath) and bfmt is None:
             bfmt = probe_format(bpath)
     if update is not None:
+        from ..libvirt import ChainElement  # lxml: only when XML is in play (start-up time)
+
         update.require_source(image, "the image")
         chain = [ChainElement(host_path(image), "qcow2")]
         if bpath is not None:

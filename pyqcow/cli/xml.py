@@ -43,10 +43,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .. import libvirt
 from ..chain import open_image
 from ..errors import DomainXMLError, OperationError
-from ..libvirt import ChainElement
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:  # pyqcow.libvirt (and lxml) load on first use
+    from ..libvirt import ChainElement
 
 __all__ = ["DomainXmlUpdate", "add_domain_xml_args", "image_chain", "register", "run"]
 
@@ -55,6 +57,7 @@ __all__ = ["DomainXmlUpdate", "add_domain_xml_args", "image_chain", "register", 
 def image_chain(path: str, fmt: str | None = None) -> list[ChainElement]:
     """The chain ``path`` heads, read from the images (absolute paths), top first."""
     from ..chain import chain_description
+    from ..libvirt import ChainElement
 
     with open_image(path, "r", format=fmt, force_share=True) as img:
         return [ChainElement(p, f) for p, f in chain_description(img)]
@@ -71,6 +74,8 @@ def check_writable(xml_path: str) -> None:
     """Prove that the XML can be replaced: create and remove a temporary file where
     ``write_atomic`` will (next to the file a symlink names, with its naming
     scheme).  DomainXMLError otherwise, before any image is touched."""
+    from .. import libvirt
+
     target = os.path.realpath(xml_path)
     directory = os.path.dirname(target) or "."
     try:
@@ -120,12 +125,16 @@ class DomainXmlUpdate:
             return None
         if not target:
             raise DomainXMLError(xml_path, "--domain-xml needs --disk TARGET (e.g. --disk vda)")
+        from .. import libvirt  # lxml loads only when XML is in play (start-up time)
+
         old = libvirt.read_domain(xml_path)
         libvirt.disk_source(old, target, xml_path=xml_path)  # checks the document and disk
         check_writable(xml_path)
         return cls(xml_path, target, old)
 
     def source(self) -> ChainElement:
+        from .. import libvirt
+
         return libvirt.disk_source(self.old, self.target, xml_path=self.path)
 
     def require_source(self, image: str, what: str) -> None:
@@ -141,11 +150,15 @@ class DomainXmlUpdate:
 
     # 2. plan
     def plan(self, chain: Sequence[ChainElement]) -> bytes:
+        from .. import libvirt
+
         self.chain = list(chain)
         self.new = libvirt.rewrite_disk(self.old, self.target, self.chain, xml_path=self.path)
         return self.new
 
     def diff(self) -> str:
+        from .. import libvirt
+
         assert self.new is not None
         return libvirt.unified_diff(self.old, self.new, self.path)
 
@@ -175,6 +188,8 @@ class DomainXmlUpdate:
     # 3. after the operation succeeded
     def apply(self, actual_top: str | None = None, actual_format: str | None = None) -> bytes:
         """Write the planned document (checked against the images' actual chain)."""
+        from .. import libvirt
+
         assert self.new is not None and self.chain is not None
         new = self.new
         if actual_top is not None:
@@ -273,6 +288,8 @@ def _explicit_source(update: DomainXmlUpdate, xml_chain: list[ChainElement], nam
     """``--source FILE``: a file of the XML's chain, or an image whose chain
     contains one of them (its format: the XML's for a file of the chain, else
     the disk's ``<driver type>``, never probed)."""
+    from ..libvirt import ChainElement
+
     path = os.path.abspath(name)
     if not _exists(path):
         raise OperationError(name, "--source: no such file")
@@ -296,6 +313,8 @@ def _explicit_source(update: DomainXmlUpdate, xml_chain: list[ChainElement], nam
 
 def _choose_top(update: DomainXmlUpdate, source: str | None, quiet: bool) -> ChainElement:
     """The image the disk names after the sync (see ``xml sync --help``)."""
+    from .. import libvirt
+
     src = update.source()
     xml_chain = libvirt.disk_chain(update.old, update.target, xml_path=update.path)
     if source is not None:
@@ -337,6 +356,8 @@ def _choose_top(update: DomainXmlUpdate, source: str | None, quiet: bool) -> Cha
 
 def _sync(args: argparse.Namespace) -> int:
     # an interrupted operation's intent record goes first: finish it (pyqcow recover)
+    from .. import libvirt
+
     if _pending_operation(args.domain_xml, args.disk):
         from ..ops import intent
 

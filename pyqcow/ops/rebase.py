@@ -9,9 +9,7 @@ from .. import spec
 from ..chain import header_chain, open_image, probe_format, resolve_backing
 from ..errors import BackingChainError, OperationError, QcowError
 from ..image import QcowImage
-from . import copier
 from .common import check_backing_target, open_chain, same_file
-from .plan import unallocated_ranges
 
 COMPARE_CHUNK = 4 * 1024 * 1024
 
@@ -73,6 +71,10 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
         with QcowImage(path, "r+") as img:
             img.set_backing(backing, fmt)
         return RebaseResult(path, backing, 0)
+
+    # the copier (and the C helper, typing) only for a safe rebase: start-up of -u
+    from . import copier
+    from .plan import unallocated_ranges
 
     new_img = None
     fmt = None

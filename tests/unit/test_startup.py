@@ -1,0 +1,188 @@
+"""Start-up: each command imports only what it needs (issue 14, item 3).
+
+Timing is tools/bench startup's job; these tests guard the cause without a clock:
+a fresh interpreter runs one command through ``pyqcow.cli.main.main`` and
+reports ``sys.modules``.  construct (~17 ms), lxml, the check/snapshot/bitmap
+code and the test libraries must not load for a command on an image that does
+not need them.  Also: every subcommand's ``--help`` still works on its own, and
+layout.py's compiled (struct) form agrees with its construct declarations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import construct as cs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from qemu import bitmap_add, create, qemu_io, snapshot_create
+
+from pyqcow import _layout_compiled, layout
+from pyqcow.cli.main import SUBCOMMANDS
+
+#: Never needed by a command on an image without XML, snapshots or bitmaps.
+HEAVY = ("construct", "lxml", "libvirt", "hypothesis", "pytest", "pyqcow.libvirt",
+         "pyqcow.domain", "pyqcow.forensic", "pyqcow.testing")
+
+_PROBE = r"""
+import contextlib, io, json, sys
+from pyqcow.cli.main import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = main(sys.argv[1:])
+json.dump({"status": status, "stderr": err.getvalue(), "modules": sorted(sys.modules)},
+          sys.stdout)
+"""
+
+
+def modules_after(cwd: Path, *argv: str) -> set[str]:
+    """The modules a fresh interpreter holds after ``pyqcow ARGV`` (which must succeed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout)
+    assert result["status"] == 0, result["stderr"]
+    return set(result["modules"])
+
+
+def loaded(modules: set[str], names) -> list[str]:
+    return sorted(m for m in modules for n in names if m == n or m.startswith(n + "."))
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    create(tmp_path / "base.qcow2", "64M")
+    qemu_io(tmp_path / "base.qcow2", "write -P 0x5a 0 1M")
+    create(tmp_path / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2")
+    create(tmp_path / "ov.qcow2", None, backing="base.qcow2", backing_fmt="qcow2")
+    return tmp_path
+
+
+def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(chain) -> None:
+    for argv in (["info", "top.qcow2"], ["info", "--output=json", "top.qcow2"]):
+        mods = modules_after(chain, *argv)
+        assert loaded(mods, HEAVY + ("pyqcow.check", "pyqcow.snapshot", "pyqcow.bitmaps",
+                                     "pyqcow.create", "pyqcow.ops")) == []
+        assert "pyqcow.cli.info" in mods  # (the probe did run the command)
+
+
+def test_info_loads_the_snapshot_and_bitmap_code_for_an_image_that_has_them(chain) -> None:
+    snapshot_create(chain / "base.qcow2", "s1")
+    bitmap_add(chain / "base.qcow2", "b1")
+    mods = modules_after(chain, "info", "--output=json", "base.qcow2")
+    assert {"pyqcow.snapshot", "pyqcow.bitmaps"} <= mods
+    # their fixed-size entries parse through layout's compiled form, too
+    assert loaded(mods, HEAVY) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ("map", "top.qcow2"),
+    ("map", "--output=json", "top.qcow2"),
+    ("check", "top.qcow2"),
+    ("create", "-q", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"),
+    ("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"),
+], ids=" ".join)
+def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
+    mods = modules_after(chain, *argv)
+    assert loaded(mods, HEAVY) == []
+    if argv[0] != "check":
+        assert loaded(mods, ("pyqcow.check", "pyqcow.snapshot", "pyqcow.bitmaps")) == []
+
+
+def test_create_with_domain_xml_still_loads_libvirt(chain) -> None:
+    """The XML code loads when XML is in play (the lazy import is not a lost one)."""
+    xml = chain / "dom.xml"
+    xml.write_text(
+        "<domain type='kvm'><name>d</name><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{chain / 'base.qcow2'}'/>"
+        "<target dev='vda' bus='virtio'/></disk></devices></domain>\n"
+    )
+    mods = modules_after(chain, "create", "-q", "-b", "base.qcow2", "-F", "qcow2",
+                         "--domain-xml", str(xml), "--disk", "vda", "new.qcow2")
+    assert {"pyqcow.libvirt", "lxml.etree"} <= mods
+    assert str(chain / "new.qcow2") in xml.read_text()
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_help_works_in_a_fresh_process(command: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pyqcow.cli.main", command, "--help"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: pyqcow {command} ")
+    assert proc.stderr == ""
+
+
+def test_root_help_lists_every_subcommand() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pyqcow.cli.main", "--help"],
+                          capture_output=True, text=True, check=True)
+    for command in SUBCOMMANDS:
+        assert f"    {command} " in proc.stdout
+
+
+# -- layout.py's compiled form ---------------------------------------------------------------
+def test_compiled_layout_cache_is_current() -> None:
+    """pyqcow/_layout_compiled.py matches the declarations (else: python -m pyqcow.layout)."""
+    assert _layout_compiled.SOURCE_CRC == layout.source_crc()
+    assert _layout_compiled.COMPILED == layout.compile_all()
+    # every fixed-size header structure has a compiled form
+    for name in ("HeaderV2", "HeaderV3Tail", "ExtensionHeader", "BitmapsExtension",
+                 "FeatureNameTable", "SnapshotEntryFixed", "BitmapDirectoryEntryFixed"):
+        assert name in _layout_compiled.COMPILED
+
+
+def test_a_stale_cache_is_not_used(monkeypatch) -> None:
+    monkeypatch.setattr(_layout_compiled, "SOURCE_CRC", _layout_compiled.SOURCE_CRC ^ 1)
+    monkeypatch.setattr(_layout_compiled, "COMPILED", {"HeaderV2": (">L", ("magic",), {}, False)})
+    assert layout._load_compiled() == layout.compile_all()
+
+
+def _construct_parse(decl, data: bytes):
+    result = decl.construct.parse(data)
+    if isinstance(result, cs.Container):
+        return {k: v for k, v in result.items() if not k.startswith("_")}
+    if isinstance(result, list):
+        return [{k: v for k, v in e.items() if not k.startswith("_")} for e in result]
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(_layout_compiled.COMPILED))
+@given(data=st.data())
+def test_compiled_parse_and_build_agree_with_construct(name: str, data) -> None:
+    decl = getattr(layout, name)
+    size = decl._struct.size
+    if decl._repeat:
+        size *= data.draw(st.integers(0, 4))
+    raw = data.draw(st.binary(min_size=size, max_size=size + 3))
+    if decl._repeat:
+        raw = raw[:size]
+    try:
+        expected = _construct_parse(decl, raw)
+    except Exception as e:  # noqa: BLE001
+        with pytest.raises(type(e)):
+            layout.parse(decl, raw)
+        return
+    assert layout.parse(decl, raw) == expected
+    assert layout.build(decl, expected) == decl.construct.build(expected)
+
+
+@pytest.mark.parametrize("name", ["HeaderV2", "ExtensionHeader", "SnapshotEntryFixed"])
+def test_compiled_path_raises_constructs_errors(name: str) -> None:
+    decl = getattr(layout, name)
+    with pytest.raises(cs.StreamError):
+        layout.parse(decl, bytes(decl._struct.size - 1))
+    with pytest.raises(KeyError):  # construct's own error for a missing field
+        layout.build(decl, {})
+    with pytest.raises(cs.ConstructError):
+        layout.build(decl, dict.fromkeys(decl._fields, -1))
+
+
+def test_feature_name_too_long_is_refused_as_construct_does() -> None:
+    entry = {"type": 0, "bit": 0, "name": "x" * 47}
+    with pytest.raises(cs.ConstructError):
+        layout.build(layout.FeatureNameTable, [entry])
+    assert layout.build(layout.FeatureNameTable, [{**entry, "name": "x" * 46}]) == b"\0\0" + b"x" * 46
