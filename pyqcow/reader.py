@@ -12,8 +12,11 @@ returns what ``os.pread`` produced for a range inside one data cluster.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+
+from .errors import QcowError
 
 __all__ = ["GuestReader"]
 
@@ -32,6 +35,9 @@ class GuestReader(io.RawIOBase):
         self._pos = 0
         self._readinto = image.readinto
         self._read = image.read
+        # mmap-backed C reads where the image offers them (pyqcow.fastcopy.GuestMap)
+        guest_map = getattr(image, "guest_map", None)
+        self._gmap = guest_map() if guest_map is not None else None
 
     # -- io.RawIOBase --------------------------------------------------------------
     def readable(self) -> bool:
@@ -59,6 +65,9 @@ class GuestReader(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == 0 and type(offset) is int and offset >= 0 and not self.closed:
+            self._pos = offset  # the common case, kept short for random-read loops
+            return offset
         self._check_open()
         offset = offset.__index__()
         if whence == os.SEEK_SET:
@@ -75,6 +84,27 @@ class GuestReader(io.RawIOBase):
         return pos
 
     def readinto(self, b) -> int:
+        gm = self._gmap  # None once closed (see close)
+        if gm is not None:
+            ctx = gm.ctx  # None once the image closed its map
+            pos = self._pos
+            n = self._size - pos
+            if ctx is not None and n > 0:
+                try:
+                    pointer = gm.from_buffer("char[]", b, True)
+                except (TypeError, ValueError, BufferError):
+                    pointer = None  # not a writable contiguous buffer: the path below says why
+                if pointer is not None:
+                    size = len(pointer)
+                    if size < n:
+                        n = size
+                    rc = gm.read(ctx, pointer, n, pos)
+                    if rc == 0:
+                        self._pos = pos + n
+                        return n
+                    if rc < 0:
+                        self._map_failed(rc)
+                    # rc 1: read the range in Python (compressed, malformed, ...)
         if self.closed:
             raise ValueError("I/O operation on closed file.")
         pos = self._pos
@@ -117,6 +147,10 @@ class GuestReader(io.RawIOBase):
         self._pos += n
         return bytes(buf)
 
+    def close(self) -> None:
+        self._gmap = None
+        super().close()
+
     def truncate(self, size=None):
         raise io.UnsupportedOperation("the guest disk reader is read-only")
 
@@ -127,6 +161,13 @@ class GuestReader(io.RawIOBase):
         raise io.UnsupportedOperation("the guest disk reader has no file descriptor")
 
     # -- helpers -------------------------------------------------------------------
+    def _map_failed(self, rc: int) -> None:
+        """Raise for a negative pyqcow_map_read result."""
+        check = getattr(self.image, "check_not_shrunk", None)
+        if rc == -errno.EFAULT and check is not None:
+            check()  # QcowError: the file shrank under the mapping
+        raise QcowError(self.name, f"read failed: {os.strerror(-rc)}")
+
     def _check_open(self) -> None:
         if self.closed:
             raise ValueError("I/O operation on closed file.")
