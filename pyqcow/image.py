@@ -353,7 +353,13 @@ class QcowImage(WriterMixin, LibyalMethods):
         check_range(self.path, offset, length, self.virtual_size)
         host = self._single_cluster_host(offset, length, self.l1)
         if host >= 0:
-            return self.hf.pread(length, host)
+            data = os.pread(self.hf.fd, length, host)
+            if len(data) == length:
+                return data
+            buf = bytearray(length)
+            buf[: len(data)] = data
+            self._short_read(memoryview(buf), len(data), host)
+            return bytes(buf)
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)

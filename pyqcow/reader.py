@@ -129,6 +129,12 @@ class GuestReader(io.RawIOBase):
         n = min(size, self._size - pos)
         if n <= 0:
             return b""
+        gm = self._gmap
+        if gm is not None and gm.ctx is not None:
+            buf = bytearray(n)
+            if self._map_readinto(gm, buf, pos):
+                self._pos = pos + n
+                return bytes(buf)
         data = self._read(pos, n)
         self._pos = pos + n
         return data
@@ -140,9 +146,12 @@ class GuestReader(io.RawIOBase):
         buf = bytearray(n)
         mv = memoryview(buf)
         done = 0
+        gm = self._gmap
         while done < n:
             step = min(_DEFAULT_CHUNK, n - done)
-            self._readinto(mv[done : done + step], self._pos + done)
+            chunk = mv[done : done + step]
+            if gm is None or not self._map_readinto(gm, chunk, self._pos + done):
+                self._readinto(chunk, self._pos + done)
             done += step
         self._pos += n
         return bytes(buf)
@@ -161,6 +170,17 @@ class GuestReader(io.RawIOBase):
         raise io.UnsupportedOperation("the guest disk reader has no file descriptor")
 
     # -- helpers -------------------------------------------------------------------
+    def _map_readinto(self, gm, buf, pos: int) -> bool:
+        """Fill all of ``buf`` (writable bytes) from guest offset ``pos`` through
+        the mapping; False: read it another way."""
+        ctx = gm.ctx
+        if ctx is None:
+            return False
+        rc = gm.read(ctx, gm.from_buffer("char[]", buf, True), len(buf), pos)
+        if rc < 0:
+            self._map_failed(rc)
+        return rc == 0
+
     def _map_failed(self, rc: int) -> None:
         """Raise for a negative pyqcow_map_read result."""
         check = getattr(self.image, "check_not_shrunk", None)
