@@ -26,6 +26,10 @@ _DEFAULT_CHUNK = 4 << 20
 class GuestReader(io.RawIOBase):
     """File-like view of a guest disk (``img.reader()``)."""
 
+    # Slots for the attributes of the hot path: an io subclass keeps the others
+    # in an instance dict, whose lookups cost several times more.
+    __slots__ = ("_pos", "_size", "_gmap")
+
     def __init__(self, image) -> None:
         super().__init__()
         self.image = image

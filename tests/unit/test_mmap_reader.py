@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import qemu
-from test_fastcopy import mode  # noqa: F401  (fixture: native, then python)
+from test_fastcopy import _NoNative, require_native
 
 import pyqcow
 from pyqcow import fastcopy
@@ -42,6 +43,18 @@ def chain(tmp_path: Path) -> Path:
     qemu.qemu_io(top, "write -P 0x33 512k 1M", "write -z 3200k 128k", "write -c -P 0x44 7M 64k",
                  "write -P 0x55 8188k 4k")
     return top
+
+
+@pytest.fixture(params=["native", "python"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The C helper, then the pure-Python fallback (which must not touch C)."""
+    if request.param == "native":
+        require_native()
+    else:
+        fastcopy.native_available()
+        monkeypatch.setattr(fastcopy, "_native", _NoNative())
+    with fastcopy.backend(request.param):
+        yield request.param
 
 
 def _mapped(img) -> bool:
@@ -160,8 +173,7 @@ def test_closing_the_image_unmaps_and_the_reader_refuses(chain: Path, mode: str)
 
 def test_closing_the_backing_unmaps_its_overlays(chain: Path) -> None:
     """No C handle outlives the backing handle it reads through."""
-    if not fastcopy.native_available():
-        pytest.skip("pyqcow._native is not built")
+    require_native()
     with fastcopy.backend("native"), pyqcow.open(chain) as img:
         top_map = img.guest_map()
         assert top_map is not None and top_map.ctx is not None
@@ -171,8 +183,7 @@ def test_closing_the_backing_unmaps_its_overlays(chain: Path) -> None:
 
 
 def test_guest_map_readinto_checks_its_arguments(chain: Path) -> None:
-    if not fastcopy.native_available():
-        pytest.skip("pyqcow._native is not built")
+    require_native()
     with fastcopy.backend("native"), pyqcow.open(chain) as img:
         gm = img.guest_map()
         buf = bytearray(4096)
