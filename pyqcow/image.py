@@ -492,10 +492,11 @@ class QcowImage(WriterMixin, LibyalMethods):
 
     def _short_read(self, dst: memoryview, got: int, host: int) -> None:
         """Finish a data read that came back short: zeros past the end of the
-        file, unless the file was longer when it was opened (it shrank under
-        us: QcowError, as the mmap-backed reader says)."""
+        file, unless a read-only image's file was longer when it was opened (it
+        shrank under us: QcowError, as the mmap-backed reader says).  A
+        writable image's file_size runs ahead of the file until a flush."""
         self.data_hf.preadinto(dst[got:], host + got)
-        if self.data_hf is self.hf and host + got < self.file_size:
+        if not self.writable and self.data_hf is self.hf and host + got < self.file_size:
             self.check_not_shrunk()
 
     def check_not_shrunk(self) -> None:
