@@ -1,4 +1,5 @@
-"""Bulk byte moving: range copies between file descriptors, zero detection.
+"""Bulk byte moving: range copies between file descriptors, zero detection,
+and the mmap-backed guest reads of read-only qcow2 images (``GuestMap``).
 
 The only module that imports the C helper ``pyqcow._native`` (built by
 ``csrc/build_native.py`` from ``csrc/pyqcow_copy.{h,c}``).  Every function has

@@ -6,8 +6,13 @@ its position, so several readers may share one image.  Closing a reader does
 not close the image it reads.
 
 Hot loop friendly: ``readinto`` with a reused buffer is the fast way to stream
-(no allocation per call); ``read`` goes through the image's ``read``, which
-returns what ``os.pread`` produced for a range inside one data cluster.
+(no allocation per call).  Over a read-only qcow2 image (standard L2 entries,
+no external data file) with the C helper built, ``readinto``/``read`` go
+through ``image.guest_map()``: C resolves the L1/L2 tables and copies from a
+read-only mapping of the file (and of a qcow2 backing chain); compressed
+clusters, anything malformed and raw backing files come back to the Python
+path.  A file that shrinks under the mapping gives QcowError, not SIGBUS.
+``PYQCOW_NO_NATIVE=1`` (when the reader is made) keeps everything in Python.
 """
 
 from __future__ import annotations
