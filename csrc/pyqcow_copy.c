@@ -12,6 +12,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -268,4 +271,245 @@ int64_t pyqcow_zero_runs(const void *buf, size_t length, size_t granularity,
         count++;
     }
     return (int64_t)count;
+}
+
+/* ------------------------------------------------------------------------
+ * mmap-backed guest reads (pyqcow_map_*)
+ * ---------------------------------------------------------------------- */
+
+#define L1E_OFFSET_MASK UINT64_C(0x00FFFFFFFFFFFE00)
+#define L2E_OFFSET_MASK UINT64_C(0x00FFFFFFFFFFFE00)
+#define L2E_RESERVED_MASK UINT64_C(0x3F000000000001FE)
+#define OFLAG_COMPRESSED (UINT64_C(1) << 62)
+#define OFLAG_ZERO UINT64_C(1)
+#define MAP_FALLBACK 1
+
+struct guest_map {
+    const unsigned char *base; /* the whole file, PROT_READ */
+    uint64_t map_size;         /* bytes mapped (the file size at open) */
+    int cluster_bits;
+    int l2_bits;
+    int version;
+    uint64_t virtual_size;
+    uint64_t *l1;
+    size_t l1_len;
+    uint64_t error_mask;       /* reserved bits and unaligned offset bits */
+    struct guest_map *backing;
+    int has_backing;
+};
+
+/* SIGBUS guard: a fault inside a guarded copy jumps back to its caller. */
+static __thread sigjmp_buf *guard_jump;
+static __thread volatile sig_atomic_t guard_active;
+static struct sigaction previous_bus_action;
+
+static void bus_handler(int sig, siginfo_t *info, void *context)
+{
+    if (guard_active) {
+        guard_active = 0;
+        siglongjmp(*guard_jump, 1);
+    }
+    /* Not ours: put the previous disposition back; returning re-runs the
+     * faulting instruction, which then gets the previous treatment. */
+    (void)sig;
+    (void)info;
+    (void)context;
+    sigaction(SIGBUS, &previous_bus_action, NULL);
+}
+
+static int install_bus_handler(void)
+{
+    struct sigaction current, action;
+
+    if (sigaction(SIGBUS, NULL, &current) < 0)
+        return -errno;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == bus_handler)
+        return 0;
+    memset(&action, 0, sizeof(action));
+    action.sa_sigaction = bus_handler;
+    /* SA_NODEFER: SIGBUS stays unblocked after the long jump. */
+    action.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    previous_bus_action = current;
+    if (sigaction(SIGBUS, &action, NULL) < 0)
+        return -errno;
+    return 0;
+}
+
+static inline uint64_t load_be64(const unsigned char *p)
+{
+    uint64_t v;
+
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+
+int pyqcow_map_open(int fd, int64_t file_size, int cluster_bits, int version,
+                    int64_t virtual_size, const uint64_t *l1, size_t l1_len,
+                    void **out)
+{
+    struct guest_map *m;
+    void *base;
+    int rc;
+
+    if (cluster_bits < 9 || cluster_bits > 21 || file_size <= 0)
+        return -EINVAL;
+    rc = install_bus_handler();
+    if (rc < 0)
+        return rc;
+    m = calloc(1, sizeof(*m));
+    if (m == NULL)
+        return -ENOMEM;
+    m->l1 = malloc(l1_len ? l1_len * sizeof(uint64_t) : 1);
+    if (m->l1 == NULL) {
+        free(m);
+        return -ENOMEM;
+    }
+    if (l1_len)
+        memcpy(m->l1, l1, l1_len * sizeof(uint64_t));
+    base = mmap(NULL, (size_t)file_size, PROT_READ, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        rc = -errno;
+        free(m->l1);
+        free(m);
+        return rc;
+    }
+    m->base = base;
+    m->map_size = (uint64_t)file_size;
+    m->cluster_bits = cluster_bits;
+    m->l2_bits = cluster_bits - 3;
+    m->version = version;
+    m->virtual_size = (uint64_t)virtual_size;
+    m->l1_len = l1_len;
+    m->error_mask = (L2E_RESERVED_MASK & ~UINT64_C(1)) |
+                    (L2E_OFFSET_MASK & ((UINT64_C(1) << cluster_bits) - 1));
+    *out = m;
+    return 0;
+}
+
+void pyqcow_map_set_backing(void *map, void *backing, int has_backing)
+{
+    struct guest_map *m = map;
+
+    m->backing = backing;
+    m->has_backing = has_backing || backing != NULL;
+}
+
+void pyqcow_map_close(void *map)
+{
+    struct guest_map *m = map;
+
+    if (m == NULL)
+        return;
+    munmap((void *)m->base, (size_t)m->map_size);
+    free(m->l1);
+    free(m);
+}
+
+static int map_read(const struct guest_map *m, unsigned char *dst,
+                    uint64_t length, uint64_t offset);
+
+/* Unallocated guest range: the backing file's bytes, or zeros. */
+static int read_unallocated(const struct guest_map *m, unsigned char *dst,
+                            uint64_t length, uint64_t offset)
+{
+    const struct guest_map *b = m->backing;
+    uint64_t inside = 0;
+    int rc;
+
+    if (m->has_backing) {
+        if (b == NULL)
+            return MAP_FALLBACK;
+        if (offset < b->virtual_size)
+            inside = b->virtual_size - offset < length ? b->virtual_size - offset : length;
+        if (inside) {
+            rc = map_read(b, dst, inside, offset);
+            if (rc)
+                return rc;
+        }
+    }
+    memset(dst + inside, 0, length - inside);
+    return 0;
+}
+
+static int map_read(const struct guest_map *m, unsigned char *dst,
+                    uint64_t length, uint64_t offset)
+{
+    const int cb = m->cluster_bits;
+    const uint64_t cs = UINT64_C(1) << cb;
+    const uint64_t cmask = cs - 1;
+    const int l2_shift = cb + m->l2_bits;
+    const uint64_t l2_mask = (UINT64_C(1) << m->l2_bits) - 1;
+    const uint64_t end = offset + length;
+    uint64_t pos = offset;
+    int rc;
+
+    if (length > m->virtual_size || offset > m->virtual_size - length)
+        return MAP_FALLBACK;
+    while (pos < end) {
+        uint64_t l1_index = pos >> l2_shift;
+        uint64_t span_end = (l1_index + 1) << l2_shift;
+        uint64_t l2_offset = l1_index < m->l1_len ? m->l1[l1_index] & L1E_OFFSET_MASK : 0;
+
+        if (span_end > end)
+            span_end = end;
+        if (l2_offset == 0) {
+            rc = read_unallocated(m, dst + (pos - offset), span_end - pos, pos);
+            if (rc)
+                return rc;
+            pos = span_end;
+            continue;
+        }
+        if ((l2_offset & cmask) || l2_offset > m->map_size - cs || m->map_size < cs)
+            return MAP_FALLBACK;
+        while (pos < span_end) {
+            uint64_t cl_end = (pos | cmask) + 1;
+            uint64_t e = load_be64(m->base + l2_offset + 8 * ((pos >> cb) & l2_mask));
+            uint64_t host = e & L2E_OFFSET_MASK;
+            uint64_t n;
+            unsigned char *d = dst + (pos - offset);
+
+            if (cl_end > span_end)
+                cl_end = span_end;
+            n = cl_end - pos;
+            if ((e & OFLAG_COMPRESSED) || (e & m->error_mask))
+                return MAP_FALLBACK;
+            if (e & OFLAG_ZERO) {
+                if (m->version < 3)
+                    return MAP_FALLBACK;
+                if (host && host > m->map_size - cs)
+                    return MAP_FALLBACK;
+                memset(d, 0, n);
+            } else if (host) {
+                if (m->map_size < cs || host > m->map_size - cs)
+                    return MAP_FALLBACK;
+                memcpy(d, m->base + host + (pos & cmask), n);
+            } else {
+                rc = read_unallocated(m, d, n, pos);
+                if (rc)
+                    return rc;
+            }
+            pos = cl_end;
+        }
+    }
+    return 0;
+}
+
+int pyqcow_map_read(void *map, char *dst, int64_t length, int64_t offset)
+{
+    sigjmp_buf jump;
+    volatile int rc;
+
+    if (length < 0 || offset < 0)
+        return -EINVAL;
+    /* savemask 0: no system call; SA_NODEFER keeps SIGBUS unblocked. */
+    if (sigsetjmp(jump, 0)) {
+        guard_active = 0;
+        return -EFAULT;
+    }
+    guard_jump = &jump;
+    guard_active = 1;
+    rc = map_read(map, (unsigned char *)dst, (uint64_t)length, (uint64_t)offset);
+    guard_active = 0;
+    return rc;
 }

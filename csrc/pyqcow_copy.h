@@ -40,3 +40,38 @@ int pyqcow_is_zero(const void *buf, size_t length);
  */
 int64_t pyqcow_zero_runs(const void *buf, size_t length, size_t granularity,
                          int64_t *out, size_t out_capacity);
+
+/*
+ * mmap-backed guest reads of a read-only qcow2 image (standard 64-bit L2
+ * entries, no external data file).  The C side maps the whole file read-only
+ * and resolves guest offsets through a copy of the L1 table and the L2 tables
+ * read from the mapping.  Anything it does not handle (compressed clusters,
+ * malformed or out-of-file entries, unallocated ranges whose backing file is
+ * not mapped) makes pyqcow_map_read return PYQCOW_MAP_FALLBACK (1) and the
+ * caller reads the whole range in Python instead.
+ *
+ * pyqcow_map_open maps `file_size` bytes of fd and copies `l1` (l1_len
+ * native-order entries).  version is the qcow2 header version (2 or 3).
+ * Stores the handle in *out.  Returns 0 or -errno.
+ */
+int pyqcow_map_open(int fd, int64_t file_size, int cluster_bits, int version,
+                    int64_t virtual_size, const uint64_t *l1, size_t l1_len,
+                    void **out);
+
+/*
+ * Reads of unallocated ranges go to `backing` (a handle from pyqcow_map_open,
+ * guest bytes past its virtual size read as zeros).  has_backing != 0 with
+ * backing NULL: the image has a backing file that is not mapped, so such
+ * reads fall back.  The caller keeps the backing handle open while `map` is.
+ */
+void pyqcow_map_set_backing(void *map, void *backing, int has_backing);
+
+/*
+ * Copy guest bytes [offset, offset + length) into dst.  Returns 0 when done,
+ * 1 (fall back: dst may be partly written) or -errno; -EFAULT means a SIGBUS
+ * hit the copy (the file shrank under the mapping).
+ */
+int pyqcow_map_read(void *map, char *dst, int64_t length, int64_t offset);
+
+/* Unmap and free a handle from pyqcow_map_open (NULL: nothing). */
+void pyqcow_map_close(void *map);

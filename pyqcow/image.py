@@ -87,6 +87,7 @@ class QcowImage(WriterMixin, LibyalMethods):
         self._l2_cache: OrderedDict[int, array] = OrderedDict()
         self._decomp_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
+        self._gmap = None  # fastcopy.GuestMap once made; False: not mappable
         self._init_writer()
 
     # -- open ---------------------------------------------------------------------
@@ -352,7 +353,13 @@ class QcowImage(WriterMixin, LibyalMethods):
         check_range(self.path, offset, length, self.virtual_size)
         host = self._single_cluster_host(offset, length, self.l1)
         if host >= 0:
-            return self.hf.pread(length, host)
+            data = os.pread(self.hf.fd, length, host)
+            if len(data) == length:
+                return data
+            buf = bytearray(length)
+            buf[: len(data)] = data
+            self._short_read(memoryview(buf), len(data), host)
+            return bytes(buf)
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
@@ -392,7 +399,7 @@ class QcowImage(WriterMixin, LibyalMethods):
         if host >= 0:
             got = os.preadv(self.hf.fd, [mv], host)
             if got < length:
-                self.hf.preadinto(mv[got:], host + got)
+                self._short_read(mv, got, host)
             return
         if host == _UNALLOCATED:
             self._read_backing(mv, offset)
@@ -477,11 +484,30 @@ class QcowImage(WriterMixin, LibyalMethods):
         if kind == _DATA:
             got = os.preadv(self.data_hf.fd, [dst], h)
             if got < n:
-                self.data_hf.preadinto(dst[got:], h + got)
+                self._short_read(dst, got, h)
         elif kind == _ZEROS_KIND:
             zero_fill(dst)
         else:
             self._read_backing(dst, offset + d)
+
+    def _short_read(self, dst: memoryview, got: int, host: int) -> None:
+        """Finish a data read that came back short: zeros past the end of the
+        file, unless a read-only image's file was longer when it was opened (it
+        shrank under us: QcowError, as the mmap-backed reader says).  A
+        writable image's file_size runs ahead of the file until a flush."""
+        self.data_hf.preadinto(dst[got:], host + got)
+        if not self.writable and self.data_hf is self.hf and host + got < self.file_size:
+            self.check_not_shrunk()
+
+    def check_not_shrunk(self) -> None:
+        """QcowError if the image file is now shorter than when it was opened."""
+        size = self.hf.size()
+        if size < self.file_size:
+            raise QcowError(
+                self.path,
+                f"the file shrank to {size} bytes while being read "
+                f"(it had {self.file_size} bytes when opened)",
+            )
 
     def _readinto_runs(self, mv: memoryview, offset: int, l1) -> None:
         """readinto through runs() (extended L2 entries: subclusters)."""
@@ -512,6 +538,41 @@ class QcowImage(WriterMixin, LibyalMethods):
             b.readinto(dst[:inside], guest_offset)
         if inside < n:
             zero_fill(dst[inside:])
+
+    def guest_map(self):
+        """The mmap-backed C reader of this image (pyqcow.fastcopy.GuestMap),
+        made on first use and kept until close; None when it cannot serve this
+        image: the Python backend, a writable image, extended L2 entries, an
+        external data file, a host that is not a plain file."""
+        gm = self._gmap
+        if gm is None:
+            gm = self._gmap = self._make_guest_map() or False
+        return gm if gm and gm.ctx is not None else None
+
+    def _make_guest_map(self):
+        from . import fastcopy
+
+        if (
+            self._closed
+            or self.writable
+            or self.extended_l2
+            or self.has_data_file
+            or not isinstance(self.hf, HostFile)
+            or fastcopy.current_backend() != "native"
+        ):
+            return None
+        b = self.backing
+        bmap = b.guest_map() if isinstance(b, QcowImage) else None
+        return fastcopy.map_image(
+            self.hf.fd,
+            self.file_size,
+            self.cluster_bits,
+            self.header.version,
+            self.virtual_size,
+            self.l1,
+            backing=bmap,
+            has_backing=b is not None,
+        )
 
     def map(self, start: int = 0, length: int | None = None) -> list:
         """qemu-img map's extents (pyqcow.mapping.Extent) through the backing chain."""
@@ -579,6 +640,8 @@ class QcowImage(WriterMixin, LibyalMethods):
         if self._closed:
             return
         self._closed = True
+        if self._gmap:
+            self._gmap.close()
         try:
             self.flush()
             self._store_bitmaps()

@@ -20,7 +20,7 @@ import qemu
 from interop.shapes import SHAPES, Shape
 
 import pyqcow
-from pyqcow import forensic
+from pyqcow import fastcopy, forensic
 from pyqcow.chain import open_image
 from pyqcow.cli.main import main
 from pyqcow.errors import BackingChainError, ImageLockedError
@@ -85,12 +85,21 @@ def _probe(reader, want: bytes, rng: random.Random, count: int = 300) -> None:
 
 
 # -- reader() and snapshot views vs qemu-img convert --------------------------------
+@pytest.mark.parametrize("backend", ["native", "python"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_reader_equals_qemu_convert(name: str, shapes, tmp_path: Path) -> None:
+def test_reader_equals_qemu_convert(name: str, backend: str, shapes, tmp_path: Path) -> None:
+    """Both read paths: the mmap-backed C helper and the pure-Python one."""
+    if backend == "native" and not fastcopy.native_available():
+        message = f"pyqcow._native is not built: {fastcopy.native_import_error()}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     shape = shapes(name)
     before = _file_state(shape.files)
     rng = random.Random(name)
-    with pyqcow.open(shape.path) as img:
+    with fastcopy.backend(backend), pyqcow.open(shape.path) as img:
+        mappable = not (img.extended_l2 or img.has_data_file)
+        assert (img.reader()._gmap is not None) == (backend == "native" and mappable)
         if "huge" in shape.tags:
             r = img.reader()
             for off, length, byte in shape.expect:

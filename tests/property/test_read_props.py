@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from qemu import convert_raw, create, qemu_img, qemu_io, require_tool
 
 import pyqcow
+from pyqcow import fastcopy
 from pyqcow.cli.main import main
 from pyqcow.mapping import chain_status
 
@@ -147,5 +148,19 @@ def test_reads_match_qemu(sc: Scenario) -> None:
             assert img.read(0, sc.size) == ref
             ours_map = [e.as_json() for e in chain_status(img)]
         assert ours_map == json.loads(qemu_img("map", "--output=json", top))
+        # reader(): the mmap-backed C path (when built) and the pure-Python one
+        backends = ["python"] + (["native"] if fastcopy.native_available() else [])
+        for name in backends:
+            with fastcopy.backend(name), pyqcow.open(top) as img:
+                r = img.reader()
+                assert (r._gmap is not None) == (name == "native" and not sc.extended_l2)
+                for off, n in sc.reads:
+                    r.seek(off)
+                    assert r.read(n) == ref[off : off + n], (name, off, n)
+                    buf = bytearray(n)
+                    r.seek(off)
+                    assert r.readinto(buf) == n and buf == ref[off : off + n], (name, off, n)
+                r.seek(0)
+                assert r.read() == ref, name
         assert main(["convert", "-O", "raw", str(top), str(d / "pyqcow.raw")]) == 0
         assert (d / "pyqcow.raw").read_bytes() == ref

@@ -1,0 +1,197 @@
+"""The mmap-backed C read path (pyqcow_map_* via pyqcow.fastcopy.GuestMap).
+
+Every test runs with the C helper and with the pure-Python fallback (the
+``mode`` fixture of test_fastcopy); qemu-img convert is the oracle for the
+bytes.  The shape zoo (tests/interop/test_forensic_interop.py) and the
+hypothesis property (tests/property/test_read_props.py) run both backends too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import qemu
+from test_fastcopy import _NoNative, require_native
+
+import pyqcow
+from pyqcow import fastcopy
+from pyqcow.errors import QcowError
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    qemu.require_tool("qemu-img")
+    qemu.require_tool("qemu-io")
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    """A qcow2 overlay (data, zeros, a compressed cluster, holes) over a qcow2
+    base (data, zeros) that is shorter than the overlay."""
+    base = qemu.create(tmp_path / "base.qcow2", 6 * MiB)
+    qemu.qemu_io(base, "write -P 0x11 0 1M", "write -P 0x22 3M 2M", "write -z 3584k 64k",
+                 "write -P 0x23 6140k 4k")
+    top = qemu.create(tmp_path / "top.qcow2", 8 * MiB, backing="base.qcow2",
+                      backing_fmt="qcow2", cwd=tmp_path)
+    qemu.qemu_io(top, "write -P 0x33 512k 1M", "write -z 3200k 128k", "write -c -P 0x44 7M 64k",
+                 "write -P 0x55 8188k 4k")
+    return top
+
+
+@pytest.fixture(params=["native", "python"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The C helper, then the pure-Python fallback (which must not touch C)."""
+    if request.param == "native":
+        require_native()
+    else:
+        fastcopy.native_available()
+        monkeypatch.setattr(fastcopy, "_native", _NoNative())
+    with fastcopy.backend(request.param):
+        yield request.param
+
+
+def _mapped(img) -> bool:
+    return img.reader()._gmap is not None
+
+
+def test_reader_maps_only_with_the_c_helper(chain: Path, mode: str) -> None:
+    with pyqcow.open(chain) as img:
+        assert _mapped(img) == (mode == "native")
+        assert (img.backing.guest_map() is not None) == (mode == "native")
+
+
+def test_no_native_env_reads_through_python(chain: Path, monkeypatch) -> None:
+    monkeypatch.setenv(fastcopy.NO_NATIVE_ENV, "1")
+    with pyqcow.open(chain) as img:
+        assert img.guest_map() is None and not _mapped(img)
+
+
+def test_chain_reads_equal_qemu(chain: Path, mode: str, tmp_path: Path) -> None:
+    want = qemu.convert_raw(chain, tmp_path / "want.raw").read_bytes()
+    rng = random.Random(14)
+    with pyqcow.open(chain) as img:
+        r = img.reader()
+        assert r.read() == want
+        r.seek(0)
+        buf = bytearray(MiB)
+        got = bytearray()
+        while n := r.readinto(buf):
+            got += buf[:n]
+        assert got == want
+        for _ in range(400):
+            off = rng.randrange(len(want))
+            n = rng.choice((1, 511, 4096, 65537, rng.randrange(1, 3 * MiB)))
+            r.seek(off)
+            if rng.random() < 0.5:
+                assert r.read(n) == want[off : off + n], (off, n)
+            else:
+                b = bytearray(n)
+                got_n = r.readinto(memoryview(b))
+                assert b[:got_n] == want[off : off + got_n], (off, n)
+
+
+def test_readinto_other_buffer_types(chain: Path, mode: str, tmp_path: Path) -> None:
+    """array, a non-byte memoryview and a read-only buffer behave as before."""
+    import array
+
+    want = qemu.convert_raw(chain, tmp_path / "want.raw").read_bytes()
+    with pyqcow.open(chain) as img:
+        r = img.reader()
+        a = array.array("I", bytes(64 * KiB))
+        r.seek(512 * KiB - 4 * KiB)
+        assert r.readinto(a) == 64 * KiB
+        assert a.tobytes() == want[508 * KiB : 572 * KiB]
+        r.seek(0)
+        with pytest.raises(BufferError, match="not writable"):
+            r.readinto(b"read-only")
+
+
+def test_overlay_over_raw_backing_falls_back_for_the_backing(tmp_path: Path, mode: str) -> None:
+    base = qemu.create(tmp_path / "base.raw", 2 * MiB, fmt="raw")
+    qemu.qemu_io(base, "write -P 0x66 64k 1M", fmt="raw")
+    top = qemu.create(tmp_path / "top.qcow2", 2 * MiB, backing="base.raw", backing_fmt="raw",
+                      cwd=tmp_path)
+    qemu.qemu_io(top, "write -P 0x77 512k 64k")
+    want = qemu.convert_raw(top, tmp_path / "want.raw").read_bytes()
+    with pyqcow.open(top) as img:
+        r = img.reader()
+        assert (r._gmap is not None) == (mode == "native")
+        assert r.read() == want
+
+
+def test_writable_image_is_not_mapped(chain: Path, mode: str) -> None:
+    with pyqcow.open(chain, "r+") as img:
+        assert img.guest_map() is None
+        r = img.reader()
+        img.write(0, b"\x99" * 4096)
+        assert r.read(4096) == b"\x99" * 4096
+
+
+@pytest.mark.parametrize("how", ["readinto", "read", "readall"])
+def test_truncated_file_is_a_clean_qcow_error(chain: Path, mode: str, how: str) -> None:
+    """The file shrinks while a reader has it open (and mapped): reading the
+    lost data clusters raises QcowError, never SIGBUS."""
+    with pyqcow.open(chain) as img:
+        r = img.reader()
+        r.seek(512 * KiB)
+        assert r.read(4096) == b"\x33" * 4096  # the mapping is live
+        size = os.path.getsize(chain)
+        os.truncate(chain, 3 * 64 * KiB)
+        r.seek(512 * KiB)
+        with pytest.raises(QcowError, match=r"the file shrank to 196608 bytes while being read "
+                                            rf"\(it had {size} bytes when opened\)"):
+            if how == "readinto":
+                r.readinto(bytearray(64 * KiB))
+            elif how == "read":
+                r.read(4096)
+            else:
+                r.readall()
+        # the interpreter is still fine, and the reader still answers
+        r.seek(0)
+        assert r.tell() == 0
+
+
+def test_closing_the_image_unmaps_and_the_reader_refuses(chain: Path, mode: str) -> None:
+    img = pyqcow.open(chain)
+    r = img.reader()
+    gm = r._gmap
+    img.close()
+    if gm is not None:
+        assert gm.ctx is None
+        assert img.backing is not None
+    r.seek(512 * KiB)
+    with pytest.raises(OSError):
+        r.read(4096)
+
+
+def test_closing_the_backing_unmaps_its_overlays(chain: Path) -> None:
+    """No C handle outlives the backing handle it reads through."""
+    require_native()
+    with fastcopy.backend("native"), pyqcow.open(chain) as img:
+        top_map = img.guest_map()
+        assert top_map is not None and top_map.ctx is not None
+        img.backing.close()
+        assert top_map.ctx is None
+        assert img.reader()._gmap is None
+
+
+def test_guest_map_readinto_checks_its_arguments(chain: Path) -> None:
+    require_native()
+    with fastcopy.backend("native"), pyqcow.open(chain) as img:
+        gm = img.guest_map()
+        buf = bytearray(4096)
+        assert gm.readinto(buf, 512 * KiB) is True
+        assert buf == b"\x33" * 4096
+        assert gm.readinto(buf, 7 * MiB) is False  # compressed: the caller reads it
+        assert gm.readinto(buf, 8 * MiB - 4096 + 1) is False  # past the end: the caller's job
+        with pytest.raises(ValueError, match="offset must be >= 0"):
+            gm.readinto(buf, -1)
+        with pytest.raises(TypeError, match="writable"):
+            gm.readinto(b"x" * 10, 0)
