@@ -550,12 +550,8 @@ def _pairs(domain: Domain, snap: Snapshot) -> list[tuple[str, str, str]]:
 
 def _overlays_of(path: str, domain: Domain, snaps: list[Snapshot]) -> list[str]:
     """Files the domain's metadata knows whose backing file is ``path``."""
-    known = {d.source for d in domain.disks() if d.source}
-    for s in snaps:
-        known.update(s.overlays.values())
-        known.update(f for f, _ in s.frozen.values())
     out = []
-    for f in sorted(known):
+    for f in sorted(_all_files(domain, snaps)):
         if not os.path.exists(f) or os.path.samefile(f, path):
             continue
         try:
@@ -693,10 +689,7 @@ def sync(conn_or_uri, domain_name: str, *, dry_run: bool = False) -> DomainPlan:
     domain.require_inactive()
     plan = DomainPlan("sync", domain.name, None)
     snaps = domain.snapshots()
-    files = {d.source for d in domain.disks() if d.source}
-    for s in snaps:
-        files.update(s.overlays.values())
-        files.update(f for f, _ in s.frozen.values())
+    files = _all_files(domain, snaps)
     dirs = sorted({os.path.dirname(host_path(f)) for f in files})
     # 1. the images: finish interrupted merges (their own records)
     for d in dirs:
@@ -738,9 +731,10 @@ def sync(conn_or_uri, domain_name: str, *, dry_run: bool = False) -> DomainPlan:
     return plan
 
 
-def _all_files(domain: Domain) -> set[str]:
+def _all_files(domain: Domain, snaps: list[Snapshot] | None = None) -> set[str]:
+    """Every file the definition (file disks) and the snapshots' metadata name."""
     out = {d.source for d in domain.disks() if d.source and d.type == "file"}
-    for s in domain.snapshots():
+    for s in domain.snapshots() if snaps is None else snaps:
         out.update(s.overlays.values())
         out.update(f for f, _ in s.frozen.values())
     return out
