@@ -41,15 +41,11 @@ MAX_BITMAPS = 65535
 MAX_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
 
 
-@dataclass(frozen=True)
-class BitmapInfo:
-    name: str
+class _Flags:
+    """What a bitmap's granularity bits and flags say (shared by directory entry and bitmap)."""
+
     granularity_bits: int
     flags: int
-    type: int
-    bitmap_table_offset: int
-    bitmap_table_size: int
-    extra_data: bytes = b""
 
     @property
     def granularity(self) -> int:
@@ -58,6 +54,17 @@ class BitmapInfo:
     @property
     def in_use(self) -> bool:
         return bool(self.flags & BME_FLAG_IN_USE)
+
+
+@dataclass(frozen=True)
+class BitmapInfo(_Flags):
+    name: str
+    granularity_bits: int
+    flags: int
+    type: int
+    bitmap_table_offset: int
+    bitmap_table_size: int
+    extra_data: bytes = b""
 
     @property
     def auto(self) -> bool:
@@ -193,7 +200,7 @@ def bit_ranges(buf: bytes, nbits: int) -> list[tuple[int, int]]:
     return out
 
 
-class Bitmap:
+class Bitmap(_Flags):
     """One persistent bitmap of an image, with its bits in memory (``bits`` is None
     when they were not loaded: an in-use bitmap, or one pyqcow cannot maintain)."""
 
@@ -211,14 +218,6 @@ class Bitmap:
         self.data_clusters = data_clusters  # host offsets of the stored data clusters
         self.changed = False  # bits or size differ from the stored ones
         self.why = why  # why the bits are not maintained
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self.flags & BME_FLAG_IN_USE)
 
     @property
     def enabled(self) -> bool:
