@@ -159,6 +159,77 @@ class WriterMixin:
         self.hf.fsync()
         return True
 
+    # ------------------------------------------------------------------ metadata door
+    # The only code that writes the header, the active L1 table or the refcount
+    # table (the flush path below and these methods).  snapshot, check/repair,
+    # create, bitmaps and the ops call these; what the header points at must be
+    # durable before a switch (DESIGN.md section 4).
+    def switch_header(self, new=None, /, **fields):
+        """Make ``new`` (or the current header with ``fields`` replaced) the header
+        on disk: one pwrite of cluster 0, then fsync.  Returns the new header."""
+        hdr = self.header if new is None else new
+        if fields:
+            hdr = hdr.replace(**fields)
+        self.header = hdr
+        self._write_header()
+        self.hf.fsync()
+        return hdr
+
+    def write_new_clusters(self, data) -> int:
+        """Allocate clusters for ``data`` and write it there; returns the host offset
+        (0 for no data).  Durable with the next flush, like guest data."""
+        if not len(data):
+            return 0
+        n = (len(data) + self.cluster_size - 1) >> self.cluster_bits
+        off = self.refcounts.alloc(n)
+        self._note_alloc()
+        self.hf.pwrite(data, off)
+        self._data_written = True
+        return off
+
+    def replace_active_l1(self, table: array, **fields) -> tuple[int, int]:
+        """copy-then-switch of the active L1: ``table`` goes to new clusters, is made
+        durable with everything pending (flush), then one header write switches
+        to it (with ``fields``, e.g. ``size``).  Returns the old table's (offset,
+        size); freeing it is the caller's job (after its own decrements)."""
+        old = (self.header.l1_table_offset, self.header.l1_size)
+        offset = self.write_new_clusters(entries.encode_u64_table(table))
+        if not len(table):  # a 0-byte disk: keep the (empty) table where it is
+            offset = old[0]
+        self.flush()
+        self.switch_header(l1_table_offset=offset, l1_size=len(table), **fields)
+        self.l1 = table
+        self.l1_dirty = False
+        if "size" in fields:
+            self.virtual_size = fields["size"]
+        return old
+
+    def write_l1_entry(self, l1_index: int, value: int) -> None:
+        """Repair: one active L1 entry rewritten in place, durable on return."""
+        self.hf.pwrite(value.to_bytes(8, "big"), self.header.l1_table_offset + 8 * l1_index)
+        self.hf.fsync()
+        if l1_index < len(self.l1):
+            self.l1[l1_index] = value
+
+    def write_refcount_table(self, table_offset: int, data) -> None:
+        """Repair/rebuild: a refcount table written at ``table_offset`` (clusters the
+        caller allocated), durable on return; ``switch_header`` then points at it."""
+        self.hf.pwrite(data, table_offset)
+        self.hf.fsync()
+
+    def reload(self) -> None:
+        """Forget cached metadata and read the header and the active L1 again (after
+        a rewrite of the structures, e.g. a refcount rebuild)."""
+        self._l2_cache.clear()
+        self._decomp_cache = None
+        self._metadata_prealloc = None
+        self.file_size = self.hf.size()
+        self._load_header(_repair=True)
+        if self.refcounts is not None:
+            from .refcount import Refcounts
+
+            self.refcounts = Refcounts(self)
+
     def _write_header(self) -> None:
         self.hf.pwrite(build_cluster0(self.header), 0)
         self.header_dirty = False
