@@ -399,11 +399,9 @@ def create(
         if not force and not out.created:
             _refuse_overwrite(path)
         hf = out.hf
-        hf.truncate(0)
-        hf.pwrite(cluster0 + bytes(cluster_size - len(cluster0)), 0)
-        hf.pwrite(reftable, cluster_size)
-        hf.pwrite(blk.tobytes(), 2 * cluster_size)
-        hf.fsync()
+        from .metadata import write_new_image
+
+        write_new_image(hf, cluster_size, cluster0, reftable, blk.tobytes())
         fsync_dir(path)
 
         from .image import QcowImage
