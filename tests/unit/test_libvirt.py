@@ -619,7 +619,7 @@ def test_parameter_entity_refused() -> None:
 
 def test_entity_check_does_not_rely_on_prescan(monkeypatch: pytest.MonkeyPatch) -> None:
     # even if the byte pre-scan missed it, lxml's view of the DTD refuses it
-    monkeypatch.setattr(libvirt, "_prolog_doctype", lambda data: None)
+    monkeypatch.setattr(libvirt.markup, "_prolog_doctype", lambda data: None)
     xml = b"<!DOCTYPE domain [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]>" + SIMPLE
     with pytest.raises(DomainXMLError, match="DOCTYPE declares entities"):
         disk_chain(xml, "vda")
@@ -749,7 +749,7 @@ def test_read_domain_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         read_domain(tmp_path)
     big = tmp_path / "big.xml"
     big.write_bytes(b" " * 101)
-    monkeypatch.setattr(libvirt, "MAX_DOMAIN_XML_SIZE", 100)
+    monkeypatch.setattr(libvirt.document, "MAX_DOMAIN_XML_SIZE", 100)
     with pytest.raises(DomainXMLError, match="larger than 100 bytes"):
         read_domain(big)
 
