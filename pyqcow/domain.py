@@ -343,10 +343,10 @@ def _record_path(domain: Domain, anchor: str) -> str:
 
 
 def _write_record(path: str, data: dict) -> None:
-    from .ops.intent import _write
+    from .ops.intent import write_record
 
     try:
-        _write(path, data)
+        write_record(path, data)
     except OSError as e:
         raise OperationError(path, f"cannot write the intent record: {e.strerror}") from None
 
@@ -684,6 +684,7 @@ def sync(conn_or_uri, domain_name: str, *, dry_run: bool = False) -> DomainPlan:
     """Make the definition and every snapshot's metadata true to the images on disk after
     an interruption, from the intent records (idempotent)."""
     from .ops import intent
+    from .ops.recover import finish
 
     domain = Domain(_conn(conn_or_uri), domain_name)
     domain.require_inactive()
@@ -696,7 +697,7 @@ def sync(conn_or_uri, domain_name: str, *, dry_run: bool = False) -> DomainPlan:
         for rec in intent.find(d):
             if rec.data.get("op") == "merge" and (rec.data.get("top") in files
                                                    or rec.data.get("base") in files):
-                plan.image_steps += intent._finish(rec, dry_run)
+                plan.image_steps += finish(rec, dry_run)
     # 2. the metadata: the domain records
     uuid = domain.dom.UUIDString()
     for d in dirs:

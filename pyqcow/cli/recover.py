@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..ops import intent
+from ..ops.recover import recover
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    steps = intent.recover(args.path, dry_run=args.dry_run, target=args.disk)
+    steps = recover(args.path, dry_run=args.dry_run, target=args.disk)
     if args.quiet:
         return 0
     if not steps:

@@ -359,9 +359,9 @@ def _sync(args: argparse.Namespace) -> int:
     from .. import libvirt
 
     if _pending_operation(args.domain_xml, args.disk):
-        from ..ops import intent
+        from ..ops.recover import recover
 
-        steps = intent.recover(args.domain_xml, dry_run=args.dry_run, target=args.disk)
+        steps = recover(args.domain_xml, dry_run=args.dry_run, target=args.disk)
         if not args.quiet:
             for step in steps:
                 sys.stdout.write(step + "\n")
