@@ -242,7 +242,7 @@ def test_sync_finishes_after_metadata_step_failed(lv, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dm, "_apply_metadata", boom)
+    monkeypatch.setattr(dm.merging, "_apply_metadata", boom)
     with pytest.raises(KeyboardInterrupt):
         dm.merge(lv, g.name, "s1", keep="base")
     monkeypatch.undo()
