@@ -19,7 +19,7 @@ instant, TOP's file name, while it exists, reads TOP's guest content (through
 its chain); once TOP's name is gone (removed, or replaced by the rename), the
 kept name reads that content.  The rename (or, for keep=base via commit, the
 removal of TOP) is the commit point.  An intent record written before the
-first change lets :func:`pyqcow.ops.intent.recover` finish the operation (and
+first change lets :func:`pyqcow.ops.recover.recover` finish the operation (and
 the domain XML update that goes with it) after a crash or a failed later step.
 """
 
@@ -358,7 +358,7 @@ def merge(top_path, *, keep: str = "base", via: str = "auto", dry_run: bool = Fa
     ``DomainXmlUpdate``: ``path``, ``target``, the planned ``chain`` and
     ``apply(kept_path, fmt)``); it runs after the images' commit point, under the
     same intent record.  ``_record``: an intent record being finished by
-    :func:`pyqcow.ops.intent.recover` (not rewritten, not removed here).
+    :func:`pyqcow.ops.recover.recover` (not rewritten, not removed here).
     """
     from . import intent
 
