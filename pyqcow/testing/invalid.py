@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from hypothesis import strategies as st
 
 from . import _files
-from .strategies import GeneratedImage, _short, have_qemu, image_params, images
+from .imagegen import GeneratedImage, _short, images
+from .params import have_qemu, image_params
 
 __all__ = ["RULES", "InvalidImage", "invalid_images"]
 
