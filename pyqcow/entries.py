@@ -193,3 +193,14 @@ _NONZERO_PER_BYTE = {
 
 def refcount_max(order: int) -> int:
     return (1 << (1 << order)) - 1
+
+
+# --- added by h-misc (pyqcow.testing.invalid breaks images through these)
+def l2_host_offset(entry: int) -> int:
+    """The host offset field of a standard L2 entry (0: none)."""
+    return entry & spec.L2E_OFFSET_MASK
+
+
+def l2_with_host_offset(entry: int, host_offset: int) -> int:
+    """``entry`` with its host offset field replaced by ``host_offset`` (flags kept)."""
+    return (entry & ~spec.L2E_OFFSET_MASK) | host_offset

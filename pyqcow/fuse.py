@@ -29,7 +29,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from . import libyal
+from . import libyal_methods
 from .errors import OperationError
 
 __all__ = ["ImageFS", "build_tree", "load_mfusepy"]
@@ -161,7 +161,7 @@ class ImageFS:
             with self._lock:
                 if n <= 65536:
                     return src.read(offset, n)
-                return libyal._fill_bytes(n, lambda view: src.readinto(view, offset))
+                return libyal_methods._fill_bytes(n, lambda view: src.readinto(view, offset))
         except Exception as e:  # a corrupt image: the reader gets EIO, the mount lives on
             raise OSError(errno.EIO, f"{e}") from e
 

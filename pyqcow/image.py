@@ -22,7 +22,7 @@ from .errors import (
 )
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
-from .libyal import LibyalMethods
+from .libyal_methods import LibyalMethods
 from .mapping import Run, detect_metadata_preallocation, merge_runs
 from .writer import WriterMixin
 

@@ -6,7 +6,7 @@ import os
 
 from .entries import ClusterType
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
-from .libyal import LibyalMethods
+from .libyal_methods import LibyalMethods
 from .mapping import Run
 
 

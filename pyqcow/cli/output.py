@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Progress",
     "format_size",
+    "human_info",
     "map_human",
     "map_json",
     "parse_size",
@@ -216,3 +217,72 @@ def snapshot_row(
         f"{_ljust_bytes(id_str, 9)} {_ljust_bytes(name, 16)} {format_size(vm_state_size):>8}"
         f"{date:>20}{clock:>13}{'' if icount is None else icount:>11}"
     )
+
+
+# -- human output (block/qapi.c bdrv_image_info_dump) --------------------------------
+def human_info(info: dict) -> str:
+    """One ImageInfo dict (pyqcow.info) as qemu-img info prints it for humans."""
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {format_size(info['actual-size'])}",
+    ]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+        for sn in info["snapshots"]:
+            lines.append(_snapshot_line(sn))
+    if "format-specific" in info:
+        lines.append("Format specific information:")
+        _dump(info["format-specific"]["data"], 1, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _snapshot_line(sn: dict) -> str:
+    return snapshot_row(
+        sn["id"], sn["name"], sn["vm-state-size"], sn["date-sec"],
+        sn["vm-clock-sec"] * 1_000_000_000 + sn["vm-clock-nsec"], sn.get("icount"),
+    )
+
+
+def _scalar(v) -> str:
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    return str(v)
+
+
+def _dump(obj, indent: int, lines: list[str]) -> None:
+    pad = "    " * indent
+    if isinstance(obj, dict):
+        for k in qdict_order(obj):
+            v = obj[k]
+            key = k.replace("-", " ")
+            if isinstance(v, dict | list):
+                lines.append(f"{pad}{key}:")
+                _dump(v, indent + 1, lines)
+            else:
+                lines.append(f"{pad}{key}: {_scalar(v)}")
+    else:
+        for i, v in enumerate(obj):
+            if isinstance(v, dict | list):
+                lines.append(f"{pad}[{i}]:")
+                _dump(v, indent + 1, lines)
+            else:
+                lines.append(f"{pad}[{i}]: {_scalar(v)}")

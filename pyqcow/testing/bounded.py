@@ -116,10 +116,25 @@ def run_bounded(fn, *args, timeout: float = DEFAULT_TIMEOUT, memory: int | None 
         os.close(r)
         _child(w, memory, fn, args, kwargs)
     os.close(w)
+    status, chunks = _wait_child(pid, r, t0 + timeout)
+    seconds = time.monotonic() - t0
+    name = getattr(fn, "__qualname__", repr(fn))
+    res = _result(status, chunks, name, timeout, memory, seconds)
+    if not raise_errors:
+        return res
+    if res.ok:
+        return res.value
+    if res.kind == "exception":
+        raise res.error  # type: ignore[misc]
+    raise ReaderFailure(res.message, res.kind)
+
+
+def _wait_child(pid: int, r: int, deadline: float) -> tuple[int | None, list[bytes]]:
+    """The child's wait status (None: killed at ``deadline``) and what it wrote to ``r``
+    (closed here)."""
     chunks: list[bytes] = []
     os.set_blocking(r, False)
     status = None
-    deadline = t0 + timeout
     import select
 
     try:
@@ -142,14 +157,7 @@ def run_bounded(fn, *args, timeout: float = DEFAULT_TIMEOUT, memory: int | None 
             done, st_ = os.waitpid(pid, os.WNOHANG)
             if done:
                 status = st_
-                while True:
-                    try:
-                        b = os.read(r, 1 << 20)
-                    except BlockingIOError:
-                        break
-                    if not b:
-                        break
-                    chunks.append(b)
+                _drain(r, chunks)
                 break
     finally:
         if status is None:
@@ -159,39 +167,42 @@ def run_bounded(fn, *args, timeout: float = DEFAULT_TIMEOUT, memory: int | None 
                 pass
             os.waitpid(pid, 0)
         os.close(r)
-    seconds = time.monotonic() - t0
-    name = getattr(fn, "__qualname__", repr(fn))
-    if status is None:
-        res = BoundedResult(False, kind="timeout", seconds=seconds,
-                            message=f"{name} did not finish within {timeout:g} s (killed)")
-    elif os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        res = BoundedResult(False, kind="signal", seconds=seconds,
-                            message=f"{name} died of signal {signal.Signals(sig).name}"
-                            + (" (memory bound?)" if sig in (signal.SIGSEGV, signal.SIGABRT,
-                                                             signal.SIGKILL) else ""))
-    else:
+    return status, chunks
+
+
+def _drain(r: int, chunks: list[bytes]) -> None:
+    while True:
         try:
-            kind, payload = pickle.loads(b"".join(chunks))
-        except Exception:  # noqa: BLE001 - the child died before reporting
-            res = BoundedResult(False, kind="exit", seconds=seconds,
-                                message=f"{name} exited (status {os.WEXITSTATUS(status)}) "
-                                        "without a result")
-        else:
-            if kind == "ok":
-                res = BoundedResult(True, value=payload, seconds=seconds)
-            elif kind == "memory":
-                res = BoundedResult(False, kind="memory", seconds=seconds,
-                                    message=f"{name} ran out of its memory bound "
-                                            f"({(memory or 0) >> 20} MiB)")
-            else:
-                err, tb = payload
-                res = BoundedResult(False, error=err, kind="exception", seconds=seconds,
-                                    message=tb)
-    if not raise_errors:
-        return res
-    if res.ok:
-        return res.value
-    if res.kind == "exception":
-        raise res.error  # type: ignore[misc]
-    raise ReaderFailure(res.message, res.kind)
+            b = os.read(r, 1 << 20)
+        except BlockingIOError:
+            break
+        if not b:
+            break
+        chunks.append(b)
+
+
+def _result(status: int | None, chunks: list[bytes], name: str, timeout: float,
+            memory: int | None, seconds: float) -> BoundedResult:
+    if status is None:
+        return BoundedResult(False, kind="timeout", seconds=seconds,
+                             message=f"{name} did not finish within {timeout:g} s (killed)")
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return BoundedResult(False, kind="signal", seconds=seconds,
+                             message=f"{name} died of signal {signal.Signals(sig).name}"
+                             + (" (memory bound?)" if sig in (signal.SIGSEGV, signal.SIGABRT,
+                                                              signal.SIGKILL) else ""))
+    try:
+        kind, payload = pickle.loads(b"".join(chunks))
+    except Exception:  # noqa: BLE001 - the child died before reporting
+        return BoundedResult(False, kind="exit", seconds=seconds,
+                             message=f"{name} exited (status {os.WEXITSTATUS(status)}) "
+                                     "without a result")
+    if kind == "ok":
+        return BoundedResult(True, value=payload, seconds=seconds)
+    if kind == "memory":
+        return BoundedResult(False, kind="memory", seconds=seconds,
+                             message=f"{name} ran out of its memory bound "
+                                     f"({(memory or 0) >> 20} MiB)")
+    err, tb = payload
+    return BoundedResult(False, error=err, kind="exception", seconds=seconds, message=tb)

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from .. import entries
+from ..entries import ClusterType
 from . import _files
-from .strategies import GeneratedImage, _short, have_qemu, image_params, images
+from .imagegen import GeneratedImage, _short, images
+from .params import have_qemu, image_params
 
 __all__ = ["RULES", "InvalidImage", "invalid_images"]
-
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
 @dataclass(repr=False)
@@ -110,7 +111,7 @@ class _Img:
         self.entry = 16 if self.ext_l2 else 8
         self.l2 = []  # (l1 index, l2 offset) of allocated L2 tables
         for i in range(self.l1_size):
-            e = struct.unpack_from(">Q", data, self.l1_off + 8 * i)[0] & L1E_OFFSET_MASK
+            e = entries.l1_l2_offset(struct.unpack_from(">Q", data, self.l1_off + 8 * i)[0])
             if e:
                 self.l2.append((i, e))
 
@@ -122,7 +123,7 @@ class _Img:
             for j in range(per_l2):
                 pos = l2 + j * self.entry
                 e = struct.unpack_from(">Q", self.data, pos)[0]
-                if e & L1E_OFFSET_MASK and not e & (1 << 62):
+                if entries.l2_type(e) in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                     out.append(((i * per_l2 + j) * self.cs, pos, e))
         return out
 
@@ -232,7 +233,7 @@ def _l2_entry_unaligned(m, c):
     if not ents:
         return None
     g, pos, e = ents[c % len(ents)]
-    return (f"L2 entry for guest {g:#x}: data offset {(e & L1E_OFFSET_MASK) + 512:#x} not "
+    return (f"L2 entry for guest {g:#x}: data offset {entries.l2_host_offset(e) + 512:#x} not "
             "cluster aligned", [(pos, _q(e + 512))], None, (g, min(m.cs, m.size - g)))
 
 
@@ -253,7 +254,7 @@ def _l2_past_eof(m, c):
     g, pos, e = ents[c % len(ents)]
     far = (len(m.data) + (16 << 20)) & ~(m.cs - 1)
     return (f"L2 entry for guest {g:#x} points past the end of the file ({far:#x})",
-            [(pos, _q((e & ~L1E_OFFSET_MASK) | far))], None, (g, min(m.cs, m.size - g)))
+            [(pos, _q(entries.l2_with_host_offset(e, far)))], None, (g, min(m.cs, m.size - g)))
 
 
 def _l2_into_header(m, c):
@@ -262,7 +263,7 @@ def _l2_into_header(m, c):
         return None
     g, pos, e = ents[c % len(ents)]
     return (f"L2 entry for guest {g:#x} points at the L1 table (data overlaps metadata)",
-            [(pos, _q((e & ~L1E_OFFSET_MASK) | (m.l1_off & ~(m.cs - 1))))], None, None)
+            [(pos, _q(entries.l2_with_host_offset(e, m.l1_off & ~(m.cs - 1))))], None, None)
 
 
 def _l1_overlaps_rt(m, c):

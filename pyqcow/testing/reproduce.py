@@ -15,6 +15,7 @@ import os
 import shlex
 
 from ._patch import add_unknown_extension, set_incompatible_bits
+from .guestops import _qemu_io_groups
 
 _HEAD = """#!/bin/sh
 # Rebuilds a pyqcow.testing example with qemu-img/qemu-io (run it in an empty directory).
@@ -28,8 +29,6 @@ def _data_cmd(op, name: str) -> str:
 
 
 def _ops_lines(target: str, fmt: str, ops, tag: str) -> list[str]:
-    from .strategies import _qemu_io_groups
-
     lines = []
     for g, group in enumerate(_qemu_io_groups(ops)):
         cmds = []

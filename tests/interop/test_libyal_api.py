@@ -367,6 +367,6 @@ def test_file_object_errors_are_oserrors_naming_the_object(images):
 
 def test_the_libyal_fast_path_knows_the_engines_unallocated_marker():
     import pyqcow.image
-    import pyqcow.libyal
+    import pyqcow.libyal_methods
 
-    assert pyqcow.libyal._UNALLOCATED == pyqcow.image._UNALLOCATED
+    assert pyqcow.libyal_methods._UNALLOCATED == pyqcow.image._UNALLOCATED

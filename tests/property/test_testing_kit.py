@@ -151,13 +151,13 @@ def _l2_entry(path: str, guest: int) -> int:
 
 @needs_qemu
 def test_writers_pyqcow_writes_compressed_clusters_itself(monkeypatch, tmp_path):
-    from pyqcow.testing import _qemuio, strategies
+    from pyqcow.testing import _qemuio, guestops
 
     def no_qemu_io(*a, **kw):
         raise AssertionError("qemu-io used although writers=('pyqcow',)")
 
     monkeypatch.setattr(_qemuio, "run", no_qemu_io)
-    monkeypatch.setattr(strategies, "_apply_qemu_io", no_qemu_io)
+    monkeypatch.setattr(guestops, "_apply_qemu_io", no_qemu_io)
     seen = []
 
     @settings(max_examples=15, deadline=None, database=None, phases=[Phase.generate],
@@ -535,7 +535,7 @@ def test_import_fails_clearly_when_pyqcow_is_another_module(tmp_path):
 def test_qemu_create_cache_writes_what_qemu_img_writes(opts, tmp_path):
     """The speed trick for qemu-img-made images: a cached file with the size field
     patched is byte for byte what qemu-img create writes."""
-    from pyqcow.testing.strategies import ImageParams, _create
+    from pyqcow.testing.imagegen import ImageParams, _create
 
     kw = dict(x.split("=") for x in opts.split(","))
     p = ImageParams(virtual_size=0, cluster_size=int(kw["cluster_size"]), compat=kw["compat"],
