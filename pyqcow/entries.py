@@ -193,3 +193,18 @@ _NONZERO_PER_BYTE = {
 
 def refcount_max(order: int) -> int:
     return (1 << (1 << order)) - 1
+
+
+# --- added by h-snap
+def l2_offset(entry: int) -> int:
+    """Host offset of a standard L2 entry (0: none); not for compressed entries."""
+    return entry & spec.L2E_OFFSET_MASK
+
+
+def is_compressed(entry: int) -> bool:
+    return bool(entry & spec.QCOW_OFLAG_COMPRESSED)
+
+
+def with_copied(entry: int, copied: bool) -> int:
+    """An L1 or L2 entry with its COPIED flag set (``copied``) or cleared."""
+    return entry | spec.QCOW_OFLAG_COPIED if copied else entry & ~spec.QCOW_OFLAG_COPIED

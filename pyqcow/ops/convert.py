@@ -284,7 +284,7 @@ def snapshot_source(img, param: str):
     *current* virtual size: past the snapshot's own L1 table it reads what an
     unallocated cluster reads (the backing file, or zeros).
     """
-    from ..snapshot import SnapshotNotFoundError, read_snapshot_table
+    from ..snapshot_table import SnapshotNotFoundError, read_snapshot_table
     from ..snapshot_view import SnapshotView, open_snapshot
 
     if getattr(img, "format", None) != "qcow2" or not hasattr(img, "snapshot"):

@@ -253,7 +253,7 @@ def test_create_over_empty_overlay_allowed(chain, capsys):
 def test_create_over_image_with_internal_snapshot_refused(tmp_path):
     p = tmp_path / "s.qcow2"
     create(p, 1 * MiB)
-    from pyqcow.snapshot import create_snapshot
+    from pyqcow.ops.snapshot import create_snapshot
 
     with pyqcow.open(p, "r+") as img:
         create_snapshot(img, "s1")
@@ -428,7 +428,7 @@ def test_convert_missing_snapshot_is_clear_error(chain, tmp_path, capsys):
 
 
 def test_convert_snapshot_pyqcow_made(tmp_path, capsys):
-    from pyqcow.snapshot import create_snapshot
+    from pyqcow.ops.snapshot import create_snapshot
 
     p = tmp_path / "s.qcow2"
     create(p, 1 * MiB)
