@@ -68,7 +68,7 @@ def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(c
         mods = modules_after(chain, *argv)
         assert loaded(mods, HEAVY + ("pyqcow.check", "pyqcow.snapshot", "pyqcow.snapshot_table",
                                      "pyqcow.bitmaps",
-                                     "pyqcow.create", "pyqcow.ops")) == []
+                                     "pyqcow.newimage", "pyqcow.ops")) == []
         assert "pyqcow.cli.info" in mods  # (the probe did run the command)
 
 

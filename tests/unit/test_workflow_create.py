@@ -18,13 +18,13 @@ import pytest
 
 import pyqcow
 from pyqcow.cli.main import main
-from pyqcow.create import create
 from pyqcow.errors import (
     CorruptImageError,
     ImageLockedError,
     OperationError,
     QcowError,
 )
+from pyqcow.newimage import create
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -338,7 +338,7 @@ def test_convert_option_garbage(chain, tmp_path, capsys, key, value):
 
 @pytest.mark.parametrize("key, value", GARBAGE)
 def test_api_option_garbage(tmp_path, key, value):
-    from pyqcow.create import parse_options
+    from pyqcow.newimage import parse_options
 
     p = tmp_path / "g.qcow2"
     with pytest.raises(OperationError, match=key):
