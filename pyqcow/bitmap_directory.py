@@ -139,6 +139,10 @@ BME_MAX_TABLE_SIZE = 0x8000000  # entries (QEMU's limit)
 BME_MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap data (QEMU's limit)
 
 
+def table_entry(entry: int) -> tuple[int, bool, bool]:
+    """(data cluster offset, "all ones" flag, reserved bits set) of a bitmap table entry."""
+    return entry & BT_OFFSET_MASK, bool(entry & BT_ALL_ONES), bool(entry & BT_RESERVED_MASK)
+
 def bitmap_bits(virtual_size: int, granularity_bits: int) -> int:
     """Number of bits a bitmap of this granularity has for a disk of ``virtual_size``."""
     return (virtual_size + (1 << granularity_bits) - 1) >> granularity_bits

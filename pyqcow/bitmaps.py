@@ -23,8 +23,6 @@ from .bitmap_directory import (
     BME_MAX_PHYS_SIZE,
     BME_MAX_TABLE_SIZE,
     BT_ALL_ONES,
-    BT_OFFSET_MASK,
-    BT_RESERVED_MASK,
     MAX_BITMAPS,
     BitmapInfo,
     _Flags,
@@ -32,6 +30,7 @@ from .bitmap_directory import (
     bitmap_table_size,
     directory_bytes,
     read_bitmap_directory,
+    table_entry,
 )
 from .errors import FormatError
 from .header import build_cluster0, with_extension
@@ -159,8 +158,8 @@ def _load_bits(img, info: BitmapInfo, virtual_size: int) -> tuple[bytearray, tup
     bits = bytearray(want * cs)
     clusters = []
     for i, e in enumerate(table):
-        off = e & BT_OFFSET_MASK
-        if e & BT_RESERVED_MASK or (off and (e & BT_ALL_ONES or off % cs)):
+        off, all_ones, reserved = table_entry(e)
+        if reserved or (off and (all_ones or off % cs)):
             raise FormatError(path, f"bitmap {info.name!r}: bad table entry {e:#x}")
         if off:
             if off + cs > img.file_size:
@@ -169,7 +168,7 @@ def _load_bits(img, info: BitmapInfo, virtual_size: int) -> tuple[bytearray, tup
                 )
             bits[i * cs : (i + 1) * cs] = img.hf.pread(cs, off)
             clusters.append(off)
-        elif e & BT_ALL_ONES:
+        elif all_ones:
             bits[i * cs : (i + 1) * cs] = b"\xff" * cs
     del bits[nbytes:]
     if nbits & 7:  # unused tail bits must be zero: make sure
