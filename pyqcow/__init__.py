@@ -28,9 +28,9 @@ from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal
 
 __version__ = "0.1.0"
 
-# pyqcow.check(path, repair=None) -> CheckResult and pyqcow.create(path, size, **options)
-# are modules that are also callable (pyqcow/_callmod.py); imported on first use.
-_LAZY_MODULES = ("check", "create")
+# pyqcow.check(path, repair=None) -> CheckResult is a module that is also callable
+# (pyqcow/_callmod.py); imported on first use.
+_LAZY_MODULES = ("check",)
 
 
 def __getattr__(name: str):
@@ -62,6 +62,14 @@ def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None,
     return open_image(
         path, mode, force_share=force_share, backing_root=backing_root, format=format
     )
+
+
+def create(path, size=None, **options):
+    """Create a qcow2 image (``qemu-img create``); see :func:`pyqcow.newimage.create`.
+    Returns the probed backing format if it had to probe."""
+    from .newimage import create as _create
+
+    return _create(path, size, **options)
 
 
 def commit(top, base=None, *, drop: bool = False, progress=None):

@@ -1,4 +1,6 @@
-"""Persistent dirty bitmaps (qcow2.rst "Bitmaps"): directory, tables, data.
+"""Persistent dirty bitmaps in memory (qcow2.rst "Bitmaps"): loading, storing, merging.
+
+The directory and table formats are pyqcow/bitmap_directory.py.
 
 A writable image loads its bitmaps on the first change (writer._begin_write),
 marks them in use on disk before any data changes, sets the bits of every
@@ -12,11 +14,26 @@ inconsistent and left exactly as they are.  Bit k of the bitmap data is bit
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
 
 from . import entries, layout, spec
+from .bitmap_directory import (
+    BME_FLAG_AUTO,
+    BME_FLAG_EXTRA_DATA_COMPATIBLE,
+    BME_FLAG_IN_USE,
+    BME_MAX_PHYS_SIZE,
+    BME_MAX_TABLE_SIZE,
+    BT_ALL_ONES,
+    MAX_BITMAPS,
+    BitmapInfo,
+    _Flags,
+    bitmap_bits,
+    bitmap_table_size,
+    directory_bytes,
+    read_bitmap_directory,
+    table_entry,
+)
 from .errors import FormatError
-from .header import with_extension
+from .header import build_cluster0, with_extension
 
 __all__ = [
     "Bitmap",
@@ -29,146 +46,6 @@ __all__ = [
     "read_bitmap_directory",
     "write_problems",
 ]
-
-BME_FLAG_IN_USE = 1 << 0
-BME_FLAG_AUTO = 1 << 1
-BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
-BT_DIRTY_TRACKING_BITMAP = 1
-BME_MIN_GRANULARITY_BITS = 9
-BME_MAX_GRANULARITY_BITS = 31
-BME_MAX_NAME_SIZE = 1023
-MAX_BITMAPS = 65535
-MAX_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
-
-
-class _Flags:
-    """What a bitmap's granularity bits and flags say (shared by directory entry and bitmap)."""
-
-    granularity_bits: int
-    flags: int
-
-    @property
-    def granularity(self) -> int:
-        return 1 << self.granularity_bits
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self.flags & BME_FLAG_IN_USE)
-
-
-@dataclass(frozen=True)
-class BitmapInfo(_Flags):
-    name: str
-    granularity_bits: int
-    flags: int
-    type: int
-    bitmap_table_offset: int
-    bitmap_table_size: int
-    extra_data: bytes = b""
-
-    @property
-    def auto(self) -> bool:
-        return bool(self.flags & BME_FLAG_AUTO)
-
-    def as_qemu_json(self) -> dict:
-        """Qcow2BitmapInfo as qemu-img info prints it (QAPI field order)."""
-        flags = []
-        if self.in_use:
-            flags.append("in-use")
-        if self.auto:
-            flags.append("auto")
-        return {"name": self.name, "granularity": self.granularity, "flags": flags}
-
-
-def read_bitmap_directory(img) -> list[BitmapInfo] | None:
-    """Bitmaps of ``img`` (a QcowImage); None when it has no (consistent) bitmaps.
-
-    As in QEMU, a bitmaps extension without the autoclear "bitmaps" bit means
-    the bitmaps were invalidated by a program that did not know them: ignored.
-    """
-    h = img.header
-    ext = h.bitmaps
-    if ext is None or not h.autoclear_features & spec.Autoclear.BITMAPS:
-        return None
-    path = img.path
-    size, offset, count = ext.bitmap_directory_size, ext.bitmap_directory_offset, ext.nb_bitmaps
-    if not 1 <= count <= MAX_BITMAPS:
-        raise FormatError(path, f"bad number of bitmaps {count}")
-    if size > MAX_DIRECTORY_SIZE:
-        raise FormatError(path, f"bitmap directory too large ({size} bytes)")
-    if offset % img.cluster_size:
-        raise FormatError(path, f"bitmap directory offset {offset:#x} is not cluster-aligned")
-    if offset + size > img.file_size:
-        raise FormatError(
-            path, f"bitmap directory at {offset:#x} (+{size} bytes) lies beyond the end of the file"
-        )
-    data = img.hf.pread(size, offset)
-    out: list[BitmapInfo] = []
-    pos = 0
-    while pos < size:
-        if pos + layout.BITMAP_DIR_FIXED_SIZE > size:
-            raise FormatError(path, "bitmap directory is truncated")
-        fixed = layout.parse(
-            layout.BitmapDirectoryEntryFixed, data[pos : pos + layout.BITMAP_DIR_FIXED_SIZE]
-        )
-        name_size, extra_size = fixed["name_size"], fixed["extra_data_size"]
-        entry_size = layout.BITMAP_DIR_FIXED_SIZE + extra_size + name_size
-        entry_size += -entry_size % 8
-        if pos + entry_size > size:
-            raise FormatError(path, "bitmap directory entry extends past the directory")
-        if len(out) >= count:
-            raise FormatError(path, "more bitmaps in the directory than the header extension says")
-        if name_size > BME_MAX_NAME_SIZE:
-            raise FormatError(path, f"bitmap name too long ({name_size} bytes)")
-        gb = fixed["granularity_bits"]
-        if not BME_MIN_GRANULARITY_BITS <= gb <= BME_MAX_GRANULARITY_BITS:
-            raise FormatError(path, f"bitmap granularity bits {gb} out of range (9..31)")
-        if fixed["type"] != BT_DIRTY_TRACKING_BITMAP:
-            raise FormatError(path, f"unknown bitmap type {fixed['type']}")
-        table_offset = fixed["bitmap_table_offset"]
-        if not table_offset or table_offset % img.cluster_size:
-            raise FormatError(path, f"bitmap table offset {table_offset:#x} is invalid")
-        start = pos + layout.BITMAP_DIR_FIXED_SIZE
-        extra = data[start : start + extra_size]
-        name = data[start + extra_size : start + extra_size + name_size]
-        out.append(
-            BitmapInfo(
-                name=name.decode("utf-8", "surrogateescape"),
-                granularity_bits=gb,
-                flags=fixed["flags"],
-                type=fixed["type"],
-                bitmap_table_offset=table_offset,
-                bitmap_table_size=fixed["bitmap_table_size"],
-                extra_data=bytes(extra),
-            )
-        )
-        pos += entry_size
-    if len(out) != count:
-        raise FormatError(path, "fewer bitmaps in the directory than the header extension says")
-    return out
-
-
-# ---------------------------------------------------------------------------------
-# bitmap data (qcow2.rst "Bitmap table", "Bitmap data")
-# ---------------------------------------------------------------------------------
-# bitmap table entry: bit 0 "all ones" (only with offset 0), bits 9-55 the offset
-BT_ALL_ONES = 1
-BT_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BT_RESERVED_MASK = 0xFF000000000001FE
-BME_MAX_TABLE_SIZE = 0x8000000  # entries (QEMU's limit)
-BME_MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap data (QEMU's limit)
-
-
-def bitmap_bits(virtual_size: int, granularity_bits: int) -> int:
-    """Number of bits a bitmap of this granularity has for a disk of ``virtual_size``."""
-    return (virtual_size + (1 << granularity_bits) - 1) >> granularity_bits
-
-
-def bitmap_table_size(virtual_size: int, granularity_bits: int, cluster_size: int) -> int:
-    """Entries of the bitmap table: one per cluster of bitmap data."""
-    data_bytes = (bitmap_bits(virtual_size, granularity_bits) + 7) >> 3
-    return (data_bytes + cluster_size - 1) // cluster_size
-
 
 def set_bits(buf: bytearray, first: int, last: int) -> None:
     """Set bits ``first..last`` (inclusive) of ``buf``; bit k is (byte k>>3, bit k&7)."""
@@ -281,8 +158,8 @@ def _load_bits(img, info: BitmapInfo, virtual_size: int) -> tuple[bytearray, tup
     bits = bytearray(want * cs)
     clusters = []
     for i, e in enumerate(table):
-        off = e & BT_OFFSET_MASK
-        if e & BT_RESERVED_MASK or (off and (e & BT_ALL_ONES or off % cs)):
+        off, all_ones, reserved = table_entry(e)
+        if reserved or (off and (all_ones or off % cs)):
             raise FormatError(path, f"bitmap {info.name!r}: bad table entry {e:#x}")
         if off:
             if off + cs > img.file_size:
@@ -291,7 +168,7 @@ def _load_bits(img, info: BitmapInfo, virtual_size: int) -> tuple[bytearray, tup
                 )
             bits[i * cs : (i + 1) * cs] = img.hf.pread(cs, off)
             clusters.append(off)
-        elif e & BT_ALL_ONES:
+        elif all_ones:
             bits[i * cs : (i + 1) * cs] = b"\xff" * cs
     del bits[nbytes:]
     if nbits & 7:  # unused tail bits must be zero: make sure
@@ -373,27 +250,6 @@ def _store_data(img, b: Bitmap) -> None:
     b.data_clusters = tuple(clusters)
 
 
-def _directory_bytes(bitmaps: list[Bitmap]) -> bytes:
-    out = bytearray()
-    for b in bitmaps:
-        name = b.name.encode("utf-8", "surrogateescape")
-        out += layout.build(
-            layout.BitmapDirectoryEntryFixed,
-            {
-                "bitmap_table_offset": b.table_offset,
-                "bitmap_table_size": b.table_size,
-                "flags": b.flags,
-                "type": b.type,
-                "granularity_bits": b.granularity_bits,
-                "name_size": len(name),
-                "extra_data_size": len(b.extra_data),
-            },
-        )
-        out += b.extra_data + name
-        out += bytes(-len(out) % 8)
-    return bytes(out)
-
-
 def store_bitmaps(img, bitmaps: list[Bitmap]) -> None:
     """Write ``bitmaps`` as the image's bitmaps, crash-safe (copy-then-switch).
 
@@ -420,7 +276,7 @@ def store_bitmaps(img, bitmaps: list[Bitmap]) -> None:
             _store_data(img, b)
             b.changed = False
         b.flags &= ~BME_FLAG_IN_USE
-    directory = _directory_bytes(bitmaps)
+    directory = directory_bytes(bitmaps)
     dir_off = _write_new(img, directory)
     img.flush()
     ext = layout.build(
@@ -433,9 +289,7 @@ def store_bitmaps(img, bitmaps: list[Bitmap]) -> None:
         },
     )
     h = with_extension(img.header, spec.ExtType.BITMAPS, ext)
-    img.header = h.replace(autoclear_features=h.autoclear_features | spec.Autoclear.BITMAPS)
-    img._write_header()
-    img.hf.fsync()
+    img.switch_header(h, autoclear_features=h.autoclear_features | spec.Autoclear.BITMAPS)
     if old_ext is not None:
         to_free.append((old_ext.bitmap_directory_offset, _clusters(old_ext.bitmap_directory_size, cs)))
     for off, n in to_free:
@@ -515,9 +369,7 @@ def merge_problems(dest, src) -> list[str]:
     all_names = {b.name for b in dest_bms} | {b.name for b in src_bms}
     if len(all_names) > MAX_BITMAPS:
         out.append(f"{dest.path}: more than {MAX_BITMAPS} bitmaps in all")
-    if dh.bitmaps is None:
-        from .header import build_cluster0
-
+    if dh.bitmaps is None:  # would the header still fit in cluster 0 with one?
         try:
             build_cluster0(with_extension(dh, spec.ExtType.BITMAPS, bytes(24)))
         except FormatError:

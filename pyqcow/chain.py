@@ -274,3 +274,39 @@ def _open_one(path: str, fmt: str, mode: str, force_share: bool, root: str | Non
 def chain_description(img) -> list[tuple[str, str]]:
     """[(absolute path, format), ...] from top to bottom."""
     return [(host_path(i.path), i.format) for i in img.chain]
+
+
+# --- added by h-snap: moved from ops/common.py (pyqcow.newimage.create needs them
+# and sits below ops)
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def dependents(path: str, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """qcow2 images in ``path``'s directory whose backing file is ``path``."""
+    from .header import parse_header
+
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    out = []
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return out
+    for name in sorted(names):
+        p = os.path.join(d, name)
+        if same_file(p, path) or any(same_file(p, e) for e in exclude) or not os.path.isfile(p):
+            continue
+        try:
+            with open(p, "rb") as f:
+                head = f.read(65536)
+            if head[:4] != b"QFI\xfb":
+                continue
+            h = parse_header(p, head, os.path.getsize(p))
+        except (OSError, QcowError):
+            continue
+        if h.backing_file and same_file(resolve_backing(p, h.backing_file), path):
+            out.append(p)
+    return out

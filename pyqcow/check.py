@@ -882,7 +882,7 @@ class _Checker:
 def _read_snapshots(img) -> list:
     if not img.header.nb_snapshots:
         return []
-    from .snapshot import read_snapshot_table
+    from .snapshot_table import read_snapshot_table
 
     return read_snapshot_table(img)
 

@@ -204,3 +204,13 @@ def l2_host_offset(entry: int) -> int:
 def l2_with_host_offset(entry: int, host_offset: int) -> int:
     """``entry`` with its host offset field replaced by ``host_offset`` (flags kept)."""
     return (entry & ~spec.L2E_OFFSET_MASK) | host_offset
+
+
+# --- added by h-snap
+def is_compressed(entry: int) -> bool:
+    return bool(entry & spec.QCOW_OFLAG_COMPRESSED)
+
+
+def with_copied(entry: int, copied: bool) -> int:
+    """An L1 or L2 entry with its COPIED flag set (``copied``) or cleared."""
+    return entry | spec.QCOW_OFLAG_COPIED if copied else entry & ~spec.QCOW_OFLAG_COPIED

@@ -131,7 +131,7 @@ def walk_references(img) -> ReferenceWalk:
 
     # snapshots
     if h.nb_snapshots:
-        from .snapshot import read_snapshot_table
+        from .snapshot_table import read_snapshot_table
 
         try:
             w.snapshots = read_snapshot_table(img)

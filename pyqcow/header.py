@@ -188,22 +188,7 @@ def parse_header(path: str, cluster0: bytes, file_size: int) -> Header:
     fields = dict(h)
     del fields["magic"]
     if version == 3:
-        if len(cluster0) < spec.V3_MIN_HEADER_LENGTH:
-            raise FormatError(path, "file too short for a qcow2 v3 header (truncated?)")
-        tail = layout.parse(
-            layout.HeaderV3Tail, cluster0[layout.HEADER_V2_SIZE : spec.V3_MIN_HEADER_LENGTH]
-        )
-        fields.update(tail)
-        hl = tail["header_length"]
-        if hl < spec.V3_MIN_HEADER_LENGTH:
-            raise FormatError(path, f"header_length {hl} too small (v3 needs at least 104)")
-        if hl > cluster_size:
-            raise FormatError(path, f"header_length {hl} larger than the cluster size")
-        if len(cluster0) < hl:
-            raise FormatError(path, "file too short for its header_length (truncated?)")
-        extra = bytes(cluster0[spec.V3_MIN_HEADER_LENGTH : hl])
-        fields["extra_fields"] = extra
-        fields["compression_type"] = extra[0] if extra else 0
+        fields.update(_v3_fields(path, cluster0, cluster_size))
     else:
         fields["header_length"] = spec.V2_HEADER_LENGTH
         fields["refcount_order"] = 4
@@ -216,7 +201,6 @@ def parse_header(path: str, cluster0: bytes, file_size: int) -> Header:
         raise UnsupportedFeatureError(path, f"encrypted images ({kind}) are not supported")
 
     # Header extensions (v3 and v2 alike)
-    exts: list[Extension] = []
     bfo, bfs = h["backing_file_offset"], h["backing_file_size"]
     if bfo > cluster_size:
         raise FormatError(path, f"backing file name offset {bfo} lies outside the first cluster")
@@ -227,7 +211,37 @@ def parse_header(path: str, cluster0: bytes, file_size: int) -> Header:
             raise FormatError(path, "backing file name extends beyond the first cluster")
     ext_end = bfo if bfo else cluster_size
     ext_end = min(ext_end, len(cluster0))
-    pos = fields["header_length"]
+    fields["extensions"] = _parse_extensions(path, cluster0, fields["header_length"], ext_end)
+    fields["backing_file"] = _backing_name(path, cluster0, bfo, bfs) if bfo else None
+
+    hdr = Header(**fields)
+    validate_header(path, hdr, file_size)
+    return hdr
+
+
+def _v3_fields(path: str, cluster0: bytes, cluster_size: int) -> dict:
+    """The v3 header fields after the v2 ones (header_length checked)."""
+    if len(cluster0) < spec.V3_MIN_HEADER_LENGTH:
+        raise FormatError(path, "file too short for a qcow2 v3 header (truncated?)")
+    fields = dict(layout.parse(
+        layout.HeaderV3Tail, cluster0[layout.HEADER_V2_SIZE : spec.V3_MIN_HEADER_LENGTH]
+    ))
+    hl = fields["header_length"]
+    if hl < spec.V3_MIN_HEADER_LENGTH:
+        raise FormatError(path, f"header_length {hl} too small (v3 needs at least 104)")
+    if hl > cluster_size:
+        raise FormatError(path, f"header_length {hl} larger than the cluster size")
+    if len(cluster0) < hl:
+        raise FormatError(path, "file too short for its header_length (truncated?)")
+    extra = bytes(cluster0[spec.V3_MIN_HEADER_LENGTH : hl])
+    fields["extra_fields"] = extra
+    fields["compression_type"] = extra[0] if extra else 0
+    return fields
+
+
+def _parse_extensions(path: str, cluster0: bytes, pos: int, ext_end: int) -> tuple:
+    """The header extensions stored in cluster0[pos:ext_end] (up to the end marker)."""
+    exts: list[Extension] = []
     seen: set[int] = set()
     while pos + 8 <= ext_end:
         e = layout.parse(layout.ExtensionHeader, cluster0[pos : pos + 8])
@@ -242,27 +256,23 @@ def parse_header(path: str, cluster0: bytes, file_size: int) -> Header:
         seen.add(e["type"])
         exts.append(Extension(e["type"], data))
         pos += (e["length"] + 7) & ~7
-    fields["extensions"] = tuple(exts)
+    return tuple(exts)
 
-    backing = None
-    if bfo:
-        if bfs == 0:
-            backing = None
-        else:
-            raw = bytes(cluster0[bfo : bfo + bfs])
-            if len(raw) < bfs:
-                raise FormatError(path, "backing file name lies beyond the end of the file")
-            try:
-                backing = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise FormatError(path, "backing file name is not valid UTF-8") from None
-            if "\x00" in backing:
-                raise FormatError(path, "backing file name contains a NUL byte")
-    fields["backing_file"] = backing
 
-    hdr = Header(**fields)
-    validate_header(path, hdr, file_size)
-    return hdr
+def _backing_name(path: str, cluster0: bytes, bfo: int, bfs: int) -> str | None:
+    """The backing file name stored at ``bfo`` (``bfs`` bytes; None when empty)."""
+    if bfs == 0:
+        return None
+    raw = bytes(cluster0[bfo : bfo + bfs])
+    if len(raw) < bfs:
+        raise FormatError(path, "backing file name lies beyond the end of the file")
+    try:
+        backing = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(path, "backing file name is not valid UTF-8") from None
+    if "\x00" in backing:
+        raise FormatError(path, "backing file name contains a NUL byte")
+    return backing
 
 
 def validate_header(path: str, hdr: Header, file_size: int) -> None:

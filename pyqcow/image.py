@@ -590,7 +590,7 @@ class QcowImage(WriterMixin, LibyalMethods):
     @property
     def snapshots(self) -> list:
         """The internal snapshot table (list of SnapshotInfo)."""
-        from .snapshot import read_snapshot_table
+        from .snapshot_table import read_snapshot_table
 
         return read_snapshot_table(self)
 

@@ -61,7 +61,7 @@ def image_info(img, filename: str | None = None) -> dict:
             d["backing-filename-format"] = h.backing_format
     snapshots = []
     if h.nb_snapshots:  # the snapshot code loads only for an image that has some
-        from .snapshot import read_snapshot_table
+        from .snapshot_table import read_snapshot_table
 
         snapshots = read_snapshot_table(img)
     if snapshots:

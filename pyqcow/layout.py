@@ -27,6 +27,21 @@ import zlib as _zlib
 # >>> declarations: everything between these markers is the CRC'd block
 def _declare(cs) -> dict:
     """Build every declaration with the construct module ``cs``."""
+    return {
+        **_declare_header(cs),
+        **_declare_snapshots(cs),
+        **_declare_bitmaps(cs),
+        **_declare_entries(cs),
+    }
+
+
+def _public(names: dict) -> dict:
+    """The declarations among a builder's locals (not ``cs``, not the SIZE constants)."""
+    return {k: v for k, v in names.items() if k != "cs" and not k.isupper()}
+
+
+def _declare_header(cs) -> dict:
+    """The header and its extensions."""
     # ---------------------------------------------------------------------------
     # qcow2.rst "Header": fields common to version 2 and 3 (bytes 0..71)
     # ---------------------------------------------------------------------------
@@ -92,6 +107,11 @@ def _declare(cs) -> dict:
         "length" / cs.Int64ub,
     )
 
+    return _public(locals())
+
+
+def _declare_snapshots(cs) -> dict:
+    """The snapshot table entry and its extra data."""
     # ---------------------------------------------------------------------------
     # qcow2.rst "Snapshots": one snapshot table entry (padded to 8 bytes)
     # ---------------------------------------------------------------------------
@@ -130,6 +150,11 @@ def _declare(cs) -> dict:
     SnapshotExtraDiskSize = cs.Struct("disk_size" / cs.Int64ub)
     SnapshotExtraIcount = cs.Struct("icount" / cs.Int64sb)
 
+    return _public(locals())
+
+
+def _declare_bitmaps(cs) -> dict:
+    """The bitmap directory entry."""
     # ---------------------------------------------------------------------------
     # qcow2.rst "Bitmaps": bitmap directory entry (padded to 8 bytes)
     # ---------------------------------------------------------------------------
@@ -154,13 +179,18 @@ def _declare(cs) -> dict:
         ),
     )
 
+    return _public(locals())
+
+
+def _declare_entries(cs) -> dict:
+    """Single L1/L2 entries."""
     # ---------------------------------------------------------------------------
     # qcow2.rst "Cluster mapping": single-entry declarations (reference for entries.py)
     # ---------------------------------------------------------------------------
     L1Entry = cs.Int64ub
     L2Entry = cs.Int64ub
     ExtendedL2Entry = cs.Struct("entry" / cs.Int64ub, "bitmap" / cs.Int64ub)
-    return {k: v for k, v in locals().items() if k != "cs" and not k.isupper()}
+    return _public(locals())
 # <<< declarations
 
 

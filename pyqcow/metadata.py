@@ -4,7 +4,7 @@ L1 table or a refcount table.
 Today the door's methods live on the image (``QcowImage.switch_header``,
 ``write_new_clusters``, ``replace_active_l1``, ``write_l1_entry``,
 ``write_refcount_table``, ``reload`` and the flush path); ``write_new_image``
-below lays down the first metadata of a new file (pyqcow.create).
+below lays down the first metadata of a new file (pyqcow.newimage.create).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 from . import entries, spec
 from .errors import FormatError
 from .hostfile import check_range
+from .snapshot_table import SnapshotNotFoundError, find_snapshot, read_snapshot_table
 
 __all__ = ["SnapshotView", "open_snapshot"]
 
@@ -110,8 +111,6 @@ class SnapshotView:
 
 def open_snapshot(image, name_or_id: str) -> SnapshotView:
     """The view of snapshot ``name_or_id`` of ``image`` (an exact ID first, then a name)."""
-    from .snapshot import SnapshotNotFoundError, find_snapshot, read_snapshot_table
-
     snapshots = read_snapshot_table(image)
     info = find_snapshot(snapshots, str(name_or_id))
     if info is None:

@@ -211,6 +211,14 @@ class WriterMixin:
         if l1_index < len(self.l1):
             self.l1[l1_index] = value
 
+    def update_l1_entries(self, changes) -> None:
+        """Active L1 entries changed in place, e.g. their COPIED flags: ``changes`` is
+        (index, value) pairs; written by the next flush at its L1 step, after the
+        L2 tables (added by h-snap for pyqcow/snapshot.py)."""
+        for l1_index, value in changes:
+            self.l1[l1_index] = value
+            self.l1_dirty = True
+
     def write_refcount_table(self, table_offset: int, data) -> None:
         """Repair/rebuild: a refcount table written at ``table_offset`` (clusters the
         caller allocated), durable on return; ``switch_header`` then points at it."""

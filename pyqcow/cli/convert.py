@@ -29,7 +29,7 @@ def _write_raw(args: argparse.Namespace, src, progress: Progress) -> None:
 
 
 def _write_qcow2(args: argparse.Namespace, src, progress: Progress) -> None:
-    from ..create import parse_options
+    from ..newimage import parse_options
     from ..ops.convert import convert_to_qcow2
 
     options = parse_options(args.dst, getattr(args, "options", None) or "")

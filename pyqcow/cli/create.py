@@ -21,8 +21,8 @@ import sys
 import time
 
 from ..chain import host_path, probe_format, resolve_backing
-from ..create import create, parse_options
 from ..errors import OperationError
+from ..newimage import create, parse_options, refuse_backing_loop, round_size
 from ..units import format_size, parse_size
 from .progress import notice
 from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
@@ -70,10 +70,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def _create_kwargs(args: argparse.Namespace) -> tuple[dict, int | None]:
+    """(keyword arguments of create, size) from the command line."""
     image = args.image
-    if args.freeze_to is not None:
-        return _freeze(args)
     kwargs: dict = {}
     for opts in args.options:
         kwargs.update(parse_options(image, opts))
@@ -81,14 +80,17 @@ def run(args: argparse.Namespace) -> int:
         kwargs["backing"] = args.backing
     if args.backing_format is not None:
         kwargs["backing_format"] = args.backing_format
-    backing = kwargs.get("backing") or None
-    backing_format = kwargs.get("backing_format")
     size = None
     if args.size is not None:
         try:
             size = parse_size(args.size)
         except ValueError as e:
             raise OperationError(image, str(e)) from None
+    return kwargs, size
+
+
+def _check_xml_args(args: argparse.Namespace, backing: str | None) -> None:
+    image = args.image
     if (args.domain_xml or args.snapshot_xml) and backing is None:
         raise OperationError(image, "--domain-xml and --snapshot-xml need -b BACKING "
                                     "(they describe an external snapshot)")
@@ -97,13 +99,11 @@ def run(args: argparse.Namespace) -> int:
     if args.snapshot_name is not None and not args.snapshot_xml:
         raise OperationError(image, "--snapshot-name needs --snapshot-xml FILE")
 
-    if backing is not None:
-        from .xml import same_path
 
-        if os.path.exists(image) and same_path(resolve_backing(image, backing), image):
-            raise OperationError(image, "an image cannot be its own backing file")
-
-    # 1. plan the XML documents before the image exists
+def _plan_xml(args: argparse.Namespace, backing: str | None, backing_format: str | None):
+    """(DomainXmlUpdate or None, <domainsnapshot> document or None), planned before
+    IMAGE exists."""
+    image = args.image
     update = DomainXmlUpdate.prepare(args)
     snapshot_doc = None
     new_chain: list[ChainElement] | None = None
@@ -128,26 +128,45 @@ def run(args: argparse.Namespace) -> int:
                 name, {args.disk: new_chain[0]},
                 domain_xml=update.old if update is not None else None,
             )
+    return update, snapshot_doc
 
+
+def _dry_run(args, size, kwargs, update, snapshot_doc) -> int:
+    image = args.image
+    backing = kwargs.get("backing") or None
+    backing_format = kwargs.get("backing_format")
+    # every check the real run makes (the lock on an existing IMAGE included)
+    create(image, size, unsafe=args.unsafe, force=args.force, dry_run=True, **kwargs)
+    desc = f"would create {image} (qcow2"
+    if size is not None:
+        desc += f", {format_size(round_size(size))}"
+    if backing is not None:
+        desc += f", backing {backing}"
+        if backing_format:
+            desc += f" ({backing_format})"
+    sys.stdout.write(desc + ")\n")
+    if update is not None:
+        update.print_diff()
+    if snapshot_doc is not None:
+        sys.stdout.write(f"would write {args.snapshot_xml}:\n")
+        sys.stdout.write(snapshot_doc.decode("utf-8"))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    image = args.image
+    if args.freeze_to is not None:
+        return _freeze(args)
+    kwargs, size = _create_kwargs(args)
+    backing = kwargs.get("backing") or None
+    _check_xml_args(args, backing)
+    if backing is not None and os.path.exists(image):
+        refuse_backing_loop(image, backing)  # before the XML is planned
+
+    # 1. plan the XML documents before the image exists
+    update, snapshot_doc = _plan_xml(args, backing, kwargs.get("backing_format"))
     if args.dry_run:
-        # every check the real run makes (the lock on an existing IMAGE included)
-        create(image, size, unsafe=args.unsafe, force=args.force, dry_run=True, **kwargs)
-        if size is not None:
-            size = -(-size // 512) * 512
-        desc = f"would create {image} (qcow2"
-        if size is not None:
-            desc += f", {format_size(size)}"
-        if backing is not None:
-            desc += f", backing {backing}"
-            if backing_format:
-                desc += f" ({backing_format})"
-        sys.stdout.write(desc + ")\n")
-        if update is not None:
-            update.print_diff()
-        if snapshot_doc is not None:
-            sys.stdout.write(f"would write {args.snapshot_xml}:\n")
-            sys.stdout.write(snapshot_doc.decode("utf-8"))
-        return 0
+        return _dry_run(args, size, kwargs, update, snapshot_doc)
 
     # 2. the image
     if update is not None:

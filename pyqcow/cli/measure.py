@@ -46,7 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..create import parse_options
+    from ..newimage import parse_options
 
     where = args.image or "measure"
     if args.size is not None and args.image is not None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..image import QcowImage
-from ..snapshot import apply_snapshot, create_snapshot, delete_snapshot, read_snapshot_table
+from ..ops.snapshot import apply_snapshot, create_snapshot, delete_snapshot, list_snapshots
 from .cache import add_cache_options
 from .output import qemu_json, snapshot_row
 
@@ -57,8 +56,7 @@ def format_snapshot_list(snapshots) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        with QcowImage(args.image, "r", force_share=args.force_share) as img:
-            snapshots = read_snapshot_table(img)
+        snapshots = list_snapshots(args.image, force_share=args.force_share)
         if args.output == "json":
             sys.stdout.write(qemu_json([sn.as_qemu_json() for sn in snapshots]) + "\n")
         else:

@@ -114,7 +114,7 @@ def snapshot(conn_or_uri, domain_name: str, name: str | None = None, *, disks=()
                         "snapshot": name, "created": int(time.time()),
                         "disks": {d.target: [a, b] for d, a, b in pairs},
                         "keep_name": keep_name})
-    from ..create import create as create_image
+    from ..newimage import create as create_image
 
     for d, a, b in pairs:
         if keep_name:
@@ -189,7 +189,7 @@ def revert(conn_or_uri, domain_name: str, snapshot_name: str, *, dry_run: bool =
     rec = _record_path(domain, creates[0][1])
     _write_record(rec, {"version": 1, "op": "domain-revert", "domain": domain.dom.UUIDString(),
                         "snapshot": snap.name, "created": int(time.time())})
-    from ..create import create as create_image
+    from ..newimage import create as create_image
 
     for new, frozen, fmt in creates:
         create_image(new, None, backing=frozen, backing_format=fmt)

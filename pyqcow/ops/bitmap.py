@@ -40,18 +40,17 @@ def _fail(path: str, op: str, name: str, why: str) -> OperationError:
 def bitmap(path: str | os.PathLike, name: str, ops: list[BitmapOp], *,
            granularity: int | None = None, format: str | None = None) -> None:
     """Apply ``ops`` to bitmap ``name`` of the qcow2 image ``path``."""
-    from ..bitmaps import (
+    from ..bitmap_directory import (
         BME_FLAG_AUTO,
         BME_MAX_GRANULARITY_BITS,
         BME_MAX_NAME_SIZE,
         BME_MIN_GRANULARITY_BITS,
         BT_DIRTY_TRACKING_BITMAP,
         MAX_BITMAPS,
-        Bitmap,
         BitmapInfo,
         bitmap_bits,
-        load_bitmaps,
     )
+    from ..bitmaps import Bitmap, load_bitmaps
     from ..chain import open_image, probe_format
 
     path = os.fspath(path)

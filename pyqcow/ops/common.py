@@ -1,18 +1,20 @@
-"""Shared helpers of the chain operations: opening chains, finding layers."""
+"""Shared helpers of the chain operations: opening chains, finding layers.
+
+``dependents`` and ``same_file`` live in pyqcow/chain.py (create needs them too).
+"""
 
 from __future__ import annotations
 
 import os
 
-from ..chain import open_image, probe_format, resolve_backing
+from ..chain import (  # noqa: F401 (dependents: for the ops)
+    dependents,
+    open_image,
+    probe_format,
+    resolve_backing,
+    same_file,
+)
 from ..errors import BackingChainError, QcowError
-
-
-def same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def open_chain(top_path, top_mode: str = "r"):
@@ -76,29 +78,3 @@ def check_backing_target(path: str, backing: str) -> tuple[str, str]:
         raise BackingChainError(path, f"new backing file {backing!r} not found ({full})")
     return full, probe_format(full)
 
-
-def dependents(path: str, *, exclude: tuple[str, ...] = ()) -> list[str]:
-    """qcow2 images in ``path``'s directory whose backing file is ``path``."""
-    from ..header import parse_header
-
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    out = []
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return out
-    for name in sorted(names):
-        p = os.path.join(d, name)
-        if same_file(p, path) or any(same_file(p, e) for e in exclude) or not os.path.isfile(p):
-            continue
-        try:
-            with open(p, "rb") as f:
-                head = f.read(65536)
-            if head[:4] != b"QFI\xfb":
-                continue
-            h = parse_header(p, head, os.path.getsize(p))
-        except (OSError, QcowError):
-            continue
-        if h.backing_file and same_file(resolve_backing(p, h.backing_file), path):
-            out.append(p)
-    return out

@@ -122,7 +122,7 @@ def execute_raw(
     until it is complete and durable; a file this call created is removed again
     if the copy fails.
     """
-    from ..create import OutputFile
+    from ..newimage import OutputFile
 
     dst = os.fspath(dst)
     _refuse_source_as_destination(img, dst)
@@ -284,7 +284,7 @@ def snapshot_source(img, param: str):
     *current* virtual size: past the snapshot's own L1 table it reads what an
     unallocated cluster reads (the backing file, or zeros).
     """
-    from ..snapshot import SnapshotNotFoundError, read_snapshot_table
+    from ..snapshot_table import SnapshotNotFoundError, read_snapshot_table
     from ..snapshot_view import SnapshotView, open_snapshot
 
     if getattr(img, "format", None) != "qcow2" or not hasattr(img, "snapshot"):
@@ -369,7 +369,7 @@ def convert_to_qcow2(
     compression_type) unless compression does not make them smaller.
     Returns the number of guest bytes written.
     """
-    from .. import create as create_mod
+    from .. import newimage as create_mod
 
     dst = os.fspath(dst)
     _refuse_source_as_destination(src, dst)

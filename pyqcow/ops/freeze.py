@@ -22,8 +22,8 @@ def freeze(image: str, frozen: str) -> None:
     made at a temporary name, FROZEN is made a hard link of IMAGE, then the
     overlay is renamed over IMAGE.  QEMU's write lock on IMAGE is held throughout.
     """
-    from ..create import create as create_image
     from ..hostfile import fsync_dir
+    from ..newimage import create as create_image
     from .merge import _take_mode
 
     image, frozen = host_path(image), host_path(frozen)

@@ -97,7 +97,7 @@ def measure(
 
     ``image`` is an open image (QcowImage or RawImage, with its backing chain);
     or ``size`` gives a new empty disk of that many bytes.  ``options`` are
-    parsed qcow2 creation options (pyqcow.create.parse_options).
+    parsed qcow2 creation options (pyqcow.newimage.parse_options).
     """
     options = dict(options or {})
     where = image.path if image is not None else "measure"

@@ -233,7 +233,7 @@ class no_fsync:
 
         with _LOCK:
             if no_fsync._depth == 0:
-                for name in ("pyqcow.hostfile", "pyqcow.create", "pyqcow.writer",
+                for name in ("pyqcow.hostfile", "pyqcow.newimage", "pyqcow.writer",
                              "pyqcow.snapshot"):
                     mod = sys.modules.get(name)
                     if mod is not None and getattr(mod, "os", None) is os:

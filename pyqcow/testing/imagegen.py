@@ -122,7 +122,7 @@ def _create(path: str, p: ImageParams, backing: str | None = None,
                     and len(_QEMU_CREATED) < _QEMU_CACHE_ENTRIES:
                 _QEMU_CREATED[key] = made
         return
-    from ..create import create
+    from ..newimage import create
 
     create(path, p.virtual_size, backing=backing, backing_format=backing_format,
            cluster_size=p.cluster_size, compat=p.compat, lazy_refcounts=p.lazy_refcounts,

@@ -55,7 +55,7 @@ import pyqcow
 from pyqcow import spec
 from pyqcow.cli.main import main as cli_main
 from pyqcow.errors import CorruptImageError, OperationError, QcowError, UnsupportedFeatureError
-from pyqcow.snapshot import (
+from pyqcow.ops.snapshot import (
     SnapshotExistsError,
     SnapshotNotFoundError,
     apply_snapshot,

@@ -150,7 +150,7 @@ def _run(*argv: str) -> None:
 
 def build_corpus(d: str) -> list[str]:
     """Valid seed images in ``d`` (qemu-made ones when qemu-img/qemu-io exist)."""
-    from pyqcow.create import create
+    from pyqcow.newimage import create
 
     paths: list[str] = []
     r = random.Random(5)

@@ -194,7 +194,7 @@ def guest_writes(seed: int):
 
 
 def snapshot_create(ch):
-    from pyqcow import snapshot as snap
+    from pyqcow.ops import snapshot as snap
 
     top_rel = rel(ch, 0)
 
@@ -217,7 +217,7 @@ def snapshot_create(ch):
 
 def snapshot_delete(ch):
     """Delete one of two snapshots taken in the pristine copy; the other must survive."""
-    from pyqcow import snapshot as snap
+    from pyqcow.ops import snapshot as snap
 
     top_rel = rel(ch, 0)
 

@@ -26,8 +26,8 @@ import scenarios
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from pyqcow.create import create
 from pyqcow.errors import QcowError
+from pyqcow.newimage import create
 from pyqcow.testing import GeneratedChain, ImageParams, Op, apply_ops, chains, image_params
 
 pytestmark = pytest.mark.skipif(

@@ -95,8 +95,8 @@ def test_libvirt_write_atomic_leaves_no_temp_file(mode, tmp_path):
 
 
 def test_hostfile_opens_cloexec(tmp_path):
-    from pyqcow.create import create
     from pyqcow.hostfile import HostFile
+    from pyqcow.newimage import create
 
     p = tmp_path / "a.qcow2"
     create(p, 1 << 20)

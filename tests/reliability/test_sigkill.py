@@ -164,7 +164,7 @@ def test_sigkill_random_points(name, tmp_path):
 # ---------------------------------------------------------------------------- SIGINT
 def _big_chain(d: str) -> tuple[str, str, bytes]:
     import pyqcow
-    from pyqcow.create import create
+    from pyqcow.newimage import create
 
     size = 48 << 20
     base = os.path.join(d, "base.qcow2")

@@ -17,7 +17,7 @@ import pytest
 import pyqcow
 from pyqcow.cli.main import main
 from pyqcow.cli.progress import ProgressBar
-from pyqcow.create import create
+from pyqcow.newimage import create
 from pyqcow.ops.plan import unallocated_ranges
 
 KiB = 1024

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pyqcow import layout
-from pyqcow.snapshot import (
+from pyqcow.snapshot_table import (
     SnapshotInfo,
-    _build_entry,
-    _find_for_delete,
-    _next_id,
     find_snapshot,
 )
+from pyqcow.snapshot_table import build_entry as _build_entry
+from pyqcow.snapshot_table import find_for_delete as _find_for_delete
+from pyqcow.snapshot_table import next_id as _next_id
 
 
 def _sn(id_str: str, name: str) -> SnapshotInfo:

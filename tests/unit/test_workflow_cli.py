@@ -16,7 +16,7 @@ import pytest
 
 import pyqcow
 from pyqcow.cli.main import main
-from pyqcow.create import create
+from pyqcow.newimage import create
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -18,13 +18,13 @@ import pytest
 
 import pyqcow
 from pyqcow.cli.main import main
-from pyqcow.create import create
 from pyqcow.errors import (
     CorruptImageError,
     ImageLockedError,
     OperationError,
     QcowError,
 )
+from pyqcow.newimage import create
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -253,7 +253,7 @@ def test_create_over_empty_overlay_allowed(chain, capsys):
 def test_create_over_image_with_internal_snapshot_refused(tmp_path):
     p = tmp_path / "s.qcow2"
     create(p, 1 * MiB)
-    from pyqcow.snapshot import create_snapshot
+    from pyqcow.ops.snapshot import create_snapshot
 
     with pyqcow.open(p, "r+") as img:
         create_snapshot(img, "s1")
@@ -338,7 +338,7 @@ def test_convert_option_garbage(chain, tmp_path, capsys, key, value):
 
 @pytest.mark.parametrize("key, value", GARBAGE)
 def test_api_option_garbage(tmp_path, key, value):
-    from pyqcow.create import parse_options
+    from pyqcow.newimage import parse_options
 
     p = tmp_path / "g.qcow2"
     with pytest.raises(OperationError, match=key):
@@ -428,7 +428,7 @@ def test_convert_missing_snapshot_is_clear_error(chain, tmp_path, capsys):
 
 
 def test_convert_snapshot_pyqcow_made(tmp_path, capsys):
-    from pyqcow.snapshot import create_snapshot
+    from pyqcow.ops.snapshot import create_snapshot
 
     p = tmp_path / "s.qcow2"
     create(p, 1 * MiB)

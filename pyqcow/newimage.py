@@ -1,4 +1,7 @@
-"""Create qcow2 images (qemu-img create equivalent)."""
+"""New qcow2 images: ``create`` (qemu-img create), its option parsing and checks,
+and ``OutputFile``, the locked output a create or convert writes.
+
+``pyqcow.create(path, size, **options)`` is :func:`create`."""
 
 from __future__ import annotations
 
@@ -6,12 +9,13 @@ import contextlib
 import errno
 import os
 
-from . import layout, spec
-from ._callmod import make_callable
-from .chain import header_chain, identity, probe_format, resolve_backing
+from . import entries, layout, spec
+from .chain import dependents, header_chain, identity, probe_format, resolve_backing
+from .entries import RefcountBlock
 from .errors import FormatError, OperationError, QcowError
 from .header import Extension, Header, build_cluster0
 from .hostfile import LOCK_WRITE, HostFile, fsync_dir
+from .metadata import write_new_image
 
 # QEMU's feature name table (written into every v3 image)
 FEATURE_TABLE = [
@@ -207,6 +211,15 @@ def _refuse_chain_member(path: str, backing: str, bpath: str) -> None:
             )
 
 
+def refuse_backing_loop(path: str | os.PathLike, backing: str) -> str:
+    """Creating ``path`` over ``backing`` must not overwrite a file of that backing's
+    chain (itself included); returns the backing file's path."""
+    path = os.fspath(path)
+    bpath = resolve_backing(path, backing)
+    _refuse_chain_member(path, backing, bpath)
+    return bpath
+
+
 def _holds_data(path: str) -> str | None:
     """What creating over the existing qcow2 file ``path`` would lose, or None."""
     from .chain import probe_format as probe
@@ -240,8 +253,6 @@ def _holds_data(path: str) -> str | None:
 
 def _refuse_overwrite(path: str) -> None:
     """An existing image that holds data, or that other images are backed by, is kept."""
-    from .ops.common import dependents
-
     lost = _holds_data(path)
     if lost is not None:
         what = f"exists; {lost}" if lost.startswith("cannot") else f"exists and holds {lost}"
@@ -256,6 +267,148 @@ def _refuse_overwrite(path: str) -> None:
             f"is the backing file of {', '.join(deps)}; creating over it would corrupt "
             f"{'them' if len(deps) > 1 else 'it'} (use --force / force=True to overwrite)",
         )
+
+
+def round_size(size: int) -> int:
+    """qemu-img rounds a new image's size up to whole 512-byte sectors."""
+    return -(-size // 512) * 512
+
+
+def _check_backing(
+    path: str, backing: str, backing_format: str | None, unsafe: bool, size: int | None
+) -> tuple[str | None, str | None, int | None]:
+    """Validate the backing file; -> (backing format, probed format or None, size:
+    the backing file's virtual size when ``size`` is None)."""
+    if len(backing.encode()) > spec.MAX_BACKING_FILE_NAME:
+        raise OperationError(
+            path,
+            f"backing file name too long ({len(backing.encode())} bytes; "
+            f"the maximum is {spec.MAX_BACKING_FILE_NAME})",
+        )
+    bpath = refuse_backing_loop(path, backing)
+    if backing_format not in (None, "qcow2", "raw"):
+        raise OperationError(path, f"unsupported backing format {backing_format!r}")
+    probed = None
+    if not unsafe or size is None:
+        if not os.path.exists(bpath):
+            raise QcowError(path, f"backing file {backing!r} not found ({bpath})")
+        actual = probe_format(bpath)
+        if backing_format is None:
+            backing_format = probed = actual
+        elif backing_format != actual and not unsafe:
+            raise OperationError(
+                path, f"backing file {backing!r} is {actual}, not {backing_format}"
+            )
+    if size is None:
+        from .chain import open_image
+
+        with open_image(bpath, format=backing_format, force_share=True) as b:
+            size = b.virtual_size
+    return backing_format, probed, size
+
+
+def _check_size(path: str, size, overwrite: bool) -> int:
+    """The validated, rounded size; refuses a directory and (``overwrite`` False) any
+    existing file at ``path``."""
+    if size is None:
+        raise OperationError(path, "image size required (no backing file to take it from)")
+    if not isinstance(size, int) or size < 0:
+        raise OperationError(path, f"invalid size {size!r}")
+    size = round_size(size)
+    if size > spec.MAX_VIRTUAL_SIZE:
+        raise OperationError(path, f"invalid size {size}: larger than 2^61 bytes")
+    if os.path.isdir(path):
+        raise QcowError(path, "is a directory")
+    if not overwrite and os.path.lexists(path):
+        raise OperationError(path, "file exists")
+    return size
+
+
+def _new_header(
+    *, version: int, cluster_size: int, backing: str | None, backing_format: str | None,
+    lazy_refcounts: bool, extended_l2: bool, compression_type: str, refcount_bits: int,
+) -> Header:
+    """The header of an empty image: refcount table in cluster 1, no L1 yet."""
+    incompat = 0
+    if extended_l2:
+        incompat |= spec.Incompat.EXTL2
+    ctype = 1 if compression_type == "zstd" else 0
+    if ctype:
+        incompat |= spec.Incompat.COMPRESSION
+    exts = []
+    if backing_format is not None and backing is not None:
+        exts.append(Extension(spec.ExtType.BACKING_FORMAT, backing_format.encode()))
+    if version == 3:
+        exts.append(Extension(spec.ExtType.FEATURE_TABLE, _feature_table()))
+    return Header(
+        version=version,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_size.bit_length() - 1,
+        size=0,
+        crypt_method=0,
+        l1_size=0,
+        l1_table_offset=0,
+        refcount_table_offset=cluster_size,
+        refcount_table_clusters=1,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        incompatible_features=incompat,
+        compatible_features=spec.Compat.LAZY_REFCOUNTS if lazy_refcounts else 0,
+        autoclear_features=0,
+        refcount_order=refcount_bits.bit_length() - 1,
+        header_length=spec.V3_HEADER_LENGTH if version == 3 else spec.V2_HEADER_LENGTH,
+        compression_type=ctype,
+        extra_fields=bytes([ctype]) + bytes(7) if version == 3 else b"",
+        extensions=tuple(exts),
+        backing_file=backing,
+    )
+
+
+def _first_metadata(path: str, hdr: Header) -> tuple[bytes, bytes, bytes]:
+    """(cluster 0: the header, cluster 1: the refcount table, cluster 2: the refcount
+    block describing clusters 0..2) of a new image."""
+    try:
+        cluster0 = build_cluster0(hdr)
+    except FormatError as e:
+        raise OperationError(path, e.message) from None
+    cluster_size = hdr.cluster_size
+    reftable = (2 * cluster_size).to_bytes(8, "big") + bytes(cluster_size - 8)
+    blk = RefcountBlock(bytes(cluster_size), hdr.refcount_order)
+    for c in range(3):
+        blk.set(c, 1)
+    return cluster0, reftable, blk.tobytes()
+
+
+def _dry_run(path: str, force: bool) -> None:
+    """Every check the real run makes on an existing ``path`` (its lock included)."""
+    if os.path.exists(path):
+        with HostFile(path, writable=True) as hf:
+            hf.lock(LOCK_WRITE)
+            if not force:
+                _refuse_overwrite(path)
+
+
+def _write(
+    path: str, out: OutputFile, metadata: tuple[bytes, bytes, bytes], cluster_size: int,
+    size: int, preallocation: str, force: bool,
+) -> None:
+    """Lay the new image down in ``out`` (locked), then size it."""
+    if not force and not out.created:
+        _refuse_overwrite(path)
+    write_new_image(out.hf, cluster_size, *metadata)
+    fsync_dir(path)
+    from .image import QcowImage
+
+    # we hold QEMU's write lock through ``out``: this second open must not ask again
+    img = QcowImage(path, "r+", force_share=True)
+    try:
+        img.resize(size)
+        if preallocation == "metadata":
+            _preallocate_metadata(img)
+        img.flush()
+    finally:
+        img.close()
 
 
 def create(
@@ -299,122 +452,25 @@ def create(
         compression_type=compression_type, preallocation=preallocation,
         lazy_refcounts=lazy_refcounts, extended_l2=extended_l2,
     )
-    cluster_bits = cluster_size.bit_length() - 1
     if backing is not None and backing == "":
         backing = None
     if backing is not None:
-        if len(backing.encode()) > spec.MAX_BACKING_FILE_NAME:
-            raise OperationError(
-                path,
-                f"backing file name too long ({len(backing.encode())} bytes; "
-                f"the maximum is {spec.MAX_BACKING_FILE_NAME})",
-            )
-        bpath = resolve_backing(path, backing)
-        _refuse_chain_member(path, backing, bpath)
-        if backing_format not in (None, "qcow2", "raw"):
-            raise OperationError(path, f"unsupported backing format {backing_format!r}")
-        if not unsafe or size is None:
-            if not os.path.exists(bpath):
-                raise QcowError(path, f"backing file {backing!r} not found ({bpath})")
-            actual = probe_format(bpath)
-            if backing_format is None:
-                backing_format = probed = actual
-            elif backing_format != actual and not unsafe:
-                raise OperationError(
-                    path, f"backing file {backing!r} is {actual}, not {backing_format}"
-                )
-        if size is None:
-            from .chain import open_image
-
-            with open_image(bpath, format=backing_format, force_share=True) as b:
-                size = b.virtual_size
-    if size is None:
-        raise OperationError(path, "image size required (no backing file to take it from)")
-    if not isinstance(size, int) or size < 0:
-        raise OperationError(path, f"invalid size {size!r}")
-    size = -(-size // 512) * 512  # qemu-img rounds up to whole sectors
-    if size > spec.MAX_VIRTUAL_SIZE:
-        raise OperationError(path, f"invalid size {size}: larger than 2^61 bytes")
-    if os.path.isdir(path):
-        raise QcowError(path, "is a directory")
-    if not overwrite and os.path.lexists(path):
-        raise OperationError(path, "file exists")
-
-    incompat = 0
-    if extended_l2:
-        incompat |= spec.Incompat.EXTL2
-    ctype = 1 if compression_type == "zstd" else 0
-    if ctype:
-        incompat |= spec.Incompat.COMPRESSION
-    exts = []
-    if backing_format is not None and backing is not None:
-        exts.append(Extension(spec.ExtType.BACKING_FORMAT, backing_format.encode()))
-    if version == 3:
-        exts.append(Extension(spec.ExtType.FEATURE_TABLE, _feature_table()))
-    hdr = Header(
-        version=version,
-        backing_file_offset=0,
-        backing_file_size=0,
-        cluster_bits=cluster_bits,
-        size=0,
-        crypt_method=0,
-        l1_size=0,
-        l1_table_offset=0,
-        refcount_table_offset=cluster_size,
-        refcount_table_clusters=1,
-        nb_snapshots=0,
-        snapshots_offset=0,
-        incompatible_features=incompat,
-        compatible_features=spec.Compat.LAZY_REFCOUNTS if lazy_refcounts else 0,
-        autoclear_features=0,
-        refcount_order=refcount_bits.bit_length() - 1,
-        header_length=spec.V3_HEADER_LENGTH if version == 3 else spec.V2_HEADER_LENGTH,
-        compression_type=ctype,
-        extra_fields=bytes([ctype]) + bytes(7) if version == 3 else b"",
-        extensions=tuple(exts),
-        backing_file=backing,
+        backing_format, probed, size = _check_backing(
+            path, backing, backing_format, unsafe, size
+        )
+    size = _check_size(path, size, overwrite)
+    hdr = _new_header(
+        version=version, cluster_size=cluster_size, backing=backing,
+        backing_format=backing_format, lazy_refcounts=lazy_refcounts, extended_l2=extended_l2,
+        compression_type=compression_type, refcount_bits=refcount_bits,
     )
-    try:
-        cluster0 = build_cluster0(hdr)
-    except FormatError as e:
-        raise OperationError(path, e.message) from None
-    # cluster 0: header; 1: refcount table; 2: refcount block describing 0..2
-    from .entries import RefcountBlock
-
-    reftable = (2 * cluster_size).to_bytes(8, "big") + bytes(cluster_size - 8)
-    blk = RefcountBlock(bytes(cluster_size), hdr.refcount_order)
-    for c in range(3):
-        blk.set(c, 1)
-
+    metadata = _first_metadata(path, hdr)
     if dry_run:
-        if os.path.exists(path):
-            with HostFile(path, writable=True) as hf:
-                hf.lock(LOCK_WRITE)
-                if not force:
-                    _refuse_overwrite(path)
+        _dry_run(path, force)
         return probed
-
     out = _output if _output is not None else OutputFile(path, all_errors=True)
     with out if _output is None else contextlib.nullcontext():
-        if not force and not out.created:
-            _refuse_overwrite(path)
-        hf = out.hf
-        from .metadata import write_new_image
-
-        write_new_image(hf, cluster_size, cluster0, reftable, blk.tobytes())
-        fsync_dir(path)
-
-        from .image import QcowImage
-
-        # we hold QEMU's write lock through ``out``: this second open must not ask again
-        img = QcowImage(path, "r+", force_share=True)
-        try:
-            img.resize(size)
-            if preallocation == "metadata":
-                _preallocate_metadata(img)
-            img.flush()
-        finally:
-            img.close()
+        _write(path, out, metadata, cluster_size, size, preallocation, force)
     return probed
 
 
@@ -422,17 +478,15 @@ def _preallocate_metadata(img) -> None:
     """Allocate L2 tables and data clusters for the whole disk (contents stay zero)."""
     cb = img.cluster_bits
     nb = (img.virtual_size + img.cluster_size - 1) >> cb
-    from .writer import COPIED
-
     for cluster in range(nb):
         table, l2_off = img._l2_for_write(cluster)
         i = cluster & (img.l2_entries - 1)
-        host = img.refcounts.alloc(1)
+        entry = entries.with_copied(img.refcounts.alloc(1), True)
         if img.extended_l2:
-            table[2 * i] = host | COPIED
+            table[2 * i] = entry
             table[2 * i + 1] = 0xFFFFFFFF  # all subclusters allocated
         else:
-            table[i] = host | COPIED
+            table[i] = entry
         img.dirty_l2.add(l2_off)
     img._note_alloc()
     end = img.refcounts.end_cluster << cb
@@ -499,5 +553,3 @@ def parse_options(path: str, opts: str) -> dict:
             raise OperationError(path, f"unknown or unsupported option {key!r}")
     return out
 
-
-make_callable(__name__, create)
