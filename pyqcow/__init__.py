@@ -28,9 +28,9 @@ from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal
 
 __version__ = "0.1.0"
 
-# pyqcow.check(path, repair=None) -> CheckResult and pyqcow.create(path, size, **options)
-# are modules that are also callable (pyqcow/_callmod.py); imported on first use.
-_LAZY_MODULES = ("check", "create")
+# pyqcow.create(path, size, **options) is a module that is also callable
+# (pyqcow/_callmod.py); imported on first use.
+_LAZY_MODULES = ("create",)
 
 
 def __getattr__(name: str):
@@ -62,6 +62,14 @@ def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None,
     return open_image(
         path, mode, force_share=force_share, backing_root=backing_root, format=format
     )
+
+
+def check(path_or_img, repair=None, **kw):
+    """Check (and with ``repair`` "leaks" or "all", repair) a qcow2 image like
+    ``qemu-img check``; returns a CheckResult (pyqcow/ops/check.py)."""
+    from .ops.check import check as _check
+
+    return _check(path_or_img, repair, **kw)
 
 
 def commit(top, base=None, *, drop: bool = False, progress=None):

@@ -19,10 +19,11 @@ import pytest
 
 import pyqcow
 from pyqcow import entries, spec
-from pyqcow.check import CheckFailed, CheckResult, check
+from pyqcow.check_result import CheckFailed, CheckResult
 from pyqcow.cli import check as cli_check
 from pyqcow.cli.output import qemu_json
 from pyqcow.header import Header, build_cluster0
+from pyqcow.ops.check import check
 
 COPIED = spec.QCOW_OFLAG_COPIED
 
@@ -449,7 +450,7 @@ def test_nonzero_entries_agrees_with_a_plain_scan():
     import random
     from array import array
 
-    from pyqcow.check import _nonzero_entries
+    from pyqcow.walk import nonzero_entries as _nonzero_entries
 
     rnd = random.Random(7)
     for extended in (False, True):

@@ -66,7 +66,7 @@ def chain(tmp_path: Path) -> Path:
 def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(chain) -> None:
     for argv in (["info", "top.qcow2"], ["info", "--output=json", "top.qcow2"]):
         mods = modules_after(chain, *argv)
-        assert loaded(mods, HEAVY + ("pyqcow.check", "pyqcow.snapshot", "pyqcow.bitmaps",
+        assert loaded(mods, HEAVY + ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.bitmaps",
                                      "pyqcow.create", "pyqcow.ops")) == []
         assert "pyqcow.cli.info" in mods  # (the probe did run the command)
 
@@ -91,7 +91,7 @@ def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
     mods = modules_after(chain, *argv)
     assert loaded(mods, HEAVY) == []
     if argv[0] != "check":
-        assert loaded(mods, ("pyqcow.check", "pyqcow.snapshot", "pyqcow.bitmaps")) == []
+        assert loaded(mods, ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.bitmaps")) == []
 
 
 def test_create_with_domain_xml_still_loads_libvirt(chain) -> None:
