@@ -215,12 +215,13 @@ class Scanner:
         next_contiguous = 0
         data_file = self.has_data_file
         imrt = self.imrt  # grows in place (inc), never replaced during the walk
+        decode = entries.l2_decode
         cb = self.cb
         rc_max = self.refcount_max
         for i in nonzero_entries(table, ext):
             e = table[i * step]
             bm = table[i * step + 1] if ext else 0
-            t, offset, reserved, copied = entries.l2_decode(e, ext, data_file)
+            t, offset, reserved, copied = decode(e, ext, data_file)
             if reserved:  # (never for a compressed entry)
                 self.log(f"ERROR found l2 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
@@ -296,6 +297,8 @@ class Scanner:
         rebuild = False
         res = self.res
         for i, raw in enumerate(self.reftable):
+            if not raw:
+                continue  # no refcount block (nothing below applies to a zero entry)
             offset = entries.reftable_block_offset(raw)
             cluster = offset >> self.cb
             if entries.reftable_reserved_bits(raw):
@@ -455,7 +458,9 @@ class Scanner:
             return
         l1 = entries.decode_u64_table(self.hf.pread(h.l1_size * 8, h.l1_table_offset))
         word = "Repairing" if repair else "ERROR"
-        step = 2 if self.extended else 1
+        ext, data_file, cb = self.extended, self.has_data_file, self.cb
+        step = 2 if ext else 1
+        decode, stored = entries.l2_decode, self.stored
         for i, l1e in enumerate(l1):
             l2_offset = entries.l1_l2_offset(l1e)
             if not l2_offset:
@@ -474,18 +479,18 @@ class Scanner:
                     self.fix_l1_copied(l1, i, entries.with_copied(l1e, refcount == 1))
             table = self.read_l2(l2_offset)
             l2_dirty = 0
-            for j in nonzero_entries(table, self.extended):
+            for j in nonzero_entries(table, ext):
                 e = table[j * step]
                 if not e:
                     continue
-                t, offset, _, copied = entries.l2_decode(e, self.extended, self.has_data_file)
+                t, offset, _, copied = decode(e, ext, data_file)
                 if t not in (_NORMAL, _ZERO_ALLOC):
                     continue
-                if self.has_data_file:
+                if data_file:
                     refcount = 1
                 else:
                     try:
-                        refcount = self.stored(offset >> self.cb)
+                        refcount = stored(offset >> cb)
                     except RefcountReadError:
                         continue
                 if (refcount == 1) != copied:
