@@ -226,30 +226,7 @@ class Scanner:
                 self.log(f"ERROR found l2 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
             if t == _COMPRESSED:
-                coffset, csize = entries.decode_compressed(e, self.cb)
-                if copied:
-                    self.log(
-                        f"ERROR: coffset=0x{coffset:x}: copied flag must "
-                        "never be set for compressed clusters"
-                    )
-                    e = entries.with_copied(e, False)
-                    res.corruptions += 1
-                if data_file:
-                    self.log(f"ERROR compressed cluster {i} with data file, entry=0x{e:x}")
-                    res.corruptions += 1
-                    continue
-                if bm:
-                    self.log(
-                        f"ERROR compressed cluster {i} with non-zero subcluster allocation "
-                        f"bitmap, entry=0x{e:x}"
-                    )
-                    res.corruptions += 1
-                    continue
-                self.inc(coffset, csize)
-                if active:
-                    res.allocated_clusters += 1
-                    res.compressed_clusters += 1
-                    res.fragmented_clusters += 1
+                self.count_compressed(i, e, bm, copied, active)
             elif t in (_NORMAL, _ZERO_ALLOC):
                 if bm and entries.subcluster_conflict(bm):
                     res.corruptions += 1
@@ -292,6 +269,34 @@ class Scanner:
             elif t == _UNALLOCATED and bm and entries.subclusters_allocated(bm):
                 res.corruptions += 1
                 self.log("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+
+    def count_compressed(self, i: int, e: int, bm: int, copied: bool, active: bool) -> None:
+        """L2 entry ``i``, compressed: check it, count the clusters its bytes touch."""
+        res = self.res
+        coffset, csize = entries.decode_compressed(e, self.cb)
+        if copied:
+            self.log(
+                f"ERROR: coffset=0x{coffset:x}: copied flag must "
+                "never be set for compressed clusters"
+            )
+            e = entries.with_copied(e, False)
+            res.corruptions += 1
+        if self.has_data_file:
+            self.log(f"ERROR compressed cluster {i} with data file, entry=0x{e:x}")
+            res.corruptions += 1
+            return
+        if bm:
+            self.log(
+                f"ERROR compressed cluster {i} with non-zero subcluster allocation "
+                f"bitmap, entry=0x{e:x}"
+            )
+            res.corruptions += 1
+            return
+        self.inc(coffset, csize)
+        if active:
+            res.allocated_clusters += 1
+            res.compressed_clusters += 1
+            res.fragmented_clusters += 1
 
     def check_refblocks(self, fix: int) -> bool:
         rebuild = False

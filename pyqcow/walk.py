@@ -31,6 +31,7 @@ import itertools
 import operator
 import re
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 
 from . import entries, layout, spec
@@ -39,6 +40,8 @@ from .errors import QcowError
 __all__ = [
     "Reference",
     "ReferenceWalk",
+    "cluster_references",
+    "l1_tree",
     "nonzero_entries",
     "read_snapshots",
     "snapshot_entry_end",
@@ -152,6 +155,32 @@ def walk_references(img) -> ReferenceWalk:
             for bm in w.bitmaps:
                 _walk_bitmap(img, w, bm)
     return w
+
+
+def l1_tree(img, l1, owner: str = "active", disk_size: int | None = None) -> ReferenceWalk:
+    """The references one L1 table makes (its L2 tables and their data; not the L1
+    table itself), e.g. for the refcount updates of a snapshot operation.
+    ``disk_size``: the guest size the tree maps (data beyond it is "vmstate" for a
+    snapshot owner); default the image's."""
+    w = ReferenceWalk()
+    _walk_l1(img, w, l1, owner, img.virtual_size if disk_size is None else disk_size)
+    return w
+
+
+def cluster_references(references, cluster_bits: int) -> Counter:
+    """Host cluster -> how many of ``references`` point into it (ranges in an
+    external data file do not count: they have no refcount)."""
+    counts: Counter = Counter()
+    for r in references:
+        if r.in_data_file or r.length <= 0:
+            continue
+        first = r.host_offset >> cluster_bits
+        last = (r.host_offset + r.length - 1) >> cluster_bits
+        if first == last:
+            counts[first] += 1
+        else:
+            counts.update(range(first, last + 1))
+    return counts
 
 
 def _walk_l1(img, w: ReferenceWalk, l1, owner: str, disk_size: int) -> None:

@@ -155,3 +155,33 @@ def test_walker_owners_name_snapshots_and_bitmaps(tmp_path: Path, shape: str) ->
         assert {"image", "active", "snapshot 1 (s1)", "snapshot 2 (s2)"} <= owners
     else:
         assert {"bitmap b1", "bitmap b2"} <= owners
+
+
+@pytest.mark.parametrize("shape", ["snapshots", "compressed", "extended_l2"])
+def test_one_l1_tree_is_the_walk_of_that_owner(tmp_path: Path, shape: str) -> None:
+    """``l1_tree`` (what a snapshot operation counts) gives the references the whole
+    walk attributes to that L1's owner, minus the L1 table itself."""
+    from pyqcow.walk import cluster_references, l1_tree
+
+    path = SHAPES[shape](tmp_path)
+    with open_image(path, "r", backing=False) as img:
+        walk = walk_references(img)
+        trees = [("active", img.l1, img.virtual_size)]
+        for sn in walk.snapshots:
+            trees.append((f"snapshot {sn.id_str} ({sn.name})", walk.snapshot_l1[sn.id_str],
+                          sn.disk_size))
+        assert len(trees) > 1
+        cb = img.cluster_bits
+        total = cluster_references(
+            [r for r in walk.references if r.owner == "image" or r.kind == "l1_table"], cb
+        )
+        for owner, l1, disk_size in trees:
+            tree = l1_tree(img, l1, owner, disk_size)
+            assert tree.errors == []
+            want = [r for r in walk.references if r.owner == owner and r.kind != "l1_table"]
+            assert tree.references == want
+            total.update(cluster_references(tree.references, cb))
+        # per cluster: the trees plus the fixed structures are the refcounts qemu checked
+        counts = reference_counts(img, walk)
+        assert total == {c: n for c, n in enumerate(counts) if n}
+        assert counts.tolist() == stored_refcounts(img).tolist()[: len(counts)]
