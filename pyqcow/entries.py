@@ -205,14 +205,6 @@ BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 
 
-def qemu_cluster_type(entry: int, extended: bool = False, has_data_file: bool = False) -> ClusterType:
-    """QEMU's qcow2_get_cluster_type: like ``l2_type``, but with extended L2 the
-    zero flag (bit 0) is not a type bit (the subcluster bitmap says it)."""
-    if extended:
-        entry &= ~spec.QCOW_OFLAG_ZERO
-    return l2_type(entry, has_data_file)
-
-
 def l1_reserved_bits(entry: int) -> int:
     return entry & spec.L1E_RESERVED_MASK
 
@@ -310,9 +302,11 @@ _M_L2_RESERVED = spec.L2E_RESERVED_MASK
 
 def l2_decode(entry: int, extended: bool = False,
               has_data_file: bool = False) -> tuple[ClusterType, int, int, bool]:
-    """-> (``qemu_cluster_type``, host offset, reserved bits, COPIED) of an L2 entry,
-    in one call (check's per-entry loops).  A compressed entry has no host offset
-    or reserved bits here: ``decode_compressed`` reads its descriptor."""
+    """-> (type, host offset, reserved bits, COPIED) of an L2 entry, in one call
+    (check's per-entry loops).  The type is QEMU's qcow2_get_cluster_type: that of
+    ``l2_type``, except that with extended L2 the zero flag (bit 0) is no type bit
+    (the subcluster bitmap says it).  A compressed entry has no host offset or
+    reserved bits here: ``decode_compressed`` reads its descriptor."""
     copied = entry >= _F_COPIED  # bit 63 of an unsigned 64-bit entry
     if entry & _F_COMPRESSED:
         return _T_COMPRESSED, 0, 0, copied
