@@ -26,19 +26,7 @@ from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal
     open_file_object,
 )
 
-__version__ = "0.1.0"
-
-# pyqcow.check(path, repair=None) -> CheckResult is a module that is also callable
-# (pyqcow/_callmod.py); imported on first use.
-_LAZY_MODULES = ("check",)
-
-
-def __getattr__(name: str):
-    if name in _LAZY_MODULES:
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from ._version import __version__  # noqa: F401 (public)
 
 
 def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):
@@ -70,6 +58,14 @@ def create(path, size=None, **options):
     from .newimage import create as _create
 
     return _create(path, size, **options)
+
+
+def check(path_or_img, repair=None, **kw):
+    """Check (and with ``repair`` "leaks" or "all", repair) a qcow2 image like
+    ``qemu-img check``; returns a CheckResult (pyqcow/ops/check.py)."""
+    from .ops.check import check as _check
+
+    return _check(path_or_img, repair, **kw)
 
 
 def commit(top, base=None, *, drop: bool = False, progress=None):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import layout, spec
+from .entries import BME_TABLE_ENTRY_FLAG_ALL_ONES as BT_ALL_ONES  # noqa: F401 (re-export)
+from .entries import bitmap_table_entry as table_entry  # noqa: F401 (re-export)
 from .errors import FormatError
 
 BME_FLAG_IN_USE = 1 << 0
@@ -131,17 +133,10 @@ def read_bitmap_directory(img) -> list[BitmapInfo] | None:
 
 
 # -- the bitmap table (qcow2.rst "Bitmap table") --------------------------------------
-# bitmap table entry: bit 0 "all ones" (only with offset 0), bits 9-55 the offset
-BT_ALL_ONES = 1
-BT_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BT_RESERVED_MASK = 0xFF000000000001FE
 BME_MAX_TABLE_SIZE = 0x8000000  # entries (QEMU's limit)
 BME_MAX_PHYS_SIZE = 0x20000000  # bytes of bitmap data (QEMU's limit)
+# bitmap table entries are decoded in pyqcow/entries.py (BT_ALL_ONES, table_entry)
 
-
-def table_entry(entry: int) -> tuple[int, bool, bool]:
-    """(data cluster offset, "all ones" flag, reserved bits set) of a bitmap table entry."""
-    return entry & BT_OFFSET_MASK, bool(entry & BT_ALL_ONES), bool(entry & BT_RESERVED_MASK)
 
 def bitmap_bits(virtual_size: int, granularity_bits: int) -> int:
     """Number of bits a bitmap of this granularity has for a disk of ``virtual_size``."""

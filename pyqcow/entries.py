@@ -195,10 +195,27 @@ def refcount_max(order: int) -> int:
     return (1 << (1 << order)) - 1
 
 
-# --- added by h-misc (pyqcow.testing.invalid breaks images through these)
+# --- entry helpers for check/repair, the walker, snapshots and pyqcow.testing
+# QEMU's view of entries as check/repair and the reference walker need it.
+L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF  # extended L2: the "allocated" half of the bitmap
+REFT_RESERVED_MASK = 0x1FF
+# bitmap table entries (qcow2.rst "Bitmaps"; block/qcow2-bitmap.c)
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+
+
+def l1_reserved_bits(entry: int) -> int:
+    return entry & spec.L1E_RESERVED_MASK
+
+
 def l2_host_offset(entry: int) -> int:
-    """The host offset field of a standard L2 entry (0: none)."""
+    """Host offset of a standard (not compressed) L2 entry (0: none)."""
     return entry & spec.L2E_OFFSET_MASK
+
+
+def l2_reserved_bits(entry: int) -> int:
+    return entry & spec.L2E_RESERVED_MASK
 
 
 def l2_with_host_offset(entry: int, host_offset: int) -> int:
@@ -206,11 +223,109 @@ def l2_with_host_offset(entry: int, host_offset: int) -> int:
     return (entry & ~spec.L2E_OFFSET_MASK) | host_offset
 
 
-# --- added by h-snap
 def is_compressed(entry: int) -> bool:
     return bool(entry & spec.QCOW_OFLAG_COMPRESSED)
 
 
+def has_zero_flag(entry: int) -> bool:
+    return bool(entry & spec.QCOW_OFLAG_ZERO)
+
+
+def is_copied(entry: int) -> bool:
+    """The COPIED flag of an L1 or L2 entry."""
+    return bool(entry & spec.QCOW_OFLAG_COPIED)
+
+
 def with_copied(entry: int, copied: bool) -> int:
-    """An L1 or L2 entry with its COPIED flag set (``copied``) or cleared."""
+    """``entry`` with its COPIED flag set or cleared."""
     return entry | spec.QCOW_OFLAG_COPIED if copied else entry & ~spec.QCOW_OFLAG_COPIED
+
+
+ZERO_PLAIN_ENTRY = spec.QCOW_OFLAG_ZERO  # standard L2: reads as zeros, no host cluster
+
+
+def subcluster_conflict(bitmap: int) -> int:
+    """Extended L2: the subclusters marked both allocated and zero (must be none)."""
+    return (bitmap >> 32) & bitmap
+
+
+def subclusters_allocated(bitmap: int) -> int:
+    return bitmap & L2_BITMAP_ALL_ALLOC
+
+
+def bitmap_all_zero(bitmap: int) -> int:
+    """Extended L2: the bitmap of a plain zero cluster made from ``bitmap``
+    (every subcluster allocated or zero becomes zero, none allocated)."""
+    bitmap |= bitmap << 32
+    return bitmap & (L2_BITMAP_ALL_ALLOC << 32)
+
+
+def reftable_block_offset(entry: int) -> int:
+    return entry & spec.REFT_OFFSET_MASK
+
+
+def reftable_reserved_bits(entry: int) -> int:
+    return entry & REFT_RESERVED_MASK
+
+
+def bitmap_table_entry(entry: int) -> tuple[int, bool, bool]:
+    """(data cluster offset, "all ones" flag, reserved bits set) of a bitmap table entry."""
+    return (entry & BME_TABLE_ENTRY_OFFSET_MASK, bool(entry & BME_TABLE_ENTRY_FLAG_ALL_ONES),
+            bool(entry & BME_TABLE_ENTRY_RESERVED_MASK))
+
+
+def bitmap_data_offset(entry: int) -> int:
+    """Host offset of a bitmap data cluster named by a bitmap table entry (0: none)."""
+    return entry & BME_TABLE_ENTRY_OFFSET_MASK
+
+
+def bitmap_table_entry_invalid(entry: int, cluster_size: int) -> bool:
+    """A bitmap table entry QEMU's check counts as a corruption."""
+    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+    return bool(entry & BME_TABLE_ENTRY_RESERVED_MASK or (
+        offset and (entry & BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % cluster_size)
+    ))
+
+
+def bitmap_all_ones(entry: int) -> bool:
+    """A bitmap table entry whose (absent) data cluster reads as all ones."""
+    return bool(entry & BME_TABLE_ENTRY_FLAG_ALL_ONES)
+
+
+def subclusters_zero(bitmap: int) -> int:
+    """Extended L2: the "reads as zeros" half of the subcluster bitmap."""
+    return bitmap >> 32
+
+
+_T_COMPRESSED = ClusterType.COMPRESSED
+_T_ZERO_ALLOC = ClusterType.ZERO_ALLOC
+_T_ZERO_PLAIN = ClusterType.ZERO_PLAIN
+_T_NORMAL = ClusterType.NORMAL
+_T_UNALLOCATED = ClusterType.UNALLOCATED
+
+
+_F_COPIED = spec.QCOW_OFLAG_COPIED
+_F_COMPRESSED = spec.QCOW_OFLAG_COMPRESSED
+_F_ZERO = spec.QCOW_OFLAG_ZERO
+_M_L2_OFFSET = spec.L2E_OFFSET_MASK
+_M_L2_RESERVED = spec.L2E_RESERVED_MASK
+
+
+def l2_decode(entry: int, extended: bool = False,
+              has_data_file: bool = False) -> tuple[ClusterType, int, int, bool]:
+    """-> (type, host offset, reserved bits, COPIED) of an L2 entry, in one call
+    (check's per-entry loops).  The type is QEMU's qcow2_get_cluster_type: that of
+    ``l2_type``, except that with extended L2 the zero flag (bit 0) is no type bit
+    (the subcluster bitmap says it).  A compressed entry has no host offset or
+    reserved bits here: ``decode_compressed`` reads its descriptor."""
+    copied = entry >= _F_COPIED  # bit 63 of an unsigned 64-bit entry
+    if entry & _F_COMPRESSED:
+        return _T_COMPRESSED, 0, 0, copied
+    offset = entry & _M_L2_OFFSET
+    if entry & _F_ZERO and not extended:
+        t = _T_ZERO_ALLOC if offset else _T_ZERO_PLAIN
+    elif offset or (has_data_file and copied):
+        t = _T_NORMAL
+    else:
+        t = _T_UNALLOCATED
+    return t, offset, entry & _M_L2_RESERVED, copied

@@ -88,7 +88,7 @@ def qcow2_specific(img) -> dict:
     data["refcount-bits"] = h.refcount_bits
     bitmaps = None
     if h.extension(spec.ExtType.BITMAPS) is not None:  # the bitmap code loads only if needed
-        from .bitmaps import read_bitmap_directory
+        from .bitmap_directory import read_bitmap_directory
 
         bitmaps = read_bitmap_directory(img)
     if bitmaps is not None:

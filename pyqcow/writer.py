@@ -56,9 +56,9 @@ class WriterMixin:
 
     def _repair_dirty(self) -> None:
         """A lazy-refcounts image left dirty: rebuild refcounts before writing."""
-        from . import check
+        from . import repair
 
-        check.repair_dirty(self)
+        repair.repair_dirty(self)
 
     def _check_writable(self) -> None:
         if not self.writable:

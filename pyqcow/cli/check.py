@@ -12,8 +12,9 @@ import argparse
 import sys
 
 from ..chain import probe_format
-from ..check import CheckResult, check
+from ..check_result import CheckResult
 from ..errors import FormatError
+from ..ops.check import check
 from .output import qemu_json
 
 

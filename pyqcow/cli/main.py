@@ -26,7 +26,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import QcowError
 
 __all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]

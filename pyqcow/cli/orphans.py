@@ -15,7 +15,7 @@ import sys
 
 from ..chain import open_image
 from ..errors import OperationError
-from ..forensic import extract_regions, find_orphans
+from ..orphans import extract_regions, find_orphans
 
 
 def register(subparsers) -> argparse.ArgumentParser:

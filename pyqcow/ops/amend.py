@@ -183,19 +183,13 @@ def _check_plan(img, o: dict) -> None:
 
 
 # ------------------------------------------------------------------ steps
-def _write_header(img, header) -> None:
-    from ..check import _write_header as write
-
-    write(img, header)
-
-
 def _upgrade(path: str, o: dict, progress) -> None:
     from ..image import QcowImage
 
     with QcowImage(path, "r+") as img:
         img.flush()
         h = img.header
-        _write_header(img, h.replace(
+        img.switch_header(h.replace(
             version=3, incompatible_features=0, compatible_features=0, autoclear_features=0,
             refcount_order=4, header_length=spec.V3_MIN_HEADER_LENGTH + 8, compression_type=0,
             extra_fields=bytes(8),
@@ -211,7 +205,7 @@ def _set_lazy(path: str, on: bool) -> None:
         feats = h.compatible_features
         feats = feats | spec.Compat.LAZY_REFCOUNTS if on else feats & ~spec.Compat.LAZY_REFCOUNTS
         if feats != h.compatible_features:
-            _write_header(img, h.replace(compatible_features=feats))
+            img.switch_header(h.replace(compatible_features=feats))
 
 
 def _data_file(path: str, o: dict, progress) -> None:
@@ -226,7 +220,7 @@ def _data_file(path: str, o: dict, progress) -> None:
         if o.get("data_file_raw") is False:
             h = h.replace(autoclear_features=h.autoclear_features & ~spec.Autoclear.DATA_FILE_RAW)
         if h != img.header:
-            _write_header(img, h)
+            img.switch_header(h)
 
 
 def _size(path: str, o: dict, progress) -> None:
@@ -237,10 +231,10 @@ def _size(path: str, o: dict, progress) -> None:
 
 def _refcount_plan(img, bits: int):
     """A checker holding the true refcounts of ``img``; refuses if one exceeds ``bits``."""
-    from ..check import _Checker
+    from ..repair import Repairer
 
     messages: list[str] = []
-    ch = _Checker(img, messages.append)
+    ch = Repairer(img, messages.append)
     ch.calculate(0)
     if ch.res.corruptions or ch.res.check_errors:
         raise OperationError(img.path, "the image has errors; repair it first "
@@ -265,7 +259,7 @@ def _refcount_bits(path: str, bits: int, progress) -> None:
         img.flush()
         ch = _refcount_plan(img, bits)
         old_table = (ch.reftable_offset, img.header.refcount_table_clusters)
-        old_blocks = [e & spec.REFT_OFFSET_MASK for e in ch.reftable if e & spec.REFT_OFFSET_MASK]
+        old_blocks = [b for b in map(entries.reftable_block_offset, ch.reftable) if b]
         # new width: new blocks and table go where nothing is (the old ones stay counted)
         ch.order = order
         ch.refcount_max = entries.refcount_max(order)
@@ -299,7 +293,7 @@ def _downgrade(path: str, o: dict, progress) -> None:
         _expand_zero_clusters(img, progress)
         img.flush()
         h = img.header
-        _write_header(img, h.replace(
+        img.switch_header(h.replace(
             version=2, incompatible_features=0, compatible_features=0, autoclear_features=0,
             refcount_order=4, header_length=spec.V2_HEADER_LENGTH, compression_type=0,
             extra_fields=b"",
@@ -308,34 +302,31 @@ def _downgrade(path: str, o: dict, progress) -> None:
 
 def _expand_zero_clusters(img, progress) -> None:
     """Replace every zero-flag L2 entry of the active L1 with something v2 reads as zeros."""
-    zero_flag = spec.QCOW_OFLAG_ZERO
-    copied = spec.QCOW_OFLAG_COPIED
-    mask = spec.L2E_OFFSET_MASK
     cs = img.cluster_size
     has_backing = img.backing is not None
     total = len(img.l1)
     zeros = bytes(cs)
     for l1_index in range(total):
-        l2_off = img.l1[l1_index] & spec.L1E_OFFSET_MASK
+        l2_off = entries.l1_l2_offset(img.l1[l1_index])
         if not l2_off:
             continue
         table = img.l2_table(l2_off)
-        if not any(e & zero_flag for e in table):
+        if not any(map(entries.has_zero_flag, table)):
             continue
         img._begin_write()
         table, l2_off = img._l2_for_write(l1_index * img.l2_entries)
         for i, e in enumerate(table):
-            if not e & zero_flag or e & spec.QCOW_OFLAG_COMPRESSED:
+            if not entries.has_zero_flag(e) or entries.is_compressed(e):
                 continue
-            host = e & mask
+            host = entries.l2_host_offset(e)
             if host:
                 img.hf.pwrite(zeros, host)  # the cluster's bytes must now be the zeros
-                table[i] = host | (e & copied)
+                table[i] = entries.with_copied(host, entries.is_copied(e))
             elif has_backing:
                 host = img.refcounts.alloc(1)
                 img._note_alloc()
                 img.hf.pwrite(zeros, host)
-                table[i] = host | copied
+                table[i] = entries.with_copied(host, True)
             else:
                 table[i] = 0
         img.dirty_l2.add(l2_off)

@@ -35,9 +35,10 @@ from interop.shapes import SHAPES, Shape
 from qemu import QemuError, convert_raw, create, qemu_io, require_tool, snapshot_create
 
 import pyqcow
-from pyqcow.check import CheckFailed, check
+from pyqcow.check_result import CheckFailed
 from pyqcow.cli.check import human_report
 from pyqcow.cli.output import qemu_json
+from pyqcow.ops.check import check
 
 KiB = 1024
 MiB = 1024 * KiB

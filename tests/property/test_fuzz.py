@@ -94,7 +94,7 @@ def exercise(path: str) -> None:
             pass
         _STEP[0] = "check"
         try:
-            from pyqcow.check import check
+            from pyqcow.ops.check import check
 
             check(path, force_share=True)
         except QcowError:

@@ -373,7 +373,7 @@ def test_run_bounded_crash_and_no_raise_mode():
 # ---------------------------------------------------------------------------- 8. invalid
 def _pyqcow_refuses(bad) -> str:
     """Where pyqcow refuses ``bad``: open, read or check (or "" when it never does)."""
-    from pyqcow.check import check
+    from pyqcow.ops.check import check
 
     try:
         img = pyqcow.open(bad.path, force_share=True)

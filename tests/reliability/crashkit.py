@@ -552,7 +552,7 @@ def _bad(result) -> bool:
 
 
 try:  # the checker is being written in parallel; use it when present
-    from pyqcow.check import check as pyqcow_check
+    from pyqcow.ops.check import check as pyqcow_check
 except ImportError:  # pragma: no cover
     pyqcow_check = None
 

@@ -19,10 +19,11 @@ import pytest
 
 import pyqcow
 from pyqcow import entries, spec
-from pyqcow.check import CheckFailed, CheckResult, check
+from pyqcow.check_result import CheckFailed, CheckResult
 from pyqcow.cli import check as cli_check
 from pyqcow.cli.output import qemu_json
 from pyqcow.header import Header, build_cluster0
+from pyqcow.ops.check import check
 
 COPIED = spec.QCOW_OFLAG_COPIED
 
@@ -449,7 +450,7 @@ def test_nonzero_entries_agrees_with_a_plain_scan():
     import random
     from array import array
 
-    from pyqcow.check import _nonzero_entries
+    from pyqcow.walk import nonzero_entries as _nonzero_entries
 
     rnd = random.Random(7)
     for extended in (False, True):
@@ -463,3 +464,51 @@ def test_nonzero_entries_agrees_with_a_plain_scan():
             expected = [i for i in range(n // width)
                         if any(table[i * width + k] for k in range(width))]
             assert list(_nonzero_entries(table, extended)) == expected, (extended, density)
+
+
+def test_repair_writes_header_l1_and_refcount_table_only_through_the_door(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repair that rebuilds the refcount structure and fixes an L1 COPIED flag
+    writes the header, the active L1 and the refcount table only inside the
+    image's metadata door (pyqcow/writer.py)."""
+    from pyqcow.hostfile import HostFile
+    from pyqcow.image import QcowImage
+
+    cs = 65536
+    set_refcount(image, 5, 0)  # forces a rebuild
+    poke64(image, 3 * cs, 4 * cs)  # active L1 entry 0 without COPIED
+    inside: list[str] = []
+    calls: list[str] = []
+    writes: list[tuple[int, int, bool]] = []
+    real_pwrite = HostFile.pwrite
+
+    def pwrite(self, data, offset):
+        writes.append((offset, len(data), bool(inside)))
+        return real_pwrite(self, data, offset)
+
+    monkeypatch.setattr(HostFile, "pwrite", pwrite)
+    for name in ("switch_header", "write_l1_entry", "write_refcount_table", "replace_active_l1"):
+        real = getattr(QcowImage, name)
+
+        def door(self, *a, _real=real, _name=name, **k):
+            inside.append(_name)
+            calls.append(_name)
+            try:
+                return _real(self, *a, **k)
+            finally:
+                inside.pop()
+
+        monkeypatch.setattr(QcowImage, name, door)
+    r = check(image, "all")
+    assert r.clean and "Rebuilding refcount structure" in r.messages
+    assert {"switch_header", "write_l1_entry", "write_refcount_table"} <= set(calls)
+    new_reftable = peek64(image, 48)
+    assert new_reftable != cs
+    guarded = [(0, cs), (3 * cs, 8), (new_reftable, cs)]  # header, active L1, new reftable
+    for offset, length, in_door in writes:
+        for start, size in guarded:
+            if offset < start + size and start < offset + length:
+                assert in_door, (offset, length)
+    assert peek64(image, 3 * cs) == 4 * cs | COPIED
+    assert read_guest(image) == b"".join(DATA)

@@ -66,8 +66,8 @@ def chain(tmp_path: Path) -> Path:
 def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(chain) -> None:
     for argv in (["info", "top.qcow2"], ["info", "--output=json", "top.qcow2"]):
         mods = modules_after(chain, *argv)
-        assert loaded(mods, HEAVY + ("pyqcow.check", "pyqcow.snapshot", "pyqcow.snapshot_table",
-                                     "pyqcow.bitmaps",
+        assert loaded(mods, HEAVY + ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.snapshot_table",
+                                     "pyqcow.bitmaps", "pyqcow.bitmap_directory",
                                      "pyqcow.newimage", "pyqcow.ops")) == []
         assert "pyqcow.cli.info" in mods  # (the probe did run the command)
 
@@ -76,7 +76,7 @@ def test_info_loads_the_snapshot_and_bitmap_code_for_an_image_that_has_them(chai
     snapshot_create(chain / "base.qcow2", "s1")
     bitmap_add(chain / "base.qcow2", "b1")
     mods = modules_after(chain, "info", "--output=json", "base.qcow2")
-    assert {"pyqcow.snapshot_table", "pyqcow.bitmaps"} <= mods
+    assert {"pyqcow.snapshot_table", "pyqcow.bitmap_directory"} <= mods
     # their fixed-size entries parse through layout's compiled form, too
     assert loaded(mods, HEAVY) == []
 
@@ -92,8 +92,8 @@ def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
     mods = modules_after(chain, *argv)
     assert loaded(mods, HEAVY) == []
     if argv[0] != "check":
-        assert loaded(mods, ("pyqcow.check", "pyqcow.snapshot", "pyqcow.snapshot_table",
-                             "pyqcow.bitmaps")) == []
+        assert loaded(mods, ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.snapshot_table",
+                             "pyqcow.bitmaps", "pyqcow.bitmap_directory")) == []
 
 
 def test_create_with_domain_xml_still_loads_libvirt(chain) -> None:
