@@ -11,11 +11,10 @@ import os
 
 from . import entries, layout, spec
 from .chain import dependents, header_chain, identity, probe_format, resolve_backing
-from .entries import RefcountBlock
-from .errors import FormatError, OperationError, QcowError
-from .header import Extension, Header, build_cluster0
+from .errors import OperationError, QcowError
+from .header import Extension, Header
 from .hostfile import LOCK_WRITE, HostFile, fsync_dir
-from .metadata import write_new_image
+from .metadata import first_metadata, write_new_image
 
 # QEMU's feature name table (written into every v3 image)
 FEATURE_TABLE = [
@@ -365,21 +364,6 @@ def _new_header(
     )
 
 
-def _first_metadata(path: str, hdr: Header) -> tuple[bytes, bytes, bytes]:
-    """(cluster 0: the header, cluster 1: the refcount table, cluster 2: the refcount
-    block describing clusters 0..2) of a new image."""
-    try:
-        cluster0 = build_cluster0(hdr)
-    except FormatError as e:
-        raise OperationError(path, e.message) from None
-    cluster_size = hdr.cluster_size
-    reftable = (2 * cluster_size).to_bytes(8, "big") + bytes(cluster_size - 8)
-    blk = RefcountBlock(bytes(cluster_size), hdr.refcount_order)
-    for c in range(3):
-        blk.set(c, 1)
-    return cluster0, reftable, blk.tobytes()
-
-
 def _dry_run(path: str, force: bool) -> None:
     """Every check the real run makes on an existing ``path`` (its lock included)."""
     if os.path.exists(path):
@@ -464,7 +448,7 @@ def create(
         backing_format=backing_format, lazy_refcounts=lazy_refcounts, extended_l2=extended_l2,
         compression_type=compression_type, refcount_bits=refcount_bits,
     )
-    metadata = _first_metadata(path, hdr)
+    metadata = first_metadata(path, hdr)
     if dry_run:
         _dry_run(path, force)
         return probed
