@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ._version import __version__  # noqa: F401 (public)
 from .errors import (
     BackingChainError,
     ChainError,
@@ -25,8 +26,6 @@ from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal
     get_version,
     open_file_object,
 )
-
-from ._version import __version__  # noqa: F401 (public)
 
 
 def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):
