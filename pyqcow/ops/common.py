@@ -19,6 +19,17 @@ def open_chain(top_path, top_mode: str = "r"):
     return open_image(top_path, top_mode)
 
 
+def read_guest(img, dst: memoryview, offset: int) -> None:
+    """Guest bytes of ``img`` at ``offset`` into ``dst``: zeros past its end, or if
+    ``img`` is None (no backing file)."""
+    n = len(dst)
+    inside = 0 if img is None else max(0, min(n, img.virtual_size - offset))
+    if inside:
+        img.readinto(dst[:inside], offset)
+    if inside < n:
+        dst[inside:] = bytes(n - inside)
+
+
 def find_layer(top, base_path: str | None):
     """(parent, base): ``base`` is in ``top``'s chain; ``parent`` is the image above it."""
     parent = top
