@@ -46,6 +46,22 @@ def find_layer(top, base_path: str | None):
     raise BackingChainError(base_path, f"is not in the backing chain of {top.path} ({names})")
 
 
+def locate_base(top, base: str | None):
+    """(parent, base image) for ``-b BASE``: BASE as given (relative to the current
+    directory), else relative to TOP's directory as qemu resolves backing names."""
+    try:
+        return find_layer(top, base)
+    except BackingChainError:
+        if base is None or os.path.isabs(base):
+            raise
+        alt = resolve_backing(top.path, base)
+        try:
+            return find_layer(top, alt)
+        except BackingChainError:
+            pass
+        raise
+
+
 def reopen_rw(parent, img):
     """Reopen chain member ``img`` read-write in place (keeps its own backing)."""
     from ..image import QcowImage

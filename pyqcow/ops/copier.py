@@ -186,6 +186,9 @@ def abandon(dest) -> None:
     never filled; it must not reach the disk when the image is closed.  Dropping
     it leaves the file as after its last flush (which ran only with every
     prepared cluster filled): exactly what a crash at that moment would leave.
+
+    TODO(lead): reaches into the writer's state (dirty sets, ``refcounts``); an
+    image method (e.g. ``drop_unflushed()``) should own this.
     """
     if getattr(dest, "refcounts", None) is None:
         return  # raw, or read-only: nothing cached
