@@ -87,7 +87,6 @@ def convert_to_raw(
     return execute_raw(img, plan_raw(img), dst, progress, opts)
 
 
-
 def convert_to_qcow2(
     src,
     dst: str | os.PathLike,

@@ -137,3 +137,17 @@ def test_rebase_validate(tmp_path):
     assert backing_target(top, "base.qcow2") == (str(Path(base)), "qcow2")
     assert backing_target(top, "gone.qcow2", None) == (str(tmp_path / "gone.qcow2"), None)
     assert backing_target(top, "") == (None, None)
+
+
+def test_convert_n_into_an_image_with_an_external_data_file(tmp_path):
+    """Guest data goes into the target's data file (the copier writes where
+    prepare_write's host offsets point), not into the qcow2 file itself."""
+    from pyqcow.ops.convert import ConvertOptions, convert_to_qcow2
+
+    src = qemu.create(tmp_path / "src.qcow2", 4 * C)
+    qemu.qemu_io(src, f"write -P 7 0 {C}", f"write -P 8 {2 * C} {2 * C}")
+    dst = qemu.create(tmp_path / "dst.qcow2", 4 * C, f"data_file={tmp_path / 'dst.data'}")
+    with pyqcow.open(str(src)) as img:
+        convert_to_qcow2(img, dst, opts=ConvertOptions(existing=True))
+    assert qemu.compare(src, dst) == 0
+    assert qemu.check_json(dst)[1] == 0
