@@ -15,14 +15,12 @@ warning (committing changes what they read).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from ..chain import chain_description, open_image, resolve_backing
-from ..errors import BackingChainError
+from ..chain import chain_description, open_image
 from ..libvirt import ChainElement
 from ..ops import commit as commit_op
-from ..ops.common import find_layer
+from ..ops.common import locate_base
 from ..ops.plan import data_bytes
 from ..units import format_size
 from .cache import add_cache_options
@@ -49,22 +47,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("top", metavar="TOP")
     add_cache_options(p)
     return p
-
-
-def locate_base(top, base: str | None):
-    """(parent, base image) for ``-b BASE``: BASE as given (relative to the current
-    directory), else relative to TOP's directory as qemu resolves backing names."""
-    try:
-        return find_layer(top, base)
-    except BackingChainError:
-        if base is None or os.path.isabs(base):
-            raise
-        alt = resolve_backing(top.path, base)
-        try:
-            return find_layer(top, alt)
-        except BackingChainError:
-            pass
-        raise
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,9 +19,8 @@ import argparse
 import os
 import sys
 
-from .. import spec
-from ..chain import host_path, probe_format, resolve_backing
-from ..errors import FormatError, OperationError
+from ..chain import host_path
+from ..errors import OperationError
 from ..ops import rebase as rebase_op
 from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
@@ -55,27 +54,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     image = args.image
     backing = args.backing or None
-    if backing is not None and len(os.fsencode(backing)) > spec.MAX_BACKING_FILE_NAME:
-        raise OperationError(
-            image, f"backing file name too long ({len(os.fsencode(backing))} bytes, "
-                   f"maximum {spec.MAX_BACKING_FILE_NAME})"
-        )
-    if not os.path.exists(image):
-        raise OperationError(image, "no such file")
-    fmt = args.format or probe_format(image)
-    if fmt != "qcow2":
-        how = "opened as raw (-f raw)" if args.format else "a raw image"
-        raise OperationError(image, f"is {how}; only qcow2 images have a backing file")
-    if probe_format(image) != "qcow2":
-        raise FormatError(image, "not a qcow2 image (bad magic), but -f qcow2 was given")
-    rebase_op.check_no_loop(image, backing, args.backing_format)
+    rebase_op.validate(image, backing, args.backing_format, image_format=args.format)
     update = DomainXmlUpdate.prepare(args)
-    bfmt = args.backing_format
-    bpath = None
-    if backing is not None:
-        bpath = resolve_backing(image, backing)
-        if os.path.exists(bpath) and bfmt is None:
-            bfmt = probe_format(bpath)
+    bpath, bfmt = rebase_op.backing_target(image, backing, args.backing_format)
     if update is not None:
         from ..libvirt import ChainElement  # lxml: only when XML is in play (start-up time)
 

@@ -18,10 +18,10 @@ import sys
 from ..chain import chain_description, open_image
 from ..libvirt import ChainElement
 from ..ops import stream as stream_op
+from ..ops.common import locate_base
 from ..ops.plan import data_bytes
 from ..units import format_size
 from .cache import add_cache_options
-from .commit import locate_base
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
 

@@ -21,6 +21,17 @@ def open_chain(top_path, top_mode: str = "r"):
     return open_image(top_path, top_mode)
 
 
+def read_guest(img, dst: memoryview, offset: int) -> None:
+    """Guest bytes of ``img`` at ``offset`` into ``dst``: zeros past its end, or if
+    ``img`` is None (no backing file)."""
+    n = len(dst)
+    inside = 0 if img is None else max(0, min(n, img.virtual_size - offset))
+    if inside:
+        img.readinto(dst[:inside], offset)
+    if inside < n:
+        dst[inside:] = bytes(n - inside)
+
+
 def find_layer(top, base_path: str | None):
     """(parent, base): ``base`` is in ``top``'s chain; ``parent`` is the image above it."""
     parent = top
@@ -35,6 +46,22 @@ def find_layer(top, base_path: str | None):
         parent, cur = cur, cur.backing
     names = " -> ".join(i.path for i in top.chain)
     raise BackingChainError(base_path, f"is not in the backing chain of {top.path} ({names})")
+
+
+def locate_base(top, base: str | None):
+    """(parent, base image) for ``-b BASE``: BASE as given (relative to the current
+    directory), else relative to TOP's directory as qemu resolves backing names."""
+    try:
+        return find_layer(top, base)
+    except BackingChainError:
+        if base is None or os.path.isabs(base):
+            raise
+        alt = resolve_backing(top.path, base)
+        try:
+            return find_layer(top, alt)
+        except BackingChainError:
+            pass
+        raise
 
 
 def reopen_rw(parent, img):

@@ -3,11 +3,17 @@
 Data held at a known host offset (normal clusters, raw files) is copied file to
 file by fastcopy (copy_file_range or the C helper) into host clusters that the
 destination's writer allocated with ``prepare_write``; compressed data and
-unaligned edges go through read + write.
+unaligned edges go through read + write (``execute``, for commit and stream).
+
+Data that must be looked at before it is written (convert skips zero clusters
+and may compress; rebase and convert -B write only what differs from a backing
+file) is read into buffers first; ``BufferWriter`` writes such buffers into
+fresh clusters of the destination, with the same flush guard.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from .. import fastcopy
@@ -34,13 +40,35 @@ def _src_fd(layer) -> int:
     return hf.fd
 
 
-# Prepared clusters must be filled before the destination flushes its L2
-# tables (a crash in between would expose unwritten clusters).  The writer
-# flushes by itself once more than MAX_DIRTY_L2 tables are dirty, so a
-# prepare_write call touches at most PREPARE_TABLES tables, and the copier
-# copies what is pending and flushes first when the next call could cross it.
+# ------------------------------------------------------------------ batch sizes
+# The one place that knows how the destination's writer batches its L2 tables
+# (to go once prepare_write returns a handle that a flush will not publish
+# before it is filled).  Prepared clusters must be filled before the
+# destination flushes its L2 tables (a crash in between would expose unwritten
+# clusters).  The writer flushes by itself once more than MAX_DIRTY_L2 tables
+# are dirty, so:
+# - ``execute``: a prepare_write call touches at most PREPARE_TABLES tables,
+#   and the copier copies what is pending and flushes first when the next call
+#   could cross MAX_DIRTY_L2;
+# - ``BufferWriter``: one buffer touches a few tables at most; between buffers
+#   the destination is flushed (its pending writes complete first) once more
+#   than FILL_DIRTY_L2 tables are dirty, far below MAX_DIRTY_L2.
 PREPARE_TABLES = 32
+FILL_DIRTY_L2 = 64
 BATCH_BYTES = 256 * 1024 * 1024
+
+
+def dirty_tables(dest) -> int:
+    """How many L2 tables of ``dest`` are changed in memory only."""
+    return len(dest.dirty_l2)
+
+
+def note_data_written(dest) -> None:
+    """Guest data went into host clusters of ``dest`` behind its back (pwrite
+    into prepared clusters): its next flush must make it durable first.
+
+    TODO(lead): an image method for this (or the prepare_write handle's fill)."""
+    dest._data_written = True
 
 # A batch is copied in slices, each one call into fastcopy (which Python cannot
 # interrupt): progress is reported and Ctrl-C (KeyboardInterrupt) is taken
@@ -137,7 +165,7 @@ class _Batch:
         """Make sure the next prepare_write cannot flush uncopied clusters."""
         from ..writer import MAX_DIRTY_L2
 
-        if len(self.dest.dirty_l2) + PREPARE_TABLES + 2 > MAX_DIRTY_L2:
+        if dirty_tables(self.dest) + PREPARE_TABLES + 2 > MAX_DIRTY_L2:
             self.drain()
             self.dest.flush()
 
@@ -147,17 +175,20 @@ def execute(pieces: list[Piece], dest, *, write_zero: bool = True, progress: Pro
     try:
         return _execute(pieces, dest, write_zero, progress)
     except BaseException:
-        _abandon(dest)
+        abandon(dest)
         raise
 
 
-def _abandon(dest) -> None:
+def abandon(dest) -> None:
     """After a failure (KeyboardInterrupt included) in the middle of a copy.
 
     The destination's in-memory metadata may map clusters that were prepared but
     never filled; it must not reach the disk when the image is closed.  Dropping
     it leaves the file as after its last flush (which ran only with every
     prepared cluster filled): exactly what a crash at that moment would leave.
+
+    TODO(lead): reaches into the writer's state (dirty sets, ``refcounts``); an
+    image method (e.g. ``drop_unflushed()``) should own this.
     """
     if getattr(dest, "refcounts", None) is None:
         return  # raw, or read-only: nothing cached
@@ -229,3 +260,80 @@ def _copy_data(p: Piece, pos: int, n: int, dest, batch: _Batch) -> None:
         g += m
     if end > b:
         _read_write(layer, dest, batch, b, end - b)
+
+
+# ------------------------------------------------------------------ buffers
+class BufferWriter:
+    """Writes guest data held in buffers into fresh clusters of ``dest``.
+
+    ``write`` allocates with ``prepare_write`` and fills the clusters with pwrite
+    into the destination's data file (with ``pool``: on the pool's threads, in
+    any order); with ``comp``, each cluster is stored compressed unless that does
+    not make it smaller.  ``checkpoint`` (between buffers) and ``finish`` wait
+    for the pending writes before the destination flushes.
+    """
+
+    def __init__(self, dest, *, comp=None, pool=None) -> None:
+        self.dest = dest
+        self.comp = comp
+        self.pool = pool
+        self.pending: list = []
+
+    def write(self, guest_offset: int, data: memoryview) -> int:
+        """Write cluster-aligned ``data`` at ``guest_offset``; returns its length."""
+        if self.comp is not None:
+            return self._write_compressed(guest_offset, data)
+        hf = self.dest.data_hf
+        pool = self.pool
+        for g, host, n in self.dest.prepare_write(guest_offset, len(data)):
+            piece = data[g - guest_offset : g - guest_offset + n]
+            if pool is not None:
+                self.pending.append(pool.submit(hf.pwrite, piece, host))
+            else:
+                hf.pwrite(piece, host)
+        return len(data)
+
+    def _write_compressed(self, guest_offset: int, data: memoryview) -> int:
+        dest = self.dest
+        cs = dest.cluster_size
+        n = len(data)
+        for off in range(0, n, cs):
+            piece = data[off : off + cs]
+            raw = bytes(piece) if len(piece) == cs else bytes(piece) + bytes(cs - len(piece))
+            packed = self.comp(raw)
+            if len(packed) < cs:
+                dest.write_compressed(guest_offset + off, packed)
+                continue
+            g0 = guest_offset + off
+            for g, host, ln in dest.prepare_write(g0, len(piece)):
+                dest.data_hf.pwrite(piece[g - g0 : g - g0 + ln], host)
+        return n
+
+    def settle(self) -> None:
+        """Wait for the pending (pooled) writes."""
+        for w in self.pending:
+            w.result()
+        self.pending.clear()
+
+    def checkpoint(self) -> None:
+        """Flush the destination once enough tables are dirty (its data first)."""
+        if dirty_tables(self.dest) > FILL_DIRTY_L2:
+            self.settle()
+            self.dest.flush()
+
+    def finish(self) -> None:
+        self.settle()
+        self.dest.flush()
+
+
+def read_host(fd: int, offset: int, length: int) -> bytearray:
+    """``length`` bytes of the host file ``fd`` from ``offset`` (zeros past its end)."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return buf

@@ -1,16 +1,24 @@
-"""Plan chain operations as data: which guest ranges come from which layer.
+"""Plan chain operations as data: which guest ranges come from where.
 
-A ``Piece`` says what the chain from some image down to (but excluding) a base
-shows over a guest range: ``data`` held by ``layer`` (with the layer's Run),
-``zero`` (a zero cluster, or past the end of a shorter backing file), or
-``below`` (nothing above the base allocates it: it reads from the base).
+The one planner of the ops; the copier (``copier.py``) executes its plans.
+
+- Between layers (commit, stream, rebase): a ``Piece`` says what the chain from
+  some image down to (but excluding) a base shows over a guest range: ``data``
+  held by ``layer`` (with the layer's Run), ``zero`` (a zero cluster, or past
+  the end of a shorter backing file), or ``below`` (nothing above the base
+  allocates it: it reads from the base).
+- The whole guest view (convert): a ``RawPlan`` of ``CopyStep``s, built from the
+  chain's block status (``mapping.chain_status``, qemu-img map's view), so that
+  any source with a block status (raw files with holes, snapshot views) plans
+  the same way; ranges that read as zeros are not in it.  ``copy_chunks`` cuts
+  it into cluster-aligned chunks for a qcow2 destination.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run
+from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run, chain_status
 
 
 @dataclass(slots=True)
@@ -106,3 +114,92 @@ def data_bytes_within(pieces: list[Piece], ranges: list[tuple[int, int]]) -> int
             total += min(end, r1) - max(start, r0)
             k += 1
     return total
+
+
+# ---------------------------------------------------------------- the whole guest view
+@dataclass(frozen=True)
+class CopyStep:
+    guest_offset: int
+    length: int
+    fd: int | None = None  # copy host bytes from this fd ...
+    host_offset: int | None = None  # ... starting here; None: read through the image
+
+
+@dataclass
+class RawPlan:
+    virtual_size: int
+    steps: list[CopyStep] = field(default_factory=list)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(s.length for s in self.steps)
+
+
+def data_fds(img) -> dict[str, int]:
+    """File name -> fd of every file holding guest data of ``img``'s chain."""
+    fds = {}
+    for layer in img.chain:
+        hf = getattr(layer, "data_hf", None) or layer.hf
+        name = getattr(layer, "data_file_path", None) or layer.path
+        fds.setdefault(name, hf.fd)
+    return fds
+
+
+def plan_raw(img) -> RawPlan:
+    """Which guest ranges of ``img`` hold data, and where to copy them from."""
+    fds = data_fds(img)
+    plan = RawPlan(img.virtual_size)
+    for e in chain_status(img):
+        if not e.data or e.zero:
+            continue
+        fd = fds.get(e.filename) if e.offset is not None and e.filename else None
+        if fd is not None:
+            plan.steps.append(CopyStep(e.start, e.length, fd, e.offset))
+        else:
+            plan.steps.append(CopyStep(e.start, e.length))
+    return plan
+
+
+def _merge_aligned(ranges: list[tuple[int, int]], start: int, length: int, cs: int,
+                   size: int) -> None:
+    a = start & ~(cs - 1)
+    b = min(size, (start + length + cs - 1) & ~(cs - 1))
+    if ranges and ranges[-1][1] >= a:
+        ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
+    else:
+        ranges.append((a, b))
+
+
+def cluster_ranges(plan: RawPlan, cs: int) -> list[tuple[int, int]]:
+    """The (start, end) guest ranges of ``plan``'s steps widened to whole clusters."""
+    ranges: list[tuple[int, int]] = []
+    for st in plan.steps:
+        _merge_aligned(ranges, st.guest_offset, st.length, cs, plan.virtual_size)
+    return ranges
+
+
+Chunk = tuple[int, int, "int | None", "int | None"]  # (guest, length, fd, host)
+
+
+def copy_chunks(plan: RawPlan, ranges: list[tuple[int, int]], chunk: int) -> list[Chunk]:
+    """``ranges`` cut into pieces of at most ``chunk`` bytes; a piece that lies inside
+    one step with a host file carries that ``fd`` and host offset (it can be read
+    straight from the file), the others (None, None) are read through the image."""
+    chunks: list[Chunk] = []
+    steps = plan.steps
+    si = 0
+    for a, b in ranges:
+        pos = a
+        while pos < b:
+            n = min(chunk, b - pos)
+            while si < len(steps) and steps[si].guest_offset + steps[si].length <= pos:
+                si += 1
+            fd = host = None
+            if si < len(steps):
+                st = steps[si]
+                if st.fd is not None and st.guest_offset <= pos and pos + n <= st.guest_offset + st.length:
+                    fd, host = st.fd, st.host_offset + (pos - st.guest_offset)
+            chunks.append((pos, n, fd, host))
+            pos += n
+    return chunks
+

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from .. import spec
 from ..chain import header_chain, open_image, probe_format, resolve_backing
-from ..errors import BackingChainError, OperationError, QcowError
+from ..errors import BackingChainError, FormatError, OperationError, QcowError
 from ..image import QcowImage
-from .common import check_backing_target, open_chain, same_file
+from .common import check_backing_target, open_chain, read_guest, same_file
 
 COMPARE_CHUNK = 4 * 1024 * 1024
 
@@ -22,10 +22,55 @@ class RebaseResult:
 
 
 def _validate_name(path: str, backing: str) -> None:
-    if len(backing.encode()) > spec.MAX_BACKING_FILE_NAME:
-        raise OperationError(path, f"backing file name too long ({len(backing.encode())} bytes, maximum 1023)")
+    n = len(os.fsencode(backing))
+    if n > spec.MAX_BACKING_FILE_NAME:
+        raise OperationError(
+            path, f"backing file name too long ({n} bytes, maximum {spec.MAX_BACKING_FILE_NAME})"
+        )
 
 
+def _check_request(path: str, backing: str | None, backing_format: str | None) -> None:
+    """What rebase checks before it opens anything (read-write, with locks: our own
+    lock on an image of a loop would otherwise be reported as another process's)."""
+    if backing is None:
+        return
+    _validate_name(path, backing)
+    if backing_format not in (None, "qcow2", "raw"):
+        raise OperationError(path, f"unsupported backing format {backing_format!r}")
+    check_no_loop(path, backing, backing_format)
+
+
+def validate(path, backing: str | None, backing_format: str | None = None, *,
+             image_format: str | None = None) -> None:
+    """Every check of a rebase request, before anything is opened or planned (the
+    CLI calls it first, before a domain XML update is prepared): the name of
+    BACKING, that ``path`` exists and is a qcow2 image (``image_format``: the
+    format the caller was told, e.g. ``-f``; default: probe), and no loop."""
+    path = os.fspath(path)
+    backing = backing or None
+    if backing is not None:
+        _validate_name(path, backing)
+    if not os.path.exists(path):
+        raise OperationError(path, "no such file")
+    fmt = image_format or probe_format(path)
+    if fmt != "qcow2":
+        how = "opened as raw (-f raw)" if image_format else "a raw image"
+        raise OperationError(path, f"is {how}; only qcow2 images have a backing file")
+    if probe_format(path) != "qcow2":
+        raise FormatError(path, "not a qcow2 image (bad magic), but -f qcow2 was given")
+    _check_request(path, backing, backing_format)
+
+
+def backing_target(path, backing: str | None, backing_format: str | None = None
+                   ) -> tuple[str | None, str | None]:
+    """(file, format) of the new backing file named ``backing`` (None, None for
+    none); the format is probed when not given and the file exists."""
+    if not backing:
+        return None, None
+    full = resolve_backing(os.fspath(path), backing)
+    if backing_format is None and os.path.exists(full):
+        backing_format = probe_format(full)
+    return full, backing_format
 
 
 def check_no_loop(path, backing: str | None, backing_format: str | None = None) -> None:
@@ -54,13 +99,7 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
            progress=None) -> RebaseResult:
     path = os.fspath(path)
     backing = backing or None
-    if backing is not None:
-        _validate_name(path, backing)
-        if backing_format not in (None, "qcow2", "raw"):
-            raise OperationError(path, f"unsupported backing format {backing_format!r}")
-        # before anything is opened (read-write, with locks): our own lock on an
-        # image of the loop would otherwise be reported as another process's
-        check_no_loop(path, backing, backing_format)
+    _check_request(path, backing, backing_format)
     if unsafe:
         fmt = backing_format
         if backing is not None and fmt is None:
@@ -71,11 +110,11 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
         with QcowImage(path, "r+") as img:
             img.set_backing(backing, fmt)
         return RebaseResult(path, backing, 0)
+    return _safe_rebase(path, backing, backing_format, progress)
 
-    # the copier (and the C helper, typing) only for a safe rebase: start-up of -u
-    from . import copier
-    from .plan import unallocated_ranges
 
+def _safe_rebase(path: str, backing: str | None, backing_format: str | None,
+                 progress) -> RebaseResult:
     new_img = None
     fmt = None
     if backing is not None:
@@ -89,30 +128,7 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
             new_img = open_image(full, format=fmt)
             if any(same_file(i.path, path) for i in new_img.chain):
                 raise OperationError(path, "the new backing chain would contain the image itself")
-        old = top.backing
-        ranges = unallocated_ranges(top)
-        total = sum(n for _, n in ranges)
-        prog = copier.Progress(total, progress)
-        copied = 0
-        cs = top.cluster_size
-        try:
-            for start, length in ranges:
-                pos = start
-                end = start + length
-                while pos < end:
-                    n = min(COMPARE_CHUNK, end - pos)
-                    old_buf = _view(old, pos, n)
-                    new_buf = _view(new_img, pos, n)
-                    if old_buf != new_buf:
-                        copied += _write_differences(top, pos, old_buf, new_buf, cs)
-                    prog.advance(n)
-                    pos += n
-            top.flush()
-        except BaseException:
-            # Ctrl-C (or an error) in the middle of a write: the in-memory metadata
-            # may be half updated; leave the file as after its last flush
-            copier._abandon(top)
-            raise
+        copied = _copy_differences(top, top.backing, new_img, progress)
         top.set_backing(backing, fmt)
         return RebaseResult(path, backing, copied)
     finally:
@@ -121,13 +137,50 @@ def rebase(path, backing: str | None, *, backing_format: str | None = None, unsa
         top.close()
 
 
+def _copy_differences(top, old, new, progress) -> int:
+    """Where ``top`` allocates nothing and its old backing ``old`` reads otherwise
+    than the new one ``new``, write the old content into ``top``.
+
+    Planned by the planner (``plan.unallocated_ranges``).  Not executed by
+    ``copier.execute``, which copies what an allocation map says: what to copy
+    here is decided by comparing the bytes of two chains, so this loop reads
+    both and writes the clusters that differ with ``top.write`` (or
+    ``write_zeroes``); on failure the copier's ``abandon`` leaves the file as
+    after its last flush, as for every copy.
+    """
+    # the copier (and the C helper, typing) only for a safe rebase: start-up of -u
+    from . import copier
+    from .plan import unallocated_ranges
+
+    ranges = unallocated_ranges(top)
+    prog = copier.Progress(sum(n for _, n in ranges), progress)
+    copied = 0
+    cs = top.cluster_size
+    try:
+        for start, length in ranges:
+            pos = start
+            end = start + length
+            while pos < end:
+                n = min(COMPARE_CHUNK, end - pos)
+                old_buf = _view(old, pos, n)
+                new_buf = _view(new, pos, n)
+                if old_buf != new_buf:
+                    copied += _write_differences(top, pos, old_buf, new_buf, cs)
+                prog.advance(n)
+                pos += n
+        top.flush()
+    except BaseException:
+        # Ctrl-C (or an error) in the middle of a write: the in-memory metadata
+        # may be half updated; leave the file as after its last flush
+        copier.abandon(top)
+        raise
+    return copied
+
+
 def _view(img, offset: int, length: int) -> bytes:
     """Guest bytes of ``img`` (zeros past its end, or if there is no image)."""
     buf = bytearray(length)
-    if img is not None:
-        inside = max(0, min(length, img.virtual_size - offset))
-        if inside:
-            img.readinto(memoryview(buf)[:inside], offset)
+    read_guest(img, memoryview(buf), offset)
     return bytes(buf)
 
 

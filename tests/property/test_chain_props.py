@@ -216,7 +216,14 @@ def run_case(layers: list[Layer], op: str, other: Layer, backend: str) -> None:
                 paths.append(op_paths)
             else:
                 _, keep, via = op.split("_") if op != "merge_auto" else ("", "top", "auto")
-                plan = merge(top, keep=keep, via=via)
+                # a raw BASE: the kept name would change format (refused unless forced)
+                refused = paths[-2].suffix == ".img" and (keep, via) in (
+                    ("base", "stream"), ("top", "commit"))
+                if refused:
+                    with pytest.raises(pyqcow.OperationError, match="merging via .* would put"):
+                        merge(top, keep=keep, via=via)
+                    _assert_reads(top, expected, tmp, "chain after a refused merge")
+                plan = merge(top, keep=keep, via=via, force=refused)
                 kept = paths[-2] if keep == "base" else top
                 _assert_reads(kept, expected, tmp, f"merge keep={keep} via={plan.via}")
                 gone = top if keep == "base" else paths[-2]
@@ -277,6 +284,19 @@ def test_each_op_once(op):
     other.cmds = ["write -P 0x55 0 16384"]
     other.put(0, b"\x55" * 16384)
     run_case([base, mid, top], op, other, "native" if fastcopy.native_available() else "python")
+
+
+@pytest.mark.parametrize("op", [o for o in OPS if o.startswith("merge")])
+def test_merges_over_a_raw_base(op):
+    """A raw BASE under one overlay: the two directions that would change the format
+    at the kept name are refused first (nothing changes), then done with force."""
+    base = Layer(64 * 1024, 512, "raw")
+    base.cmds = ["write -P 0x11 0 40960"]
+    base.put(0, b"\x11" * 40960)
+    top = Layer(64 * 1024, 4096)
+    top.cmds = ["write -P 0x33 4096 8192"]
+    top.put(4096, b"\x33" * 8192)
+    run_case([base, top], op, Layer(4096, 4096), "python")
 
 
 @settings(max_examples=25, **_common)

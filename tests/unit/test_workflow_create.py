@@ -505,7 +505,7 @@ class _ZeroWrites:
 
 
 def test_convert_zero_byte_pwrite_is_an_error(tmp_path, monkeypatch):
-    from pyqcow.ops import convert as convert_mod
+    from pyqcow.ops import convert_raw as convert_mod
 
     p = tmp_path / "d.raw"
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1,0 +1,283 @@
+"""convert -O qcow2: fill a qcow2 image with the guest view of a source.
+
+The ranges to copy come from the planner (``plan.plan_raw``, ``cluster_ranges``,
+``copy_chunks``) and the clusters are written by the copier's ``BufferWriter``.
+
+Why not ``copier.execute`` (file-to-file copy into prepared clusters): what a
+cluster becomes depends on its bytes, which must be read first.  Clusters that
+read as zeros are not allocated (and with -S a whole block of them only), with
+-c a cluster is stored compressed if that makes it smaller, and over a -B
+backing only the clusters that differ from the backing's are written.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from .. import fastcopy
+from . import copier
+from .common import read_guest
+from .convert_common import ConvertOptions, ProgressFn, drop_source_cache
+from .plan import Chunk, cluster_ranges, copy_chunks, plan_raw
+
+QCOW2_CHUNK = 4 << 20
+
+
+def compressor(compression_type: str) -> Callable[[bytes], bytes]:
+    """The cluster compressor qemu uses for ``compression_type`` (zlib or zstd)."""
+    if compression_type == "zstd":
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor()
+        return cctx.compress
+    import zlib
+
+    def deflate(data: bytes) -> bytes:
+        # QEMU block/qcow2-threads.c: raw deflate, window bits -12, memLevel 9
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        return c.compress(data) + c.flush()
+
+    return deflate
+
+
+def _compressor_for(out, compress: bool):
+    if not compress:
+        return None
+    return compressor("zstd" if out.header.compression_type == 1 else "zlib")
+
+
+# ---------------------------------------------------------------- over a -B backing
+def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> int:
+    """Write into ``out`` (whose backing is compared) the clusters where ``src``
+    reads differently from ``out``'s backing."""
+    cs = out.cluster_size
+    size = src.virtual_size
+    writer = copier.BufferWriter(out, comp=_compressor_for(out, compress))
+    # everything is visited: zeros may differ from the backing's data
+    ranges = [(0, size)]
+    total = sum(b - a for a, b in ranges)
+    done = written = 0
+    chunk = max(cs, QCOW2_CHUNK)
+    buf = bytearray(chunk)
+    bbuf = bytearray(chunk)
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            n = min(chunk, end - pos)
+            view = memoryview(buf)[:n]
+            src.readinto(view, pos)
+            bview = memoryview(bbuf)[:n]
+            read_guest(out.backing, bview, pos)
+            written += _write_differing(writer, view, bview, pos)
+            writer.checkpoint()
+            pos += n
+            done += n
+            if progress:
+                progress(done, total)
+    writer.finish()
+    return written
+
+
+def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: int) -> int:
+    """Write the clusters of ``view`` that differ from ``bview`` (the backing's view)."""
+    out = writer.dest
+    cs = out.cluster_size
+    written = 0
+    run_start = None
+    pos = 0
+    n = len(view)
+    while pos <= n:
+        differs = False
+        if pos < n:
+            m = min(cs, n - pos)
+            differs = bytes(view[pos : pos + m]) != bytes(bview[pos : pos + m])
+            zero = differs and fastcopy.is_zero(view[pos : pos + m])
+            if zero:
+                # flush a pending data run, then make this cluster a zero cluster
+                if run_start is not None:
+                    written += writer.write(guest_offset + run_start, view[run_start:pos])
+                    run_start = None
+                out.write_zeroes(guest_offset + pos, m)
+                written += m
+                pos += m
+                continue
+        if differs:
+            if run_start is None:
+                run_start = pos
+        elif run_start is not None:
+            written += writer.write(guest_offset + run_start, view[run_start:pos])
+            run_start = None
+        if pos >= n:
+            break
+        pos += min(cs, n - pos)
+    return written
+
+
+# ---------------------------------------------------------------- no -B
+def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
+               opts: ConvertOptions, *, fresh: bool) -> int:
+    """Copy ``src`` into ``out`` (a qcow2 image whose backing, if any, is not compared).
+
+    Ranges that hold data in the source are read in cluster-aligned chunks; with
+    ``opts.coroutines`` > 1 the chunks that are plain host data are read by that
+    many threads at once (and with ``opts.out_of_order`` also written by them),
+    while clusters are allocated in guest order by this thread, so the layout is
+    the same as a sequential copy.  Zero clusters are skipped (runs of at least
+    ``opts.sparse_size`` bytes; ``-S 0`` writes them as data).  Into an existing
+    image (``fresh=False``) ranges that read as zeros are zeroed unless
+    ``opts.target_is_zero``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cs = out.cluster_size
+    size = src.virtual_size
+    plan = plan_raw(src)
+    if opts.sparse_size == 0:
+        ranges = [(0, size)] if size else []
+    else:
+        ranges = cluster_ranges(plan, cs)
+    zero_target = not fresh and not opts.target_is_zero
+    if zero_target:
+        # zero the rest of an existing target (what the source reads as zeros)
+        pos = 0
+        for a, b in ranges + [(size, size)]:
+            if a > pos:
+                _zero_existing(out, pos, a - pos)
+            pos = b
+        out.flush()
+    chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
+    workers = max(1, opts.coroutines)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
+        written = fill.run(chunks, workers, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    copier.note_data_written(out)
+    out.flush()
+    drop_source_cache(src)
+    return written
+
+
+class _PlainFill:
+    """Reads chunks ahead (on ``pool``'s threads when they are host data) and
+    writes them, in guest order, through a ``copier.BufferWriter``."""
+
+    def __init__(self, src, out, comp, opts: ConvertOptions, zero_target: bool, pool) -> None:
+        self.src = src
+        self.out = out
+        self.opts = opts
+        self.zero_target = zero_target
+        self.pool = pool
+        self.writer = copier.BufferWriter(
+            out, comp=comp, pool=pool if opts.out_of_order else None
+        )
+
+    def run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None) -> int:
+        total = sum(c[1] for c in chunks)
+        in_flight: deque = deque()
+        done = written = 0
+        for c in chunks:
+            in_flight.append((c, self.read(c)))
+            while len(in_flight) > 2 * workers:
+                c0, r = in_flight.popleft()
+                written += self.consume(c0, r.result() if hasattr(r, "result") else r)
+                done += c0[1]
+                if progress:
+                    progress(done, total)
+                self.writer.checkpoint()  # data before the L2 entries that point at it
+        while in_flight:
+            c0, r = in_flight.popleft()
+            written += self.consume(c0, r.result() if hasattr(r, "result") else r)
+            done += c0[1]
+            if progress:
+                progress(done, total)
+        self.writer.settle()
+        return written
+
+    def read(self, c: Chunk):
+        """The chunk's bytes, or a future of them (host data, with a pool)."""
+        g, n, fd, host = c
+        if fd is not None:
+            if self.pool is not None:
+                return self.pool.submit(copier.read_host, fd, host, n)
+            return copier.read_host(fd, host, n)
+        buf = bytearray(n)
+        self.src.readinto(memoryview(buf), g)
+        return buf
+
+    def _runs(self, g: int, view: memoryview) -> list[tuple[int, int, bool]]:
+        cs = self.out.cluster_size
+        if self.opts.sparse_size == 0:
+            return [(0, len(view), False)]
+        runs = fastcopy.zero_runs(view, cs)
+        if self.opts.sparse_size > cs:
+            runs = sparse_runs(runs, g, -(-self.opts.sparse_size // cs) * cs)
+        return runs
+
+    def consume(self, c: Chunk, buf: bytearray) -> int:
+        """Write the chunk ``c`` read into ``buf``; returns the bytes written."""
+        g = c[0]
+        out = self.out
+        cs = out.cluster_size
+        view = memoryview(buf)
+        wrote = 0
+        for off, length, is_zero in self._runs(g, view):
+            if is_zero:
+                if self.zero_target:
+                    _zero_existing(out, g + off, length)
+                continue
+            data = view[off : off + length]
+            tail = (g + off + length) & (cs - 1)
+            if tail and g + off + length != out.virtual_size:
+                # the source ends inside a cluster of a larger existing target: the
+                # rest of that cluster keeps the target's bytes (read-modify-write)
+                out.write(g + off + length - tail, data[length - tail :])
+                wrote += tail
+                data = data[: length - tail]
+                length -= tail
+                if not length:
+                    continue
+            wrote += self.writer.write(g + off, data)
+        return wrote
+
+
+def sparse_runs(
+    runs: list[tuple[int, int, bool]], guest_offset: int, block: int
+) -> list[tuple[int, int, bool]]:
+    """-S: only whole ``block``-aligned (guest offsets) blocks of zeros stay sparse; a
+    block with any data is written whole, as qemu-img does for sparse sizes larger
+    than a cluster.  ``runs`` are zero_runs of a buffer starting at ``guest_offset``."""
+    out: list[tuple[int, int, bool]] = []
+
+    def add(off: int, length: int, z: bool) -> None:
+        if out and out[-1][2] == z and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + length, z)
+        else:
+            out.append((off, length, z))
+
+    if not runs:
+        return out
+    end = runs[-1][0] + runs[-1][1]
+    data = [(off, off + length) for off, length, z in runs if not z]
+    pos = 0
+    di = 0
+    while pos < end:
+        # the block containing pos, clipped to the buffer
+        b_end = min(end, ((guest_offset + pos) // block + 1) * block - guest_offset)
+        while di < len(data) and data[di][1] <= pos:
+            di += 1
+        has_data = di < len(data) and data[di][0] < b_end
+        add(pos, b_end - pos, not has_data)
+        pos = b_end
+    return out
+
+
+def _zero_existing(out, offset: int, length: int) -> None:
+    """Make a range of an existing target read as zeros (qemu-img convert -n): zero
+    clusters where v3 can say so, written zeros where it cannot (v2 over a backing)."""
+    for ext in out.map(offset, length):
+        if not ext.zero:
+            out.write_zeroes(ext.start, ext.length)

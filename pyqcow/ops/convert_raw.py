@@ -1,0 +1,196 @@
+"""convert -O raw: write the planned guest view of an image into a plain file.
+
+The plan (``plan.plan_raw``) lists the guest ranges that hold data: ranges whose
+data lives uncompressed in a host file are copied file-to-file
+(``fastcopy.copy_runs``, zero 4 KiB blocks skipped); compressed or otherwise
+encoded ranges are read through the image.  Ranges that read as zeros are not
+written at all, so the output is sparse with the image's virtual size.
+
+Why not ``copier.execute``: the destination is a plain file with no metadata
+of its own (nothing is allocated, so there is no flush order to guard), zero
+blocks inside data are skipped to keep it sparse, and with -m the pieces are
+shared among threads; the copy itself is the same fastcopy call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from .. import fastcopy
+from ..errors import OperationError
+from ..hostfile import fsync_dir
+from .convert_common import (
+    DEFAULT_OPTIONS,
+    ConvertOptions,
+    ProgressFn,
+    drop_source_cache,
+    refuse_source_as_destination,
+)
+from .plan import CopyStep, RawPlan
+
+READ_CHUNK = 1 << 20
+RAW_PIECE = 8 << 20  # -m: a raw copy is shared among streams in pieces of this size
+ZERO_GRANULARITY = 4096
+
+Work = tuple[CopyStep, int, int]  # (step, offset in the step, length)
+
+
+def execute_raw(
+    img, plan: RawPlan, dst: str | os.PathLike, progress: ProgressFn | None = None,
+    opts: ConvertOptions = DEFAULT_OPTIONS,
+) -> int:
+    """Write ``plan`` into ``dst`` (created or truncated; with ``opts.existing``
+    written in place, never truncated). Returns bytes written.
+
+    ``dst`` is locked (QEMU's write lock) before it is truncated and stays locked
+    until it is complete and durable; a file this call created is removed again
+    if the copy fails.
+    """
+    from ..newimage import OutputFile
+
+    dst = os.fspath(dst)
+    refuse_source_as_destination(img, dst)
+    if opts.existing:
+        from ..hostfile import LOCK_WRITE, HostFile
+
+        if not os.path.exists(dst):
+            raise OperationError(dst, "-n: the target image does not exist")
+        hf = HostFile(dst, writable=True)
+        try:
+            hf.lock(LOCK_WRITE)
+            if hf.size() < plan.virtual_size:
+                raise OperationError(
+                    dst, f"output file is smaller than input file ({hf.size()} < "
+                         f"{plan.virtual_size} bytes)"
+                )
+            return _write_raw(img, plan, hf, dst, progress, opts)
+        finally:
+            hf.close()
+    with OutputFile(dst) as out:
+        written = _write_raw(img, plan, out.hf, dst, progress, opts)
+        if out.created:
+            fsync_dir(dst)  # the new name must survive a crash, like the data
+    return written
+
+
+def _split(plan: RawPlan) -> tuple[list[Work], list[tuple[int, int]]]:
+    """The plan's steps in pieces of at most RAW_PIECE bytes (so that several
+    streams share a big run), and the (offset, length) gaps between them."""
+    pos = 0
+    work: list[Work] = []
+    gaps: list[tuple[int, int]] = []
+    for step in plan.steps:
+        if step.guest_offset > pos:
+            gaps.append((pos, step.guest_offset - pos))
+        for a in range(0, step.length, RAW_PIECE):
+            work.append((step, a, min(RAW_PIECE, step.length - a)))
+        pos = step.guest_offset + step.length
+    if plan.virtual_size > pos:
+        gaps.append((pos, plan.virtual_size - pos))
+    return work, gaps
+
+
+def _write_raw(
+    img, plan: RawPlan, hf, dst: str, progress: ProgressFn | None,
+    opts: ConvertOptions = DEFAULT_OPTIONS,
+) -> int:
+    fd = hf.fd
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    # sparse: zero ranges are left as holes (a new regular file, or --target-is-zero)
+    sparse = opts.sparse_size > 0 and (
+        (regular and not opts.existing) or opts.target_is_zero
+    )
+    if regular and not opts.existing:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, plan.virtual_size)
+    work, gaps = _split(plan)
+    if not sparse:
+        # zero ranges: a hole (regular file) or written zeros (a device, -S 0)
+        for off, n in gaps:
+            if opts.sparse_size == 0 or not regular or not hf.punch_hole(off, n):
+                _write_zeros(fd, off, n, dst)
+
+    def piece(item: Work) -> int:
+        step, a, n = item
+        if step.fd is not None:
+            return fastcopy.copy_runs(
+                step.fd, fd, [(step.host_offset + a, step.guest_offset + a, n)],
+                skip_zero=sparse,
+            )
+        return _copy_through_image(img, fd, CopyStep(step.guest_offset + a, n), sparse, dst)
+
+    written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes, progress)
+    if regular and not opts.existing and os.fstat(fd).st_size != plan.virtual_size:
+        os.ftruncate(fd, plan.virtual_size)
+    hf.fsync()
+    drop_source_cache(img)
+    return written
+
+
+def _run_pieces(piece, work: list[Work], workers: int, total: int,
+                progress: ProgressFn | None) -> int:
+    """``piece(item)`` for every item of ``work``: the host-file pieces on
+    ``workers`` threads (the C copier releases the GIL), the others in order."""
+    done = written = 0
+    parallel = [w for w in work if w[0].fd is not None] if workers > 1 else []
+    serial = [w for w in work if w[0].fd is None] if workers > 1 else work
+    if parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            for n, item in zip(pool.map(piece, parallel), parallel, strict=True):
+                written += n
+                done += item[2]
+                if progress:
+                    progress(done, total)
+    for item in serial:
+        written += piece(item)
+        done += item[2]
+        if progress:
+            progress(done, total)
+    return written
+
+
+def _copy_through_image(img, fd: int, step: CopyStep, sparse: bool, dst: str) -> int:
+    written = 0
+    buf = bytearray(min(READ_CHUNK, step.length))
+    pos, end = step.guest_offset, step.guest_offset + step.length
+    while pos < end:
+        n = min(len(buf), end - pos)
+        view = memoryview(buf)[:n]
+        img.readinto(view, pos)
+        if sparse:
+            for off, length, is_zero in fastcopy.zero_runs(view, ZERO_GRANULARITY):
+                if not is_zero:
+                    _pwrite_all(fd, view[off : off + length], pos + off, dst)
+                    written += length
+        else:
+            _pwrite_all(fd, view, pos, dst)
+            written += n
+        pos += n
+    return written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, name: str) -> None:
+    """pwrite all of ``data``; a write that writes nothing is an error, not a loop."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(
+                errno.ENOSPC,
+                f"writing at offset {offset + done} wrote nothing (device full?)",
+                name,
+            )
+        done += n
+
+
+def _write_zeros(fd: int, offset: int, length: int, name: str) -> None:
+    zeros = bytes(min(READ_CHUNK, length))
+    while length:
+        n = min(len(zeros), length)
+        _pwrite_all(fd, memoryview(zeros)[:n], offset, name)
+        offset += n
+        length -= n

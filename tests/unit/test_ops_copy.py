@@ -1,0 +1,153 @@
+"""The planner's whole-guest-view plan (convert) and the copier's buffer writes;
+rebase's request checks in the library (the CLI calls the same function)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import qemu
+
+import pyqcow
+from pyqcow.entries import ClusterType
+from pyqcow.errors import BackingChainError, FormatError, OperationError
+from pyqcow.ops import copier
+from pyqcow.ops.common import read_guest
+from pyqcow.ops.plan import CopyStep, RawPlan, cluster_ranges, copy_chunks, plan_raw
+from pyqcow.ops.rebase import backing_target, validate
+
+KiB = 1024
+C = 64 * KiB
+
+pytestmark = pytest.mark.usefixtures("qemu_img_path", "qemu_io_path")
+
+
+# -- plan: the whole guest view ------------------------------------------------------------
+def test_cluster_ranges_widen_merge_and_clip():
+    plan = RawPlan(10 * C + 100, [
+        CopyStep(100, 10),  # inside cluster 0
+        CopyStep(C + 5, 10),  # cluster 1: merges with cluster 0's range
+        CopyStep(4 * C, 2 * C),  # clusters 4-5
+        CopyStep(10 * C, 50),  # the short last cluster: clipped to the virtual size
+    ])
+    assert cluster_ranges(plan, C) == [(0, 2 * C), (4 * C, 6 * C), (10 * C, 10 * C + 100)]
+
+
+def test_copy_chunks_cut_and_carry_host_offsets():
+    plan = RawPlan(16 * C, [CopyStep(0, 6 * C, 7, 100 * C), CopyStep(6 * C, 2 * C)])
+    chunks = copy_chunks(plan, [(0, 8 * C)], 4 * C)
+    assert chunks == [
+        (0, 4 * C, 7, 100 * C),  # inside the host-file step: read from fd 7
+        (4 * C, 4 * C, None, None),  # crosses into the step read through the image
+    ]
+    assert copy_chunks(plan, [(2 * C, 6 * C)], 2 * C) == [
+        (2 * C, 2 * C, 7, 102 * C),
+        (4 * C, 2 * C, 7, 104 * C),
+    ]
+
+
+def test_plan_raw_steps_come_from_block_status(tmp_path):
+    p = qemu.create(tmp_path / "a.qcow2", 8 * C)
+    qemu.qemu_io(p, f"write -P 1 0 {C}", f"write -z {2 * C} {C}", f"write -c -P 2 {4 * C} {C}")
+    with pyqcow.open(str(p)) as img:
+        plan = plan_raw(img)
+        assert plan.virtual_size == 8 * C
+        assert [(s.guest_offset, s.length, s.fd is not None) for s in plan.steps] == [
+            (0, C, True),  # plain data: copied from the host file
+            (4 * C, C, False),  # compressed: read through the image
+        ]
+        assert plan.data_bytes == 2 * C
+
+
+# -- copier: buffers into fresh clusters ---------------------------------------------------
+def test_read_guest_zeros_past_the_end_and_without_image(tmp_path):
+    p = qemu.create(tmp_path / "a.qcow2", 2 * C)
+    qemu.qemu_io(p, f"write -P 9 0 {2 * C}")
+    buf = bytearray(b"\xff" * (2 * C))
+    with pyqcow.open(str(p)) as img:
+        read_guest(img, memoryview(buf), C)
+    assert buf == b"\x09" * C + bytes(C)
+    buf = bytearray(b"\xff" * 10)
+    read_guest(None, memoryview(buf), 0)
+    assert buf == bytes(10)
+
+
+def test_buffer_writer_checkpoint_flushes_with_data_first(tmp_path):
+    """A checkpoint flushes once more than FILL_DIRTY_L2 tables are dirty; what was
+    written reads back and qemu-img finds the image clean and equal."""
+    cs = 512  # 64 entries per L2 table: one table per 32 KiB
+    span = (copier.FILL_DIRTY_L2 + 2) * 64 * cs
+    p = tmp_path / "out.qcow2"
+    qemu.create(p, span, f"cluster_size={cs}")
+    data = bytes(range(256)) * (span // 256)
+    with pyqcow.open(str(p), "r+") as out:
+        w = copier.BufferWriter(out)
+        assert w.write(0, memoryview(data)) == span
+        assert copier.dirty_tables(out) > copier.FILL_DIRTY_L2
+        w.checkpoint()
+        assert copier.dirty_tables(out) == 0
+        w.finish()
+    raw = tmp_path / "ref.raw"
+    raw.write_bytes(data)
+    assert qemu.compare(p, raw, fmt_b="raw") == 0
+    assert qemu.check_json(p)[1] == 0  # clean: no corruption, no leak
+
+
+def test_buffer_writer_compressed_clusters(tmp_path):
+    from pyqcow.ops.convert import compressor
+
+    p = tmp_path / "out.qcow2"
+    qemu.create(p, 4 * C)
+    data = b"a" * C + os.urandom(C)  # compresses / does not
+    with pyqcow.open(str(p), "r+") as out:
+        w = copier.BufferWriter(out, comp=compressor("zlib"))
+        assert w.write(0, memoryview(data)) == 2 * C
+        w.finish()
+    raw = tmp_path / "ref.raw"
+    raw.write_bytes(data + bytes(2 * C))
+    assert qemu.compare(p, raw, fmt_b="raw") == 0
+    with pyqcow.open(str(p)) as img:
+        assert [r.type for r in img.runs(0, 2 * C)] == [ClusterType.COMPRESSED, ClusterType.NORMAL]
+
+
+# -- rebase: the request checks ------------------------------------------------------------
+def test_rebase_validate(tmp_path):
+    base = qemu.create(tmp_path / "base.qcow2", C)
+    top = qemu.create(tmp_path / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2",
+                      cwd=tmp_path)
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(C))
+    validate(top, "base.qcow2", "qcow2")  # fine
+    validate(top, None)  # removing the backing file: fine
+    with pytest.raises(OperationError, match="backing file name too long"):
+        validate(top, "x" * 1024)
+    with pytest.raises(OperationError, match="no such file"):
+        validate(tmp_path / "nope.qcow2", "base.qcow2")
+    with pytest.raises(OperationError, match="is a raw image; only qcow2 images"):
+        validate(raw, "base.qcow2")
+    with pytest.raises(OperationError, match=r"opened as raw \(-f raw\)"):
+        validate(top, "base.qcow2", image_format="raw")
+    with pytest.raises(FormatError, match="bad magic"):
+        validate(raw, "base.qcow2", image_format="qcow2")
+    with pytest.raises(OperationError, match="unsupported backing format 'vmdk'"):
+        validate(top, "base.qcow2", "vmdk")
+    with pytest.raises(BackingChainError, match="would make a backing loop"):
+        validate(base, "top.qcow2", "qcow2")
+    assert backing_target(top, "base.qcow2") == (str(Path(base)), "qcow2")
+    assert backing_target(top, "gone.qcow2", None) == (str(tmp_path / "gone.qcow2"), None)
+    assert backing_target(top, "") == (None, None)
+
+
+def test_convert_n_into_an_image_with_an_external_data_file(tmp_path):
+    """Guest data goes into the target's data file (the copier writes where
+    prepare_write's host offsets point), not into the qcow2 file itself."""
+    from pyqcow.ops.convert import ConvertOptions, convert_to_qcow2
+
+    src = qemu.create(tmp_path / "src.qcow2", 4 * C)
+    qemu.qemu_io(src, f"write -P 7 0 {C}", f"write -P 8 {2 * C} {2 * C}")
+    dst = qemu.create(tmp_path / "dst.qcow2", 4 * C, f"data_file={tmp_path / 'dst.data'}")
+    with pyqcow.open(str(src)) as img:
+        convert_to_qcow2(img, dst, opts=ConvertOptions(existing=True))
+    assert qemu.compare(src, dst) == 0
+    assert qemu.check_json(dst)[1] == 0
