@@ -193,3 +193,75 @@ _NONZERO_PER_BYTE = {
 
 def refcount_max(order: int) -> int:
     return (1 << (1 << order)) - 1
+
+
+# --- added by h-core: the entry bits the engine (image, writer, refcount,
+# mapping) tests and sets, so that no other module masks them itself.
+#: an extended L2 bitmap with every subcluster reading as zeros (no data bit)
+ALL_ZERO_BITS = 0xFFFFFFFF << 32
+#: an extended L2 bitmap with every subcluster allocated (no zero bit)
+ALL_ALLOC_BITS = 0xFFFFFFFF
+
+
+def l2_host(entry: int) -> int:
+    """Host offset field of an L2 entry (0: none; meaningless for compressed)."""
+    return entry & spec.L2E_OFFSET_MASK
+
+
+def is_compressed(entry: int) -> bool:
+    return bool(entry & spec.QCOW_OFLAG_COMPRESSED)
+
+
+def is_copied(entry: int) -> bool:
+    """COPIED flag of an L1 or L2 entry (refcount exactly 1: writable in place)."""
+    return bool(entry & spec.QCOW_OFLAG_COPIED)
+
+
+def l2_private(entry: int) -> bool:
+    """A host cluster the active layer alone owns (COPIED, an offset, not
+    compressed): a guest write may overwrite it in place."""
+    return bool(entry & spec.QCOW_OFLAG_COPIED and entry & spec.L2E_OFFSET_MASK
+                and not entry & spec.QCOW_OFLAG_COMPRESSED)
+
+
+def l2_malformed(entry: int, cluster_size: int) -> bool:
+    """Reserved bits set or an offset not aligned to a cluster."""
+    return bool(entry & spec.L2E_RESERVED_MASK & ~1 or entry & spec.L2E_OFFSET_MASK & (cluster_size - 1))
+
+
+def data_entry(host: int) -> int:
+    """L1 or L2 entry pointing at a host cluster the active layer owns (COPIED)."""
+    return host | spec.QCOW_OFLAG_COPIED
+
+
+def zero_entry(host: int = 0) -> int:
+    """Standard L2 entry reading as zeros (``host``: a preallocated cluster)."""
+    return host | spec.QCOW_OFLAG_ZERO
+
+
+def with_copied(entry: int, copied: bool) -> int:
+    """``entry`` with its COPIED flag set or cleared."""
+    return entry | spec.QCOW_OFLAG_COPIED if copied else entry & ~spec.QCOW_OFLAG_COPIED
+
+
+def reft_block_offset(entry: int) -> int:
+    """Host offset of the refcount block a refcount table entry points at (0: none)."""
+    return entry & spec.REFT_OFFSET_MASK
+
+
+# The read fast path (pyqcow.image.readinto) applies these masks itself, where a
+# function call per cluster would cost more than the work; the bits stay defined
+# here.
+L1_TABLE_MASK = spec.L1E_OFFSET_MASK  # an L1 entry's L2 table offset
+L2_HOST_MASK = spec.L2E_OFFSET_MASK  # an L2 entry's host offset
+COMPRESSED_BIT = spec.QCOW_OFLAG_COMPRESSED
+COPIED_BIT = spec.QCOW_OFLAG_COPIED
+ZERO_BIT = spec.QCOW_OFLAG_ZERO
+
+
+def read_masks(cluster_size: int) -> tuple[int, int]:
+    """-> (error, special) masks of standard L2 entries for this cluster size:
+    ``error``: reserved bits or an unaligned offset (a malformed data entry);
+    ``special``: any bit making an entry something other than plain data."""
+    error = (spec.L2E_RESERVED_MASK & ~1) | (spec.L2E_OFFSET_MASK & (cluster_size - 1))
+    return error, error | spec.QCOW_OFLAG_COMPRESSED | spec.QCOW_OFLAG_ZERO

@@ -350,6 +350,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def path_inside(path: str, root: str) -> bool:
+    """Does ``path`` (symbolic links resolved) lie in directory ``root``?"""
+    real = os.path.realpath(path)
+    root = os.path.realpath(root)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def check_range(path: str, offset: int, length: int, limit: int) -> None:
     if offset < 0 or length < 0 or offset + length > limit:
         raise OperationError(

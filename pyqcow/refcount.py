@@ -14,8 +14,14 @@ from __future__ import annotations
 from array import array
 
 from . import entries, spec
+from .cache import TableCache
 from .entries import RefcountBlock
 from .errors import CorruptImageError, OperationError
+
+#: Refcount blocks kept in memory (least recently used clean ones dropped) and
+#: the number of dirty blocks past which the writer flushes at a safe point.
+CACHE_BLOCKS = 64
+MAX_DIRTY_BLOCKS = 256
 
 
 class Refcounts:
@@ -31,8 +37,8 @@ class Refcounts:
         self.table_clusters = h.refcount_table_clusters
         raw = img.hf.pread(self.table_clusters * self.cluster_size, self.table_offset)
         self.table = entries.decode_u64_table(raw)
-        self.blocks: dict[int, RefcountBlock] = {}
-        self.dirty_blocks: set[int] = set()
+        #: block index -> RefcountBlock; dirty blocks stay until write_blocks
+        self.blocks = TableCache(CACHE_BLOCKS, MAX_DIRTY_BLOCKS)
         self.table_dirty = False
         self.old_table: tuple[int, int] | None = None  # (offset, clusters) to free after switch
         self.pending_free: list[tuple[int, int]] = []  # (cluster index, count)
@@ -46,7 +52,7 @@ class Refcounts:
 
     def _last_used(self) -> int:
         for bi in range(len(self.table) - 1, -1, -1):
-            if not self.table[bi] & spec.REFT_OFFSET_MASK:
+            if not entries.reft_block_offset(self.table[bi]):
                 continue
             blk = self._block(bi)
             for i in range(self.entries_per_block - 1, -1, -1):
@@ -66,22 +72,21 @@ class Refcounts:
             blk = self.blocks.get(block_index)
             if blk is not None:  # growing the table created it
                 return blk
-        off = self.table[block_index] & spec.REFT_OFFSET_MASK
+        off = entries.reft_block_offset(self.table[block_index])
         if off:
             if off % self.cluster_size or off + self.cluster_size > self.img.hf.size():
                 raise CorruptImageError(
                     self.img.path, f"refcount block offset {off:#x} is invalid"
                 )
             blk = RefcountBlock(self.img.hf.pread(self.cluster_size, off), self.order)
-            self.blocks[block_index] = blk
+            self.blocks.put(block_index, blk)
             return blk
         if not create:
             return None
         # A new block: registered in memory first so that allocating its own
         # cluster can find it (a block usually describes itself).
         blk = RefcountBlock(bytes(self.cluster_size), self.order)
-        self.blocks[block_index] = blk
-        self.dirty_blocks.add(block_index)
+        self.blocks.put(block_index, blk, dirty=True)
         host = self.alloc(1)
         self.table[block_index] = host
         self.table_dirty = True
@@ -100,7 +105,7 @@ class Refcounts:
                 self.img.path, f"refcount would exceed {self.max} (refcount_bits={1 << self.order})"
             )
         blk.set(i, value)
-        self.dirty_blocks.add(bi)
+        self.blocks.mark_dirty(bi)
         if cluster >= self.end_cluster and value:
             self.end_cluster = cluster + 1
 
@@ -193,13 +198,10 @@ class Refcounts:
         end = self.end_cluster << self.cluster_bits
         if hf.size() < end:
             hf.truncate(end)
-        wrote = False
-        for bi in sorted(self.dirty_blocks):
-            off = self.table[bi] & spec.REFT_OFFSET_MASK
-            hf.pwrite(self.blocks[bi].tobytes(), off)
-            wrote = True
-        self.dirty_blocks.clear()
-        return wrote
+        table = self.table
+        return self.blocks.write_dirty(
+            lambda bi, blk: hf.pwrite(blk.tobytes(), entries.reft_block_offset(table[bi]))
+        )
 
     def write_table(self) -> bool:
         """Write the table; True if it moved (the header must be switched)."""
@@ -233,4 +235,4 @@ class Refcounts:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.dirty_blocks or self.table_dirty or self.pending_free)
+        return bool(self.blocks.dirty or self.table_dirty or self.pending_free)
