@@ -16,11 +16,12 @@ from . import entries, spec
 from .cache import TableCache
 from .compressed import read_compressed_cluster
 from .entries import ClusterType
-from .errors import BackingChainError, CorruptImageError, FormatError, QcowError
+from .errors import CorruptImageError, FormatError, QcowError
 from .header import Header, parse_header
-from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range, path_inside
+from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range, open_data_file, zero_fill
 from .libyal import LibyalMethods
 from .mapping import Run, detect_metadata_preallocation, layer_runs
+from .refcount import read_refcount_block
 from .writer import L2_CACHE_TABLES, MAX_DIRTY_L2, Writer
 
 _L1_TABLE_MASK = entries.L1_TABLE_MASK
@@ -32,25 +33,8 @@ _ZERO = entries.ZERO_BIT
 # kinds of a coalesced run in readinto
 _DATA, _ZEROS_KIND, _BACKING = 1, 2, 3
 _UNALLOCATED = -2  # _single_cluster_host: the range reads from the backing file (or zeros)
-# zero source for fills: calloc'd, so every page maps the kernel's zero page
-_ZERO_BUFFER = memoryview(bytes(1 << 21))
-
-
-def zero_fill(dst: memoryview) -> None:
-    """Set every byte of ``dst`` (a writable 'B' memoryview) to zero."""
-    n = len(dst)
-    step = len(_ZERO_BUFFER)
-    if n <= step:
-        dst[:] = _ZERO_BUFFER[:n]
-        return
-    for i in range(0, n, step):
-        m = min(step, n - i)
-        dst[i : i + m] = _ZERO_BUFFER[:m]
-
-
 def _to_writer(name: str) -> property:
-    """An attribute of the image that is the writer's state (kept for the modules
-    that still reach it through the image)."""
+    """The writer's state ``name``, as an attribute of the image."""
     return property(lambda self: getattr(self.writer, name),
                     lambda self, value: setattr(self.writer, name, value))
 
@@ -141,29 +125,10 @@ class QcowImage(LibyalMethods):
     def _open_data_file(self, data_file: str | None, force_share: bool) -> None:
         h = self.header
         self.has_data_file = h.has_data_file
-        if not h.has_data_file:
-            return
-        name = data_file or h.data_file
-        if not name:
-            raise FormatError(self.path, "image needs an external data file but names none")
-        full = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-        root = getattr(self, "_data_root", None)
-        if root is not None:
-            if not path_inside(full, root):
-                raise BackingChainError(
-                    self.path, f"external data file {name!r} lies outside the allowed directory {root}"
-                )
-        try:
-            self.data_hf = HostFile(full, writable=self.writable)
-        except QcowError as e:
-            raise QcowError(self.path, f"external data file {name!r}: {e.message}") from None
-        if not force_share:
-            try:
-                self.data_hf.lock(LOCK_WRITE if self.writable else LOCK_READ)
-            except BaseException:
-                self.data_hf.close()
-                raise
-        self.data_file_path = full
+        if h.has_data_file:
+            self.data_hf, self.data_file_path = open_data_file(
+                self.path, data_file or h.data_file, self._data_root, self.writable, force_share
+            )
 
     # -- metadata ------------------------------------------------------------------
     @property
@@ -210,21 +175,7 @@ class QcowImage(LibyalMethods):
 
     def refcount_block(self, table_index: int) -> entries.RefcountBlock | None:
         """Refcount block ``table_index`` as stored on disk (None: not allocated, all 0)."""
-        h = self.header
-        if table_index < 0 or table_index >= h.refcount_table_clusters * self.cluster_size // 8:
-            return None
-        raw = self.hf.pread(8, h.refcount_table_offset + table_index * 8)
-        block_offset = entries.reft_block_offset(int.from_bytes(raw, "big"))
-        if not block_offset:
-            return None
-        if block_offset % self.cluster_size or block_offset + self.cluster_size > self.file_size:
-            raise CorruptImageError(
-                self.path,
-                f"refcount block offset {block_offset:#x} (refcount table index {table_index}) is "
-                + ("unaligned" if block_offset % self.cluster_size else "beyond the end of the file"),
-            )
-        data = self.hf.pread(self.cluster_size, block_offset)
-        return entries.RefcountBlock(data, h.refcount_order)
+        return read_refcount_block(self, table_index)
 
     def refcount(self, cluster_index: int) -> int:
         """Refcount of host cluster ``cluster_index`` as stored on disk (0 if none)."""
@@ -525,7 +476,8 @@ class QcowImage(LibyalMethods):
         self._decomp_cache = (entry, data)
         return data
 
-    # -- writes: delegated to the composed writer (pyqcow/writer.py) ------------------
+    # -- writes: delegated to the composed writer (pyqcow/writer.py; guest writes in
+    # guestwrite.py, resize/shrink/make_empty/set_backing in reshape.py) ------------
     def write(self, offset: int, data) -> None:
         self.writer.write(offset, data)
 
@@ -533,11 +485,9 @@ class QcowImage(LibyalMethods):
         self.writer.write_zeroes(offset, length, unmap=unmap)
 
     def discard(self, offset: int, length: int) -> None:
-        """Deallocate whole clusters in the range (partial clusters are left alone)."""
         self.writer.discard(offset, length)
 
     def write_compressed(self, guest_offset: int, data) -> None:
-        """Store one guest cluster as ``data``, already compressed (writer.py)."""
         self.writer.write_compressed(guest_offset, data)
 
     def flush(self) -> None:
@@ -547,7 +497,6 @@ class QcowImage(LibyalMethods):
         self.writer.resize(new_size)
 
     def shrink(self, new_size: int) -> None:
-        """Cut the guest disk to ``new_size`` bytes (pyqcow.reshape.shrink)."""
         self.writer.shrink(new_size)
 
     def prepare_write(self, offset: int, length: int):
@@ -556,15 +505,12 @@ class QcowImage(LibyalMethods):
         return self.writer.prepare_write(offset, length)
 
     def make_empty(self) -> None:
-        """Drop every cluster of the active layer (pyqcow.reshape.make_empty)."""
         self.writer.make_empty()
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
-        """Rewrite the backing file name and format extension (one header write)."""
         self.writer.set_backing(name, fmt)
 
     def bitmaps(self) -> list:
-        """The persistent bitmaps (pyqcow.bitmaps.Bitmap): in memory once written."""
         return self.writer.list_bitmaps()
 
     # the metadata door (pyqcow/writer.py): the only writers of the header, the
@@ -613,9 +559,7 @@ class QcowImage(LibyalMethods):
         """Host offsets of the L2 tables changed in memory (the cache's dirty set)."""
         return self.l2_cache.dirty
 
-    @property
-    def _l2_cache(self) -> TableCache:
-        return self.l2_cache
+    _l2_cache = property(lambda self: self.l2_cache)
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:

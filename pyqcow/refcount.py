@@ -236,3 +236,25 @@ class Refcounts:
     @property
     def dirty(self) -> bool:
         return bool(self.blocks.dirty or self.table_dirty or self.pending_free)
+
+
+def read_refcount_block(img, table_index: int) -> RefcountBlock | None:
+    """Refcount block ``table_index`` of ``img`` as stored on disk, read through the
+    on-disk refcount table (None: not allocated, all 0).  The read-only view
+    (QcowImage.refcount_block); a writable image's current counts are its
+    ``Refcounts``."""
+    h = img.header
+    cs = img.cluster_size
+    if table_index < 0 or table_index >= h.refcount_table_clusters * cs // 8:
+        return None
+    raw = img.hf.pread(8, h.refcount_table_offset + table_index * 8)
+    block_offset = entries.reft_block_offset(int.from_bytes(raw, "big"))
+    if not block_offset:
+        return None
+    if block_offset % cs or block_offset + cs > img.file_size:
+        raise CorruptImageError(
+            img.path,
+            f"refcount block offset {block_offset:#x} (refcount table index {table_index}) is "
+            + ("unaligned" if block_offset % cs else "beyond the end of the file"),
+        )
+    return RefcountBlock(img.hf.pread(cs, block_offset), h.refcount_order)
