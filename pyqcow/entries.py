@@ -265,3 +265,20 @@ def read_masks(cluster_size: int) -> tuple[int, int]:
     ``special``: any bit making an entry something other than plain data."""
     error = (spec.L2E_RESERVED_MASK & ~1) | (spec.L2E_OFFSET_MASK & (cluster_size - 1))
     return error, error | spec.QCOW_OFLAG_COMPRESSED | spec.QCOW_OFLAG_ZERO
+
+
+# extended L2 bitmaps: bit i = subcluster i allocated, bit 32+i = reads as zeros
+def subclusters(first: int, count: int) -> int:
+    """Mask of ``count`` subclusters from ``first`` (in the allocation half)."""
+    return ((1 << count) - 1) << first
+
+
+def bitmap_allocate(bitmap: int, mask: int) -> int:
+    """Subclusters ``mask`` now hold data: allocated, no longer zero."""
+    return (bitmap | mask) & ~(mask << 32)
+
+
+def bitmap_unallocate(bitmap: int, mask: int, zero: bool) -> int:
+    """Subclusters ``mask`` hold no data any more: zero, or read from below."""
+    bitmap &= ~mask
+    return bitmap | (mask << 32) if zero else bitmap

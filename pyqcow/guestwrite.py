@@ -170,10 +170,7 @@ def _write_extended(w, table, l2_off, i, base, a, chunk) -> None:
         w._free_entry_allocation(e)
         host = new
     img.data_hf.pwrite(buf, host + span_start)
-    mask = 0
-    for sc in range(first_sc, last_sc + 1):
-        mask |= 1 << sc
-    bm = (bm | mask) & ~(mask << 32)
+    bm = entries.bitmap_allocate(bm, entries.subclusters(first_sc, last_sc + 1 - first_sc))
     table[2 * i] = entries.data_entry(host)
     table[2 * i + 1] = bm
     w.l2_cache.mark_dirty(l2_off)
@@ -340,7 +337,7 @@ def _zero_subclusters(w, cluster, a, n, full, discard, has_backing) -> bool:
     e, bm = table[2 * i], table[2 * i + 1]
     first_sc = a >> scb
     nsc = (n + (1 << scb) - 1) >> scb
-    mask = ((1 << nsc) - 1) << first_sc
+    mask = entries.subclusters(first_sc, nsc)
     zero = not (discard and not has_backing)
     if full or mask == entries.ALL_ALLOC_BITS:
         w._free_entry_allocation(e)
@@ -352,9 +349,6 @@ def _zero_subclusters(w, cluster, a, n, full, discard, has_backing) -> bool:
     else:
         if entries.is_compressed(e) or (entries.l2_host(e) and not entries.is_copied(e)):
             return discard
-        bm &= ~mask
-        if zero:
-            bm |= mask << 32
-        table[2 * i + 1] = bm
+        table[2 * i + 1] = entries.bitmap_unallocate(bm, mask, zero)
     w.l2_cache.mark_dirty(l2_off)
     return True

@@ -159,3 +159,63 @@ def test_writes_touching_more_tables_than_the_cache_holds(tmp_path, opts, size):
     raw[2 * MiB : 2 * MiB + 64 * KiB] = bytes(64 * KiB)  # discarded over a backing: zeros
     (tmp_path / "expect.raw").write_bytes(raw)
     assert qemu.compare(ours, tmp_path / "expect.raw", fmt_b="raw") == 0
+
+
+# --------------------------------------------------------------------------- prepare_write handles
+def _counting_flush(monkeypatch) -> list:
+    from pyqcow import writer
+
+    calls = []
+    real = writer.Writer.flush
+
+    def flush(self):
+        calls.append(self.unfilled)
+        return real(self)
+
+    monkeypatch.setattr(writer.Writer, "flush", flush)
+    return calls
+
+
+def test_no_flush_while_a_prepared_range_is_unfilled(tmp_path, monkeypatch):
+    """The cache over its bound does not flush while a prepare_write handle waits
+    for its data; filling it is the safe point that flushes."""
+    path = qemu.create(tmp_path / "d.qcow2", 4 * MiB, "cluster_size=512")
+    calls = _counting_flush(monkeypatch)
+    with open_image(str(path), "r+") as img:
+        _tiny_caches(img)
+        handle = img.prepare_write(0, 256 * KiB)  # 8 L2 tables: over the bound at once
+        assert handle.pending and sum(n for _, _, n in handle) == 256 * KiB
+        img.write(MiB, os.urandom(200 * KiB))  # more dirty tables: still no flush
+        assert calls == []
+        for g, h, n in handle:
+            os.pwrite(img.data_hf.fd, bytes([0x40 + (g >> 15) % 64]) * n, h)
+        handle.filled()
+        assert calls == [0] and not handle.pending
+        handle.filled()  # twice: nothing more
+        assert calls == [0]
+    res, rc = qemu.check_json(path)
+    assert rc == 0 and not res.get("leaks"), res
+    for g in range(0, 256 * KiB, 32 * KiB):
+        qemu.qemu_io(path, f"read -P {0x40 + (g >> 15) % 64:#x} {g} {32 * KiB}", read_only=True)
+
+
+def test_old_callers_fill_then_flush(tmp_path, monkeypatch):
+    """The list-of-runs contract: a caller that never calls filled() fills the runs
+    and flushes; its explicit flush settles the handle."""
+    path = qemu.create(tmp_path / "d.qcow2", 4 * MiB, "cluster_size=512")
+    calls = _counting_flush(monkeypatch)
+    with open_image(str(path), "r+") as img:
+        _tiny_caches(img)
+        runs = img.prepare_write(MiB, 128 * KiB)
+        assert isinstance(runs, list) and runs == [tuple(r) for r in runs]
+        for _, h, n in runs:
+            os.pwrite(img.data_hf.fd, b"\x5a" * n, h)
+        img.flush()
+        assert calls == [1] and img.writer.unfilled == 0
+        runs.filled()  # a late filled() after the flush changes nothing
+        assert img.writer.unfilled == 0
+        img.write(0, os.urandom(200 * KiB))  # 7 tables: the writer flushes by itself again
+        assert len(calls) == 2
+    res, rc = qemu.check_json(path)
+    assert rc == 0 and not res.get("leaks"), res
+    qemu.qemu_io(path, f"read -P 0x5a {MiB} {128 * KiB}", read_only=True)
