@@ -27,7 +27,7 @@ from __future__ import annotations
 from array import array
 
 from . import entries, guestwrite, reshape, spec
-from .errors import FormatError, OperationError
+from .errors import FormatError, OperationError, UnsupportedFeatureError
 from .header import build_cluster0
 from .hostfile import check_range
 
@@ -36,9 +36,9 @@ from .hostfile import check_range
 MAX_DIRTY_L2 = 256
 #: Clean L2 tables kept in memory (least recently used dropped first).
 L2_CACHE_TABLES = 64
-#: Refcount blocks kept in memory; dirty ones past the limit ask for a flush.
-REFCOUNT_CACHE_BLOCKS = 64
-MAX_DIRTY_REFCOUNT_BLOCKS = 256
+# (the refcount block cache's sizes: pyqcow.refcount.CACHE_BLOCKS, MAX_DIRTY_BLOCKS)
+#: Kept for pyqcow.create (metadata preallocation); entries.data_entry says it.
+COPIED = entries.COPIED_BIT
 
 
 class PreparedWrite(list):
@@ -520,3 +520,9 @@ class Writer:
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         reshape.set_backing(self, name, fmt)
+
+
+def require_writable_features(img) -> None:
+    h = img.header
+    if h.crypt_method:
+        raise UnsupportedFeatureError(img.path, "cannot write encrypted images")
