@@ -282,3 +282,20 @@ def bitmap_unallocate(bitmap: int, mask: int, zero: bool) -> int:
     """Subclusters ``mask`` hold no data any more: zero, or read from below."""
     bitmap &= ~mask
     return bitmap | (mask << 32) if zero else bitmap
+
+
+def writable_host(entry: int) -> int:
+    """Host offset of a standard L2 entry's cluster when a guest write may go there
+    in place (plain data, COPIED); else 0.  (The write hot path: one call.)"""
+    if entry & _NOT_IN_PLACE != spec.QCOW_OFLAG_COPIED:
+        return 0
+    return entry & spec.L2E_OFFSET_MASK
+
+
+def l1_private_table(entry: int) -> int:
+    """Offset of the L2 table an L1 entry points at when the active layer alone
+    owns it (COPIED); else 0."""
+    return entry & spec.L1E_OFFSET_MASK if entry & spec.QCOW_OFLAG_COPIED else 0
+
+
+_NOT_IN_PLACE = spec.QCOW_OFLAG_COPIED | spec.QCOW_OFLAG_COMPRESSED | spec.QCOW_OFLAG_ZERO

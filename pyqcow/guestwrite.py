@@ -70,7 +70,7 @@ def _write_full_clusters(w, cluster: int, mv: memoryview) -> int:
     data_entry = entries.data_entry
     for k in range(count):
         table[i0 + k] = data_entry(hosts[k])
-    w.l2_cache.mark_dirty(l2_off)
+    w.l2_cache.dirty.add(l2_off)  # (mark_dirty inlined: l2_for_write's table is cached)
     return count << cb
 
 
@@ -94,8 +94,8 @@ def _write_in_cluster(w, cluster: int, a: int, chunk: memoryview) -> None:
         _write_extended(w, table, l2_off, i, base, a, chunk)
         return
     e = table[i]
-    t = entries.l2_type(e, img.has_data_file)
     if img.has_data_file:
+        t = entries.l2_type(e, True)
         if t != ClusterType.NORMAL and not (a == 0 and n == cs):
             buf = guest_bytes(img, base, cs)
             buf[a : a + n] = chunk
@@ -107,9 +107,11 @@ def _write_in_cluster(w, cluster: int, a: int, chunk: memoryview) -> None:
             table[i] = new_e
             w.l2_cache.mark_dirty(l2_off)
         return
-    if t == ClusterType.NORMAL and entries.is_copied(e):
-        img.hf.pwrite(chunk, entries.l2_host(e) + a)
+    host = entries.writable_host(e)  # NORMAL and COPIED: in place
+    if host:
+        img.hf.pwrite(chunk, host + a)
         return
+    t = entries.l2_type(e)
     # the rest of the cluster reads as zeros (nothing to copy on write)?
     zero_rest = t == ClusterType.ZERO_PLAIN and img.header.version >= 3 or (
         t in (ClusterType.UNALLOCATED, ClusterType.ZERO_PLAIN) and img.backing is None
@@ -139,7 +141,7 @@ def _write_in_cluster(w, cluster: int, a: int, chunk: memoryview) -> None:
     else:
         img.hf.pwrite(buf, host)
     table[i] = entries.data_entry(host)
-    w.l2_cache.mark_dirty(l2_off)
+    w.l2_cache.dirty.add(l2_off)  # (mark_dirty inlined: l2_for_write's table is cached)
 
 
 def _write_extended(w, table, l2_off, i, base, a, chunk) -> None:

@@ -39,6 +39,7 @@ class Refcounts:
         self.table = entries.decode_u64_table(raw)
         #: block index -> RefcountBlock; dirty blocks stay until write_blocks
         self.blocks = TableCache(CACHE_BLOCKS, MAX_DIRTY_BLOCKS)
+        self._cached = self.blocks.tables
         self.table_dirty = False
         self.old_table: tuple[int, int] | None = None  # (offset, clusters) to free after switch
         self.pending_free: list[tuple[int, int]] = []  # (cluster index, count)
@@ -62,7 +63,10 @@ class Refcounts:
 
     # -- lookups ---------------------------------------------------------------------
     def _block(self, block_index: int, create: bool = False) -> RefcountBlock | None:
-        blk = self.blocks.get(block_index)
+        # the cache's dict, looked up directly (the allocation hot path): a hit
+        # does not refresh the block's place, so clean blocks leave the cache in
+        # the order they were read (they are read again when needed)
+        blk = self._cached.get(block_index)
         if blk is not None:
             return blk
         if block_index >= len(self.table):
@@ -105,7 +109,7 @@ class Refcounts:
                 self.img.path, f"refcount would exceed {self.max} (refcount_bits={1 << self.order})"
             )
         blk.set(i, value)
-        self.blocks.mark_dirty(bi)
+        self.blocks.dirty.add(bi)  # (mark_dirty, inlined: _block just returned it cached)
         if cluster >= self.end_cluster and value:
             self.end_cluster = cluster + 1
 

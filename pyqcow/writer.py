@@ -80,6 +80,8 @@ class Writer:
 
     def __init__(self, img) -> None:
         self.img = img
+        #: the image's L2 table cache (pyqcow.cache.TableCache), shared with the read path
+        self.l2_cache = img.l2_cache
         self.refcounts = None
         self.l1_dirty = False
         self.l1_moved_from: tuple[int, int] | None = None
@@ -98,10 +100,6 @@ class Writer:
             from .refcount import Refcounts
 
             self.refcounts = Refcounts(img)
-
-    @property
-    def l2_cache(self):
-        return self.img.l2_cache
 
     def check_writable(self) -> None:
         img = self.img
@@ -306,10 +304,11 @@ class Writer:
         if l1_index >= len(l1):
             raise OperationError(img.path, "write beyond the L1 table")
         e = l1[l1_index]
+        off = entries.l1_private_table(e)
+        if off:
+            return img.l2_table(off), off
         off = entries.l1_l2_offset(e)
         rc = self.refcounts
-        if off and entries.is_copied(e):
-            return img.l2_table(off), off
         if off and rc.get(off >> img.cluster_bits) == 1:
             l1[l1_index] = entries.data_entry(off)
             self.l1_dirty = True
@@ -329,13 +328,15 @@ class Writer:
 
     def free_entry_allocation(self, e: int) -> None:
         """Drop the host allocation an L2 entry holds (deferred)."""
-        if self.img.has_data_file:
+        if not e or self.img.has_data_file:
             return
         if entries.is_compressed(e):
             host, nbytes = entries.decode_compressed(e, self.img.cluster_bits)
             self.refcounts.free_bytes_later(host, nbytes)
-        elif entries.l2_host(e):
-            self.refcounts.free_later(entries.l2_host(e))
+        else:
+            host = entries.l2_host(e)
+            if host:
+                self.refcounts.free_later(host)
 
     # the historical names (tests patch these on the class)
     _free_entry_allocation = free_entry_allocation
@@ -430,7 +431,8 @@ class Writer:
         rc = self.refcounts
         if self.unfilled or rc is None:
             return
-        if self.l2_cache.needs_flush or rc.blocks.needs_flush:
+        l2, blocks = self.l2_cache, rc.blocks  # (TableCache.needs_flush, inlined: hot)
+        if len(l2.dirty) > l2.dirty_limit or len(blocks.dirty) > blocks.dirty_limit:
             self.flush()
 
     def flush(self) -> None:
@@ -496,18 +498,12 @@ class Writer:
         img.file_size = max(img.file_size, hf.size())
 
     # ------------------------------------------------------------------ operations
-    # Thin entry points over pyqcow/guestwrite.py and pyqcow/reshape.py.
-    def write(self, offset: int, data) -> None:
-        guestwrite.write(self, offset, data)
-
-    def write_compressed(self, guest_offset: int, data) -> None:
-        guestwrite.write_compressed(self, guest_offset, data)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        guestwrite.write_zeroes(self, offset, length, unmap=unmap)
-
-    def discard(self, offset: int, length: int) -> None:
-        guestwrite.discard(self, offset, length)
+    # The functions of pyqcow/guestwrite.py (their first argument is the writer)
+    # and thin entry points over pyqcow/reshape.py.
+    write = guestwrite.write
+    write_compressed = guestwrite.write_compressed
+    write_zeroes = guestwrite.write_zeroes
+    discard = guestwrite.discard
 
     def resize(self, new_size: int) -> None:
         reshape.resize(self, new_size)
