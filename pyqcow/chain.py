@@ -6,6 +6,7 @@ import os
 
 from . import spec
 from .errors import BackingChainError, FormatError, QcowError
+from .hostfile import path_inside as _inside
 from .hostfile import read_opener
 
 
@@ -185,12 +186,6 @@ def header_chain(start: str, fmt: str | None = None, *, data_files: bool = False
             break
         cur_fmt = h.backing_format or None
     return out
-
-
-def _inside(path: str, root: str) -> bool:
-    real = os.path.realpath(path)
-    root = os.path.realpath(root)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def open_image(

@@ -197,7 +197,6 @@ def refcount_max(order: int) -> int:
 
 # --- entry helpers for check/repair, the walker, snapshots and pyqcow.testing
 # QEMU's view of entries as check/repair and the reference walker need it.
-L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF  # extended L2: the "allocated" half of the bitmap
 REFT_RESERVED_MASK = 0x1FF
 # bitmap table entries (qcow2.rst "Bitmaps"; block/qcow2-bitmap.c)
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
@@ -250,14 +249,14 @@ def subcluster_conflict(bitmap: int) -> int:
 
 
 def subclusters_allocated(bitmap: int) -> int:
-    return bitmap & L2_BITMAP_ALL_ALLOC
+    return bitmap & ALL_ALLOC_BITS
 
 
 def bitmap_all_zero(bitmap: int) -> int:
     """Extended L2: the bitmap of a plain zero cluster made from ``bitmap``
     (every subcluster allocated or zero becomes zero, none allocated)."""
     bitmap |= bitmap << 32
-    return bitmap & (L2_BITMAP_ALL_ALLOC << 32)
+    return bitmap & (ALL_ALLOC_BITS << 32)
 
 
 def reftable_block_offset(entry: int) -> int:
@@ -329,3 +328,84 @@ def l2_decode(entry: int, extended: bool = False,
     else:
         t = _T_UNALLOCATED
     return t, offset, entry & _M_L2_RESERVED, copied
+
+
+# --- the entry bits the engine (image, writer, refcount, mapping) tests and sets
+#: an extended L2 bitmap with every subcluster reading as zeros (no data bit)
+ALL_ZERO_BITS = 0xFFFFFFFF << 32
+#: an extended L2 bitmap with every subcluster allocated (no zero bit)
+ALL_ALLOC_BITS = 0xFFFFFFFF
+
+
+def l2_private(entry: int) -> bool:
+    """A host cluster the active layer alone owns (COPIED, an offset, not
+    compressed): a guest write may overwrite it in place."""
+    return bool(entry & spec.QCOW_OFLAG_COPIED and entry & spec.L2E_OFFSET_MASK
+                and not entry & spec.QCOW_OFLAG_COMPRESSED)
+
+
+def l2_malformed(entry: int, cluster_size: int) -> bool:
+    """Reserved bits set or an offset not aligned to a cluster."""
+    return bool(entry & spec.L2E_RESERVED_MASK & ~1 or entry & spec.L2E_OFFSET_MASK & (cluster_size - 1))
+
+
+def data_entry(host: int) -> int:
+    """L1 or L2 entry pointing at a host cluster the active layer owns (COPIED)."""
+    return host | spec.QCOW_OFLAG_COPIED
+
+
+def zero_entry(host: int = 0) -> int:
+    """Standard L2 entry reading as zeros (``host``: a preallocated cluster)."""
+    return host | spec.QCOW_OFLAG_ZERO
+
+
+# The read fast path (pyqcow.image.readinto) applies these masks itself, where a
+# function call per cluster would cost more than the work; the bits stay defined
+# here.
+L1_TABLE_MASK = spec.L1E_OFFSET_MASK  # an L1 entry's L2 table offset
+L2_HOST_MASK = spec.L2E_OFFSET_MASK  # an L2 entry's host offset
+COMPRESSED_BIT = spec.QCOW_OFLAG_COMPRESSED
+COPIED_BIT = spec.QCOW_OFLAG_COPIED
+ZERO_BIT = spec.QCOW_OFLAG_ZERO
+
+
+def read_masks(cluster_size: int) -> tuple[int, int]:
+    """-> (error, special) masks of standard L2 entries for this cluster size:
+    ``error``: reserved bits or an unaligned offset (a malformed data entry);
+    ``special``: any bit making an entry something other than plain data."""
+    error = (spec.L2E_RESERVED_MASK & ~1) | (spec.L2E_OFFSET_MASK & (cluster_size - 1))
+    return error, error | spec.QCOW_OFLAG_COMPRESSED | spec.QCOW_OFLAG_ZERO
+
+
+# extended L2 bitmaps: bit i = subcluster i allocated, bit 32+i = reads as zeros
+def subclusters(first: int, count: int) -> int:
+    """Mask of ``count`` subclusters from ``first`` (in the allocation half)."""
+    return ((1 << count) - 1) << first
+
+
+def bitmap_allocate(bitmap: int, mask: int) -> int:
+    """Subclusters ``mask`` now hold data: allocated, no longer zero."""
+    return (bitmap | mask) & ~(mask << 32)
+
+
+def bitmap_unallocate(bitmap: int, mask: int, zero: bool) -> int:
+    """Subclusters ``mask`` hold no data any more: zero, or read from below."""
+    bitmap &= ~mask
+    return bitmap | (mask << 32) if zero else bitmap
+
+
+def writable_host(entry: int) -> int:
+    """Host offset of a standard L2 entry's cluster when a guest write may go there
+    in place (plain data, COPIED); else 0.  (The write hot path: one call.)"""
+    if entry & _NOT_IN_PLACE != spec.QCOW_OFLAG_COPIED:
+        return 0
+    return entry & spec.L2E_OFFSET_MASK
+
+
+def l1_private_table(entry: int) -> int:
+    """Offset of the L2 table an L1 entry points at when the active layer alone
+    owns it (COPIED); else 0."""
+    return entry & spec.L1E_OFFSET_MASK if entry & spec.QCOW_OFLAG_COPIED else 0
+
+
+_NOT_IN_PLACE = spec.QCOW_OFLAG_COPIED | spec.QCOW_OFLAG_COMPRESSED | spec.QCOW_OFLAG_ZERO

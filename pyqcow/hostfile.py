@@ -17,7 +17,7 @@ import stat
 import struct
 
 from . import spec
-from .errors import ImageLockedError, OperationError, QcowError
+from .errors import BackingChainError, FormatError, ImageLockedError, OperationError, QcowError
 
 _PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize"}
 
@@ -350,6 +350,38 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def path_inside(path: str, root: str) -> bool:
+    """Does ``path`` (symbolic links resolved) lie in directory ``root``?"""
+    real = os.path.realpath(path)
+    root = os.path.realpath(root)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def open_data_file(image_path: str, name: str | None, root: str | None, writable: bool,
+                   force_share: bool) -> tuple[HostFile, str]:
+    """Open (and lock, unless ``force_share``) the external data file ``name`` of
+    the image at ``image_path``: relative to the image's directory, inside
+    ``root`` when one is given.  -> (its HostFile, its path)."""
+    if not name:
+        raise FormatError(image_path, "image needs an external data file but names none")
+    full = name if os.path.isabs(name) else os.path.join(os.path.dirname(image_path), name)
+    if root is not None and not path_inside(full, root):
+        raise BackingChainError(
+            image_path, f"external data file {name!r} lies outside the allowed directory {root}"
+        )
+    try:
+        hf = HostFile(full, writable=writable)
+    except QcowError as e:
+        raise QcowError(image_path, f"external data file {name!r}: {e.message}") from None
+    if not force_share:
+        try:
+            hf.lock(LOCK_WRITE if writable else LOCK_READ)
+        except BaseException:
+            hf.close()
+            raise
+    return hf, full
+
+
 def check_range(path: str, offset: int, length: int, limit: int) -> None:
     if offset < 0 or length < 0 or offset + length > limit:
         raise OperationError(
@@ -377,3 +409,19 @@ def lock_conflict(path: str, profile: tuple[tuple[int, ...], tuple[int, ...]]) -
         return None
     finally:
         hf.close()
+
+
+# zero source for fills: calloc'd, so every page maps the kernel's zero page
+_ZERO_BUFFER = memoryview(bytes(1 << 21))
+
+
+def zero_fill(dst: memoryview) -> None:
+    """Set every byte of ``dst`` (a writable 'B' memoryview) to zero."""
+    n = len(dst)
+    step = len(_ZERO_BUFFER)
+    if n <= step:
+        dst[:] = _ZERO_BUFFER[:n]
+        return
+    for i in range(0, n, step):
+        m = min(step, n - i)
+        dst[i : i + m] = _ZERO_BUFFER[:m]

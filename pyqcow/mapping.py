@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import entries
 from .entries import ClusterType
-from .errors import QcowError
+from .errors import CorruptImageError, QcowError
 
 ALLOCATED_TYPES = (
     ClusterType.NORMAL,
@@ -103,6 +104,121 @@ def merge_runs(runs: list[Run]) -> list[Run]:
                 continue
         out.append(r)
     return out
+
+
+# -- the L1/L2 lookup (pure: table contents in, runs out) ---------------------------
+# ``geo`` is anything with the image geometry (cluster_bits, l2_bits, l2_entries,
+# subcluster_bits, extended_l2, has_data_file, header.version, path): a QcowImage.
+# ``l2_table(offset)`` returns the L2 table at a host offset (the caller's cache
+# and I/O); ``check_host(host, entry)`` raises on a host offset that cannot be.
+def layer_runs(geo, l1, l2_table, check_host, guest_offset: int, length: int) -> list[Run]:
+    """Runs of one layer over [guest_offset, guest_offset+length)."""
+    out: list[Run] = []
+    cb = geo.cluster_bits
+    span_shift = geo.l2_bits + cb
+    end = guest_offset + length
+    pos = guest_offset
+    while pos < end:
+        l1_index = pos >> span_shift
+        l2_span_end = min(end, (l1_index + 1) << span_shift)
+        l1e = l1[l1_index] if l1_index < len(l1) else 0
+        l2_offset = entries.l1_l2_offset(l1e)
+        if not l2_offset:
+            # one run for all the all-zero L1 entries that follow (sparse disks)
+            last = min(len(l1), ((end - 1) >> span_shift) + 1)
+            if l1_index + 1 < last:
+                tail = l1[l1_index + 1 : last].tobytes()
+                l1_index += (len(tail) - len(tail.lstrip(b"\0"))) // 8
+                l2_span_end = min(end, (l1_index + 1) << span_shift)
+            out.append(Run(pos, l2_span_end - pos, ClusterType.UNALLOCATED))
+            pos = l2_span_end
+            continue
+        _table_runs(geo, l2_table(l2_offset), check_host, pos, l2_span_end, out)
+        pos = l2_span_end
+    return merge_runs(out)
+
+
+def _table_runs(geo, table, check_host, pos: int, l2_span_end: int, out: list[Run]) -> None:
+    """Runs of [pos, l2_span_end), which one L2 ``table`` maps, appended to ``out``."""
+    cb = geo.cluster_bits
+    cs = 1 << cb
+    l2_mask = geo.l2_entries - 1
+    entry_words = 2 if geo.extended_l2 else 1
+    data_file = geo.has_data_file
+    while pos < l2_span_end:
+        cluster = pos >> cb
+        l2_index = cluster & l2_mask
+        cl_end = min(l2_span_end, (cluster + 1) << cb)
+        first = entry_words * l2_index
+        if not table[first] and not table[first + entry_words - 1]:
+            # skip a run of all-zero (unallocated) entries in one step
+            stop = (((l2_span_end - 1) >> cb) & l2_mask) + 1
+            seg = table[entry_words * l2_index : entry_words * stop].tobytes()
+            count = (len(seg) - len(seg.lstrip(b"\0"))) // (8 * entry_words)
+            run_end = min(l2_span_end, (cluster + count) << cb)
+            out.append(Run(pos, run_end - pos, ClusterType.UNALLOCATED))
+            pos = run_end
+            continue
+        if geo.extended_l2:
+            _extended_runs(geo, check_host, out, pos, cl_end, cluster,
+                           table[2 * l2_index], table[2 * l2_index + 1])
+            pos = cl_end
+            continue
+        e = table[l2_index]
+        t = entries.l2_type(e, data_file)
+        if t == ClusterType.COMPRESSED:
+            out.append(Run(pos, cl_end - pos, t, None, e))
+        elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            host = entries.l2_host_offset(e)
+            check_host(host, e)
+            # a stretch of entries whose host clusters follow each other (equal
+            # flags, offsets one cluster apart) is one run: compare raw entries,
+            # check only the last host (the largest)
+            last_index = ((l2_span_end - 1) >> cb) & l2_mask
+            j = l2_index + 1
+            expect = e + cs
+            while j <= last_index and table[j] == expect:
+                j += 1
+                expect += cs
+            if j > l2_index + 1:
+                check_host(entries.l2_host_offset(expect - cs), expect - cs)
+                cl_end = min(l2_span_end, (cluster + j - l2_index) << cb)
+            out.append(Run(pos, cl_end - pos, t, host + (pos & (cs - 1))))
+        else:
+            if geo.header.version == 2 and t == ClusterType.ZERO_PLAIN:
+                t = ClusterType.UNALLOCATED
+            out.append(Run(pos, cl_end - pos, t))
+        pos = cl_end
+
+
+def _extended_runs(geo, check_host, out, pos, cl_end, cluster, e, bm) -> None:
+    """Runs of one cluster with an extended L2 entry (subclusters)."""
+    cb = geo.cluster_bits
+    data_file = geo.has_data_file
+    if entries.is_compressed(e):
+        out.append(Run(pos, cl_end - pos, ClusterType.COMPRESSED, None, e))
+        return
+    if not entries.extended_bitmap_valid(e, bm, data_file):
+        raise CorruptImageError(
+            geo.path, f"invalid extended L2 entry for guest cluster {cluster} ({e:#x}/{bm:#x})"
+        )
+    host = entries.l2_host_offset(e)
+    if host:
+        check_host(host, e)
+    scb = geo.subcluster_bits
+    base = cluster << cb
+    while pos < cl_end:
+        sc = (pos - base) >> scb
+        sc_end = min(cl_end, base + ((sc + 1) << scb))
+        t = entries.subcluster_type(e, bm, sc, data_file)
+        if t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.UNALLOCATED_ALLOC):
+            # UNALLOCATED_ALLOC keeps its host offset too: qemu reports it
+            # ("offset" of a present: false subcluster) when nothing is below.
+            h = host + (pos - base) if (host or data_file) else None
+            out.append(Run(pos, sc_end - pos, t, h))
+        else:
+            out.append(Run(pos, sc_end - pos, t))
+        pos = sc_end
 
 
 def _data_filename(img) -> str:

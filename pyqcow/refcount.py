@@ -14,8 +14,14 @@ from __future__ import annotations
 from array import array
 
 from . import entries, spec
+from .cache import TableCache
 from .entries import RefcountBlock
 from .errors import CorruptImageError, OperationError
+
+#: Refcount blocks kept in memory (least recently used clean ones dropped) and
+#: the number of dirty blocks past which the writer flushes at a safe point.
+CACHE_BLOCKS = 64
+MAX_DIRTY_BLOCKS = 256
 
 
 class Refcounts:
@@ -31,8 +37,9 @@ class Refcounts:
         self.table_clusters = h.refcount_table_clusters
         raw = img.hf.pread(self.table_clusters * self.cluster_size, self.table_offset)
         self.table = entries.decode_u64_table(raw)
-        self.blocks: dict[int, RefcountBlock] = {}
-        self.dirty_blocks: set[int] = set()
+        #: block index -> RefcountBlock; dirty blocks stay until write_blocks
+        self.blocks = TableCache(CACHE_BLOCKS, MAX_DIRTY_BLOCKS)
+        self._cached = self.blocks.tables
         self.table_dirty = False
         self.old_table: tuple[int, int] | None = None  # (offset, clusters) to free after switch
         self.pending_free: list[tuple[int, int]] = []  # (cluster index, count)
@@ -46,7 +53,7 @@ class Refcounts:
 
     def _last_used(self) -> int:
         for bi in range(len(self.table) - 1, -1, -1):
-            if not self.table[bi] & spec.REFT_OFFSET_MASK:
+            if not entries.reftable_block_offset(self.table[bi]):
                 continue
             blk = self._block(bi)
             for i in range(self.entries_per_block - 1, -1, -1):
@@ -56,7 +63,10 @@ class Refcounts:
 
     # -- lookups ---------------------------------------------------------------------
     def _block(self, block_index: int, create: bool = False) -> RefcountBlock | None:
-        blk = self.blocks.get(block_index)
+        # the cache's dict, looked up directly (the allocation hot path): a hit
+        # does not refresh the block's place, so clean blocks leave the cache in
+        # the order they were read (they are read again when needed)
+        blk = self._cached.get(block_index)
         if blk is not None:
             return blk
         if block_index >= len(self.table):
@@ -66,22 +76,21 @@ class Refcounts:
             blk = self.blocks.get(block_index)
             if blk is not None:  # growing the table created it
                 return blk
-        off = self.table[block_index] & spec.REFT_OFFSET_MASK
+        off = entries.reftable_block_offset(self.table[block_index])
         if off:
             if off % self.cluster_size or off + self.cluster_size > self.img.hf.size():
                 raise CorruptImageError(
                     self.img.path, f"refcount block offset {off:#x} is invalid"
                 )
             blk = RefcountBlock(self.img.hf.pread(self.cluster_size, off), self.order)
-            self.blocks[block_index] = blk
+            self.blocks.put(block_index, blk)
             return blk
         if not create:
             return None
         # A new block: registered in memory first so that allocating its own
         # cluster can find it (a block usually describes itself).
         blk = RefcountBlock(bytes(self.cluster_size), self.order)
-        self.blocks[block_index] = blk
-        self.dirty_blocks.add(block_index)
+        self.blocks.put(block_index, blk, dirty=True)
         host = self.alloc(1)
         self.table[block_index] = host
         self.table_dirty = True
@@ -100,7 +109,7 @@ class Refcounts:
                 self.img.path, f"refcount would exceed {self.max} (refcount_bits={1 << self.order})"
             )
         blk.set(i, value)
-        self.dirty_blocks.add(bi)
+        self.blocks.dirty.add(bi)  # (mark_dirty, inlined: _block just returned it cached)
         if cluster >= self.end_cluster and value:
             self.end_cluster = cluster + 1
 
@@ -193,13 +202,10 @@ class Refcounts:
         end = self.end_cluster << self.cluster_bits
         if hf.size() < end:
             hf.truncate(end)
-        wrote = False
-        for bi in sorted(self.dirty_blocks):
-            off = self.table[bi] & spec.REFT_OFFSET_MASK
-            hf.pwrite(self.blocks[bi].tobytes(), off)
-            wrote = True
-        self.dirty_blocks.clear()
-        return wrote
+        table = self.table
+        return self.blocks.write_dirty(
+            lambda bi, blk: hf.pwrite(blk.tobytes(), entries.reftable_block_offset(table[bi]))
+        )
 
     def write_table(self) -> bool:
         """Write the table; True if it moved (the header must be switched)."""
@@ -233,4 +239,26 @@ class Refcounts:
 
     @property
     def dirty(self) -> bool:
-        return bool(self.dirty_blocks or self.table_dirty or self.pending_free)
+        return bool(self.blocks.dirty or self.table_dirty or self.pending_free)
+
+
+def read_refcount_block(img, table_index: int) -> RefcountBlock | None:
+    """Refcount block ``table_index`` of ``img`` as stored on disk, read through the
+    on-disk refcount table (None: not allocated, all 0).  The read-only view
+    (QcowImage.refcount_block); a writable image's current counts are its
+    ``Refcounts``."""
+    h = img.header
+    cs = img.cluster_size
+    if table_index < 0 or table_index >= h.refcount_table_clusters * cs // 8:
+        return None
+    raw = img.hf.pread(8, h.refcount_table_offset + table_index * 8)
+    block_offset = entries.reftable_block_offset(int.from_bytes(raw, "big"))
+    if not block_offset:
+        return None
+    if block_offset % cs or block_offset + cs > img.file_size:
+        raise CorruptImageError(
+            img.path,
+            f"refcount block offset {block_offset:#x} (refcount table index {table_index}) is "
+            + ("unaligned" if block_offset % cs else "beyond the end of the file"),
+        )
+    return RefcountBlock(img.hf.pread(cs, block_offset), h.refcount_order)

@@ -689,7 +689,7 @@ def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
     qemu.qemu_io(top, f"write -P 0x5a {MiB} {12 * MiB}")
     pending: set[int] = set()
     flushes = []
-    real_prepare, real_flush = writer.WriterMixin.prepare_write, writer.WriterMixin.flush
+    real_prepare, real_flush = writer.Writer.prepare_write, writer.Writer.flush
     real_copy = fastcopy.copy_runs
 
     inside = []
@@ -712,8 +712,8 @@ def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
         flushes.append(len(pending) + len(inside))
         return real_flush(self)
 
-    monkeypatch.setattr(writer.WriterMixin, "prepare_write", prepare)
-    monkeypatch.setattr(writer.WriterMixin, "flush", flush)
+    monkeypatch.setattr(writer.Writer, "prepare_write", prepare)
+    monkeypatch.setattr(writer.Writer, "flush", flush)
     monkeypatch.setattr(copier.fastcopy, "copy_runs", copy_runs)
     before = raw_of(top, tmp_path / "before.raw")
     commit(top)
@@ -779,8 +779,8 @@ def test_interrupted_make_empty_leaves_consistent_top(make, tmp_path, monkeypatc
     before = raw_of(orig.top, tmp_path / "before.raw")
     commit(ours.top, drop=True)  # the base holds the data: emptying the top keeps its view
     img = QcowImage(str(ours.top), "r+")
-    monkeypatch.setattr(writer.WriterMixin, "_free_entry_allocation",
-                        _interrupt_after(2, writer.WriterMixin._free_entry_allocation))
+    monkeypatch.setattr(writer.Writer, "_free_entry_allocation",
+                        _interrupt_after(2, writer.Writer._free_entry_allocation))
     with pytest.raises(_Interrupt):
         img.make_empty()
     img.close()  # flushes what make_empty had done in memory
