@@ -33,7 +33,7 @@ from .bitmap_directory import (
     table_entry,
 )
 from .errors import FormatError
-from .header import build_cluster0, with_extension
+from .header import check_fits, with_extension
 
 __all__ = [
     "Bitmap",
@@ -371,7 +371,7 @@ def merge_problems(dest, src) -> list[str]:
         out.append(f"{dest.path}: more than {MAX_BITMAPS} bitmaps in all")
     if dh.bitmaps is None:  # would the header still fit in cluster 0 with one?
         try:
-            build_cluster0(with_extension(dh, spec.ExtType.BITMAPS, bytes(24)))
+            check_fits(with_extension(dh, spec.ExtType.BITMAPS, bytes(24)))
         except FormatError:
             out.append(f"{dest.path}: no room in the header for a bitmaps extension")
     return out

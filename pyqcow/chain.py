@@ -6,6 +6,7 @@ import os
 
 from . import spec
 from .errors import BackingChainError, FormatError, QcowError
+from .header import protocol_prefix, validate_backing_name  # noqa: F401 (re-export)
 from .hostfile import path_inside as _inside
 from .hostfile import read_opener
 
@@ -28,15 +29,6 @@ def probe_format(path: str) -> str:
     return "raw"
 
 
-def _protocol_prefix(name: str) -> str | None:
-    """QEMU's path_has_protocol(): a ':' before any '/' makes the name a protocol."""
-    colon = name.find(":")
-    if colon < 0:
-        return None
-    slash = name.find("/")
-    if 0 <= slash < colon:
-        return None
-    return name[:colon]
 
 
 def resolve_backing(image_path: str, name: str) -> str:
@@ -49,7 +41,7 @@ def resolve_backing(image_path: str, name: str) -> str:
     ``x`` relative to the *current directory* (qemu's file driver strips the
     prefix), every other protocol is not a local file.
     """
-    proto = _protocol_prefix(name)
+    proto = protocol_prefix(name)
     if proto is not None:
         if proto != "file":
             raise BackingChainError(image_path, f"backing file {name!r} is not a local file")
@@ -80,22 +72,6 @@ def host_path(path: str) -> str:
     return os.path.join(os.path.realpath(directory), base)
 
 
-def validate_backing_name(image_path: str, name: str) -> None:
-    """Refuse a backing name QEMU would not read as the plain file meant."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) > spec.MAX_BACKING_FILE_NAME:
-        raise BackingChainError(
-            image_path, f"backing file name is {len(raw)} bytes long; qcow2 allows at most "
-            f"{spec.MAX_BACKING_FILE_NAME} (too long)"
-        )
-    if not name or "\0" in name:
-        raise BackingChainError(image_path, f"backing file name {name!r} is empty or has a NUL")
-    if _protocol_prefix(name) is not None:
-        raise BackingChainError(
-            image_path,
-            f"backing file name {name!r} has a ':' before any '/': QEMU reads it as a protocol "
-            f"prefix (write './{name}' or an absolute path)",
-        )
 
 
 def backing_name(image_path: str, target_path: str, *, relative: bool = True) -> str:
@@ -115,7 +91,7 @@ def backing_name(image_path: str, target_path: str, *, relative: bool = True) ->
         name = os.path.relpath(target_abs, os.path.normpath(img_dir))
         if not _names_same(os.path.join(img_dir, name), target_abs):
             name = os.path.relpath(os.path.realpath(target_abs), os.path.realpath(img_dir))
-        if _protocol_prefix(name) is not None:
+        if protocol_prefix(name) is not None:
             name = "./" + name
     else:
         name = target_abs

@@ -9,7 +9,7 @@ from array import array
 
 from . import entries, spec
 from .errors import FormatError, OperationError, QcowError
-from .header import build_cluster0, size_to_l1
+from .header import size_to_l1
 
 
 def resize(w, new_size: int) -> None:
@@ -133,8 +133,7 @@ def set_backing(w, name: str | None, fmt: str | None) -> None:
 
     The name is validated first (length, no protocol prefix QEMU would misread).
     """
-    from .chain import validate_backing_name  # an upward edge, see the note in the report
-    from .header import with_extension
+    from .header import check_fits, validate_backing_name, with_extension
 
     img = w.img
     w.check_writable()
@@ -150,10 +149,8 @@ def set_backing(w, name: str | None, fmt: str | None) -> None:
     )
     hdr = hdr.replace(backing_file=name or None)
     try:
-        build_cluster0(hdr)
+        check_fits(hdr)
     except FormatError as e:
         raise OperationError(img.path, f"cannot store backing name: {e.message}") from None
     w.flush()
-    img.header = hdr
-    w.write_header()
-    img.hf.fsync()
+    w.switch_header(hdr)

@@ -459,7 +459,8 @@ def _interim_name(final: str, at: str, kept: str, target: str) -> str | None:
     at every instant: the final name if it does (same directory, or it happens
     to), else an absolute name if one fits, else None.
     """
-    from ..chain import resolve_backing, validate_backing_name
+    from ..chain import resolve_backing
+    from ..header import validate_backing_name
 
     if os.path.isabs(final) or _dir_of(at) == _dir_of(kept):
         return final
