@@ -69,7 +69,10 @@ class PreparedWrite(list):
         may be published by the next flush.  Flushes now if the caches ask for it
         and nothing else is unfilled."""
         w, self._writer = self._writer, None
-        if w is None or w.epoch != self._epoch:
+        if w is None:
+            return
+        w.data_written = True  # the next flush makes the data durable before the mapping
+        if w.epoch != self._epoch:
             return
         w.unfilled -= 1
         w.flush_if_needed()
@@ -443,6 +446,12 @@ class Writer:
         l2, blocks = self.l2_cache, rc.blocks  # (TableCache.needs_flush, inlined: hot)
         if len(l2.dirty) > l2.dirty_limit or len(blocks.dirty) > blocks.dirty_limit:
             self.flush()
+
+    def needs_flush(self) -> bool:
+        """A cache is over its bound: the next safe point (the filling of the last
+        prepared range) will flush."""
+        rc = self.refcounts
+        return rc is not None and (self.l2_cache.needs_flush or rc.blocks.needs_flush)
 
     def flush(self) -> None:
         """Make every change durable, in the order of the module docstring (the

@@ -331,7 +331,6 @@ def _expand_zero_clusters(img, progress) -> None:
                 table[i] = 0
         img.dirty_l2.add(l2_off)
         img._data_written = True
-        if len(img.dirty_l2) > 64:
-            img.flush()
+        img.writer.flush_if_needed()  # a safe point: this table's data is written
         if progress:
             progress(l1_index + 1, total)

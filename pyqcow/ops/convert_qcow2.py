@@ -155,7 +155,6 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-    copier.note_data_written(out)
     out.flush()
     drop_source_cache(src)
     return written

@@ -40,35 +40,14 @@ def _src_fd(layer) -> int:
     return hf.fd
 
 
-# ------------------------------------------------------------------ batch sizes
-# The one place that knows how the destination's writer batches its L2 tables
-# (to go once prepare_write returns a handle that a flush will not publish
-# before it is filled).  Prepared clusters must be filled before the
-# destination flushes its L2 tables (a crash in between would expose unwritten
-# clusters).  The writer flushes by itself once more than MAX_DIRTY_L2 tables
-# are dirty, so:
-# - ``execute``: a prepare_write call touches at most PREPARE_TABLES tables,
-#   and the copier copies what is pending and flushes first when the next call
-#   could cross MAX_DIRTY_L2;
-# - ``BufferWriter``: one buffer touches a few tables at most; between buffers
-#   the destination is flushed (its pending writes complete first) once more
-#   than FILL_DIRTY_L2 tables are dirty, far below MAX_DIRTY_L2.
-PREPARE_TABLES = 32
-FILL_DIRTY_L2 = 64
+# Prepared clusters must be filled before the destination publishes the L2 entries
+# that point at them.  ``prepare_write`` returns a handle (writer.PreparedWrite):
+# the writer does not flush by itself while one is unfilled, and flushes at the
+# filling of the last one if its caches ask for it.  So the copier knows no table
+# count or batch size of the writer: it marks each handle filled once its data is
+# in place.
 BATCH_BYTES = 256 * 1024 * 1024
 
-
-def dirty_tables(dest) -> int:
-    """How many L2 tables of ``dest`` are changed in memory only."""
-    return len(dest.dirty_l2)
-
-
-def note_data_written(dest) -> None:
-    """Guest data went into host clusters of ``dest`` behind its back (pwrite
-    into prepared clusters): its next flush must make it durable first.
-
-    TODO(lead): an image method for this (or the prepare_write handle's fill)."""
-    dest._data_written = True
 
 # A batch is copied in slices, each one call into fastcopy (which Python cannot
 # interrupt): progress is reported and Ctrl-C (KeyboardInterrupt) is taken
@@ -128,6 +107,7 @@ class _Batch:
         self.dest = dest
         self.fd = -1
         self.runs: list[tuple[int, int, int]] = []
+        self.handles: list = []  # writer.PreparedWrite handles the runs fill
         self.bytes = 0
         self.progress = progress
         self.unreported = 0  # progress is reported once the bytes are really there
@@ -145,11 +125,13 @@ class _Batch:
             self.progress.advance(n)
         self.unreported -= n
 
-    def add(self, src_fd: int, runs: list[tuple[int, int, int]]) -> None:
+    def add(self, src_fd: int, handle, runs: list[tuple[int, int, int]]) -> None:
+        """``runs`` (source offset, host offset, length) fill the prepared ``handle``."""
         if src_fd != self.fd:
             self.drain()
             self.fd = src_fd
         self.runs.extend(runs)
+        self.handles.append(handle)
         self.bytes += sum(r[2] for r in runs)
         if self.bytes >= BATCH_BYTES:
             self.drain()
@@ -159,15 +141,10 @@ class _Batch:
             self.slicer.copy_runs(self.fd, self.dest.data_hf.fd, self.runs, report=self.report)
             self.runs = []
             self.bytes = 0
+        for h in self.handles:  # their data is in place: the writer may publish them
+            h.filled()
+        self.handles.clear()
         self.report()
-
-    def before_prepare(self) -> None:
-        """Make sure the next prepare_write cannot flush uncopied clusters."""
-        from ..writer import MAX_DIRTY_L2
-
-        if dirty_tables(self.dest) + PREPARE_TABLES + 2 > MAX_DIRTY_L2:
-            self.drain()
-            self.dest.flush()
 
 
 def execute(pieces: list[Piece], dest, *, write_zero: bool = True, progress: Progress | None = None) -> int:
@@ -186,16 +163,10 @@ def abandon(dest) -> None:
     never filled; it must not reach the disk when the image is closed.  Dropping
     it leaves the file as after its last flush (which ran only with every
     prepared cluster filled): exactly what a crash at that moment would leave.
-
-    TODO(lead): reaches into the writer's state (dirty sets, ``refcounts``); an
-    image method (e.g. ``drop_unflushed()``) should own this.
     """
-    if getattr(dest, "refcounts", None) is None:
-        return  # raw, or read-only: nothing cached
-    dest.dirty_l2.clear()
-    dest.l1_dirty = False
-    dest.header_dirty = False
-    dest.refcounts = None  # flush() (and so close()) writes nothing from now on
+    writer = getattr(dest, "writer", None)
+    if writer is not None and writer.refcounts is not None:
+        writer.abandon()  # flush() (and so close()) writes nothing from now on
 
 
 def _execute(pieces: list[Piece], dest, write_zero: bool, progress: Progress | None) -> int:
@@ -221,7 +192,7 @@ def _execute(pieces: list[Piece], dest, write_zero: bool, progress: Progress | N
 
 
 def _read_write(layer, dest, batch: _Batch, pos: int, n: int) -> None:
-    batch.drain()  # dest.write may flush
+    # (dest.write does not flush while the batch's prepared ranges are unfilled)
     buf = bytearray(n)
     layer.readinto(buf, pos)
     dest.write(pos, buf)
@@ -250,14 +221,8 @@ def _copy_data(p: Piece, pos: int, n: int, dest, batch: _Batch) -> None:
         return
     if a > pos:
         _read_write(layer, dest, batch, pos, a - pos)
-    span = PREPARE_TABLES * dest.l2_entries * cs
-    g = a
-    while g < b:
-        m = min(b - g, span - g % span)
-        batch.before_prepare()
-        hosts = dest.prepare_write(g, m)
-        batch.add(src_fd, [(src_base + (h_g - pos), h, ln) for h_g, h, ln in hosts])
-        g += m
+    handle = dest.prepare_write(a, b - a)
+    batch.add(src_fd, handle, [(src_base + (g - pos), h, ln) for g, h, ln in handle])
     if end > b:
         _read_write(layer, dest, batch, b, end - b)
 
@@ -285,12 +250,18 @@ class BufferWriter:
             return self._write_compressed(guest_offset, data)
         hf = self.dest.data_hf
         pool = self.pool
-        for g, host, n in self.dest.prepare_write(guest_offset, len(data)):
+        handle = self.dest.prepare_write(guest_offset, len(data))
+        writes = []
+        for g, host, n in handle:
             piece = data[g - guest_offset : g - guest_offset + n]
             if pool is not None:
-                self.pending.append(pool.submit(hf.pwrite, piece, host))
+                writes.append(pool.submit(hf.pwrite, piece, host))
             else:
                 hf.pwrite(piece, host)
+        if pool is not None:
+            self.pending.append((handle, writes))
+        else:
+            handle.filled()
         return len(data)
 
     def _write_compressed(self, guest_offset: int, data: memoryview) -> int:
@@ -305,21 +276,26 @@ class BufferWriter:
                 dest.write_compressed(guest_offset + off, packed)
                 continue
             g0 = guest_offset + off
-            for g, host, ln in dest.prepare_write(g0, len(piece)):
+            handle = dest.prepare_write(g0, len(piece))
+            for g, host, ln in handle:
                 dest.data_hf.pwrite(piece[g - g0 : g - g0 + ln], host)
+            handle.filled()
         return n
 
     def settle(self) -> None:
-        """Wait for the pending (pooled) writes."""
-        for w in self.pending:
-            w.result()
+        """Wait for the pending (pooled) writes; their prepared ranges are then
+        filled (the writer may flush at the last one)."""
+        for handle, writes in self.pending:
+            for w in writes:
+                w.result()
+            handle.filled()
         self.pending.clear()
 
     def checkpoint(self) -> None:
-        """Flush the destination once enough tables are dirty (its data first)."""
-        if dirty_tables(self.dest) > FILL_DIRTY_L2:
+        """Between buffers: once the destination's caches ask for a flush, let the
+        pooled writes finish so that it can flush (its data first)."""
+        if self.pending and self.dest.writer.needs_flush():
             self.settle()
-            self.dest.flush()
 
     def finish(self) -> None:
         self.settle()

@@ -74,19 +74,26 @@ def test_read_guest_zeros_past_the_end_and_without_image(tmp_path):
 
 
 def test_buffer_writer_checkpoint_flushes_with_data_first(tmp_path):
-    """A checkpoint flushes once more than FILL_DIRTY_L2 tables are dirty; what was
-    written reads back and qemu-img finds the image clean and equal."""
+    """Pooled writes hold their prepared ranges unfilled, so the writer cannot flush
+    by itself; once its cache is over the bound, a checkpoint waits for them and the
+    writer flushes (data first).  What was written reads back, qemu-img finds the
+    image clean and equal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyqcow.writer import MAX_DIRTY_L2
+
     cs = 512  # 64 entries per L2 table: one table per 32 KiB
-    span = (copier.FILL_DIRTY_L2 + 2) * 64 * cs
+    span = (MAX_DIRTY_L2 + 2) * 64 * cs
     p = tmp_path / "out.qcow2"
     qemu.create(p, span, f"cluster_size={cs}")
     data = bytes(range(256)) * (span // 256)
-    with pyqcow.open(str(p), "r+") as out:
-        w = copier.BufferWriter(out)
+    with pyqcow.open(str(p), "r+") as out, ThreadPoolExecutor(2) as pool:
+        w = copier.BufferWriter(out, pool=pool)
         assert w.write(0, memoryview(data)) == span
-        assert copier.dirty_tables(out) > copier.FILL_DIRTY_L2
+        assert len(out.dirty_l2) > MAX_DIRTY_L2  # unfilled: nothing flushed yet
+        assert out.writer.needs_flush()
         w.checkpoint()
-        assert copier.dirty_tables(out) == 0
+        assert len(out.dirty_l2) == 0 and not w.pending
         w.finish()
     raw = tmp_path / "ref.raw"
     raw.write_bytes(data)
