@@ -207,7 +207,7 @@ class Repairer(Scanner):
             cluster = start + self.block_entries
         return grown
 
-    def rebuild(self) -> None:
+    def rebuild(self, **header_fields) -> None:
         """Write a fresh refcount structure from the in-memory table and switch to it."""
         self.blocks.clear()
         self.dirty_blocks.clear()
@@ -225,7 +225,8 @@ class Repairer(Scanner):
         # Refcount blocks and table are durable (the table write's fsync) before
         # the header points at them.
         self.img.write_refcount_table(table_offset, data)
-        self.img.switch_header(refcount_table_offset=table_offset, refcount_table_clusters=clusters)
+        self.img.switch_header(refcount_table_offset=table_offset, refcount_table_clusters=clusters,
+                               **header_fields)
         self.reftable_offset = table_offset
         self.reftable = array("Q", new_table)
         self.blocks.clear()

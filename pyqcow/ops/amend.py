@@ -265,8 +265,8 @@ def _refcount_bits(path: str, bits: int, progress) -> None:
         ch.refcount_max = entries.refcount_max(order)
         ch.block_bits = ch.cb + 3 - order
         ch.block_entries = 1 << ch.block_bits
-        img.header = img.header.replace(refcount_order=order)
-        ch.rebuild()  # writes blocks + table, fsync, then the header switch (one write)
+        # writes blocks + table, fsync, then the header switch (one write, new width)
+        ch.rebuild(refcount_order=order)
         img.refcounts = None  # the writer's view is stale: no flush through it
         if progress:
             progress(1, 2)
