@@ -2,7 +2,7 @@
 
 The directory and table formats are pyqcow/bitmap_directory.py.
 
-A writable image loads its bitmaps on the first change (writer._begin_write),
+A writable image loads its bitmaps on the first change (writer.Writer.begin_write),
 marks them in use on disk before any data changes, sets the bits of every
 granule a write may change in each enabled (auto) bitmap, and stores them on
 a clean close (copy-then-switch, in_use cleared).  Bitmaps found in use are
@@ -223,7 +223,7 @@ def _write_new(img, data: bytes) -> int:
     """Allocate clusters for ``data``, write it there (not yet durable); its offset."""
     cs = img.cluster_size
     off = img.refcounts.alloc(_clusters(len(data), cs))
-    img._note_alloc()
+    img.writer.note_alloc()
     img.hf.pwrite(data + bytes(-len(data) % cs), off)
     return off
 
@@ -392,7 +392,7 @@ def merge_into(dest, src, dirty_ranges=()) -> list[str]:
     """
     from .errors import OperationError
 
-    dest._check_writable()
+    dest.writer.check_writable()
     problems = merge_problems(dest, src)
     if problems:
         raise OperationError(
@@ -402,10 +402,10 @@ def merge_into(dest, src, dirty_ranges=()) -> list[str]:
     for s in src_bms:
         if s.bits is None:
             raise FormatError(src.path, f"bitmap {s.name!r}: {s.why}")
-    dest._begin_write()
-    if dest._bitmaps is None:
-        dest._bitmaps = []
-    by_name = {b.name: b for b in dest._bitmaps}
+    dest.writer.begin_write()
+    if dest.writer.bitmaps is None:
+        dest.writer.bitmaps = []
+    by_name = {b.name: b for b in dest.writer.bitmaps}
     for s in src_bms:
         if s.nbits != bitmap_bits(dest.virtual_size, s.granularity_bits):
             s.resize(dest.virtual_size)
@@ -414,7 +414,7 @@ def merge_into(dest, src, dirty_ranges=()) -> list[str]:
             s.table_offset = s.table_size = 0  # src's clusters are not dest's: store anew
             s.data_clusters = ()
             s.changed = True
-            dest._bitmaps.append(s)
+            dest.writer.bitmaps.append(s)
             continue
         if d.bits is None:  # merge_problems refused these; defensive
             raise OperationError(dest.path, f"bitmap {d.name!r}: {d.why}")
@@ -425,7 +425,7 @@ def merge_into(dest, src, dirty_ranges=()) -> list[str]:
         d.flags |= s.flags & BME_FLAG_AUTO
         d.changed = True
     for off, length in dirty_ranges:
-        dest._mark_dirty(off, length)
+        dest.writer.mark_dirty(off, length)
     return [s.name for s in src_bms]
 
 

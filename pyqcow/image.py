@@ -39,10 +39,6 @@ def _to_writer(name: str) -> property:
                     lambda self, value: setattr(self.writer, name, value))
 
 
-def _writer_method(name: str) -> property:
-    return property(lambda self: getattr(self.writer, name))
-
-
 class QcowImage(LibyalMethods):
     format = "qcow2"
 
@@ -536,33 +532,14 @@ class QcowImage(LibyalMethods):
     def reload(self) -> None:
         self.writer.reload()
 
-    # The writer's state and helpers under their historical names, for the
-    # modules (snapshot, check, bitmaps, ops) that still reach them through
-    # the image; see the report of issue 13 for which can go.
+    #: the writer's refcounts (pyqcow.refcount.Refcounts; None when read-only)
     refcounts = _to_writer("refcounts")
-    l1_dirty = _to_writer("l1_dirty")
-    l1_moved_from = _to_writer("l1_moved_from")
-    header_dirty = _to_writer("header_dirty")
-    _write_started = _to_writer("write_started")
-    _data_written = _to_writer("data_written")
-    _bitmaps = _to_writer("bitmaps")
-    _cpos = _to_writer("cpos")
-    _cend = _to_writer("cend")
-    _note_alloc = _writer_method("note_alloc")
-    _write_header = _writer_method("write_header")
-    _begin_write = _writer_method("begin_write")
-    _l2_for_write = _writer_method("l2_for_write")
-    _mark_dirty = _writer_method("mark_dirty")
-    _check_writable = _writer_method("check_writable")
-    _free_entry_allocation = _writer_method("_free_entry_allocation")
-    _store_bitmaps = _writer_method("store_bitmaps")
 
     @property
     def dirty_l2(self) -> set:
         """Host offsets of the L2 tables changed in memory (the cache's dirty set)."""
         return self.l2_cache.dirty
 
-    _l2_cache = property(lambda self: self.l2_cache)
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:
@@ -573,7 +550,7 @@ class QcowImage(LibyalMethods):
             self._gmap.close()
         try:
             self.flush()
-            self._store_bitmaps()
+            self.writer.store_bitmaps()
         finally:
             if self.backing is not None:
                 self.backing.close()

@@ -463,7 +463,7 @@ def _preallocate_metadata(img) -> None:
     cb = img.cluster_bits
     nb = (img.virtual_size + img.cluster_size - 1) >> cb
     for cluster in range(nb):
-        table, l2_off = img._l2_for_write(cluster)
+        table, l2_off = img.writer.l2_for_write(cluster)
         i = cluster & (img.l2_entries - 1)
         entry = entries.with_copied(img.refcounts.alloc(1), True)
         if img.extended_l2:
@@ -471,8 +471,8 @@ def _preallocate_metadata(img) -> None:
             table[2 * i + 1] = 0xFFFFFFFF  # all subclusters allocated
         else:
             table[i] = entry
-        img.dirty_l2.add(l2_off)
-    img._note_alloc()
+        img.l2_cache.mark_dirty(l2_off)
+    img.writer.note_alloc()
     end = img.refcounts.end_cluster << cb
     if img.hf.size() < end:
         img.hf.truncate(end)

@@ -100,7 +100,7 @@ def _begin_metadata_change(img) -> None:
     """Before create/delete: they change metadata but not the guest data, so persistent
     bitmaps stay valid (qemu-img snapshot -c/-d leaves them alone).  Other autoclear
     bits we do not maintain are cleared, as the writer does on its first change."""
-    if img._write_started:
+    if img.writer.write_started:
         return
     h = img.header
     keep = spec.Autoclear.DATA_FILE_RAW | spec.Autoclear.BITMAPS
@@ -244,7 +244,7 @@ def _mark_copied(img, l1, *, only_clear: bool) -> None:
         if not off:
             continue
         if _mark_copied_l2(img, img.l2_table(off), only_clear):
-            img.dirty_l2.add(off)
+            img.l2_cache.mark_dirty(off)
         if l1 is img.l1:
             new_l1e = entries.with_copied(l1e, not only_clear and rc.get(off >> cb) == 1)
             if new_l1e != l1e:
@@ -398,7 +398,7 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
     new_l1_size = max(img.header.l1_size, sn.l1_size, need_l1)
 
     # -- from here on the image changes ------------------------------------
-    img._begin_write()
+    img.writer.begin_write()
     # every table and cluster of the new active tree is shared with the
     # snapshot: the new L1 carries no COPIED flag, neither do those L2s
     # (cleared before the increments, as in create)

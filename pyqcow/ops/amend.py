@@ -277,7 +277,7 @@ def _refcount_bits(path: str, bits: int, progress) -> None:
         rc.free_later(off, n)
         for b in old_blocks:
             rc.free_later(b)
-        img._write_started = True
+        img.writer.write_started = True
         rc.apply_pending_frees()
         if rc.write_blocks():
             img.hf.fsync()
@@ -313,8 +313,8 @@ def _expand_zero_clusters(img, progress) -> None:
         table = img.l2_table(l2_off)
         if not any(map(entries.has_zero_flag, table)):
             continue
-        img._begin_write()
-        table, l2_off = img._l2_for_write(l1_index * img.l2_entries)
+        img.writer.begin_write()
+        table, l2_off = img.writer.l2_for_write(l1_index * img.l2_entries)
         for i, e in enumerate(table):
             if not entries.has_zero_flag(e) or entries.is_compressed(e):
                 continue
@@ -324,13 +324,13 @@ def _expand_zero_clusters(img, progress) -> None:
                 table[i] = entries.with_copied(host, entries.is_copied(e))
             elif has_backing:
                 host = img.refcounts.alloc(1)
-                img._note_alloc()
+                img.writer.note_alloc()
                 img.hf.pwrite(zeros, host)
                 table[i] = entries.with_copied(host, True)
             else:
                 table[i] = 0
-        img.dirty_l2.add(l2_off)
-        img._data_written = True
+        img.l2_cache.mark_dirty(l2_off)
+        img.writer.data_written = True
         img.writer.flush_if_needed()  # a safe point: this table's data is written
         if progress:
             progress(l1_index + 1, total)

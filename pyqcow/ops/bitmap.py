@@ -139,8 +139,8 @@ def _apply(img, name: str, ops: list[BitmapOp], granularity: int | None,
     from ..bitmap_directory import BME_FLAG_AUTO, BT_DIRTY_TRACKING_BITMAP, BitmapInfo, bitmap_bits
     from ..bitmaps import Bitmap
 
-    img._begin_write()  # loads the bitmaps and flags them in use on disk
-    live = img._bitmaps if img._bitmaps is not None else []
+    img.writer.begin_write()  # loads the bitmaps and flags them in use on disk
+    live = img.writer.bitmaps if img.writer.bitmaps is not None else []
     removed = []
     for op in ops:
         target = next((b for b in live if b.name == name), None)
@@ -194,10 +194,10 @@ def _store(img, live: list, removed: list) -> None:
                                     & ~spec.Autoclear.BITMAPS))
         if old is not None:
             rc.free_later(old.bitmap_directory_offset, _clusters(old.bitmap_directory_size, cs))
-    img._bitmaps = None  # stored: nothing left for close()
+    img.writer.bitmaps = None  # stored: nothing left for close()
     for b in removed:
         rc.free_later(b.table_offset, _clusters(b.table_size * 8, cs))
         for c in b.data_clusters:
             rc.free_later(c)
-    img._data_written = True
+    img.writer.data_written = True
     img.flush()

@@ -209,8 +209,8 @@ def _add_bitmaps(out, bitmaps: list) -> None:
     from ..bitmaps import BME_FLAG_IN_USE, Bitmap, BitmapInfo
 
     out.flush()
-    out._begin_write()
-    live = list(out._bitmaps or [])
+    out.writer.begin_write()
+    live = list(out.writer.bitmaps or [])
     for b in bitmaps:
         info = BitmapInfo(b.name, b.granularity_bits, b.flags & ~BME_FLAG_IN_USE, b.type, 0, 0,
                           b.extra_data)
@@ -219,7 +219,7 @@ def _add_bitmaps(out, bitmaps: list) -> None:
             nb.resize(out.virtual_size)
         nb.changed = True
         live.append(nb)
-    out._bitmaps = live
+    out.writer.bitmaps = live
 
 
 def _open_output(dst: str):

@@ -124,7 +124,7 @@ def resize(
             _refuse_lossy_shrink(img, new_size, shrink)
             img.shrink(new_size)
             # persistent bitmaps shrink with the disk (stored on close, as qemu does)
-            for b in img._bitmaps or ():
+            for b in img.writer.bitmaps or ():
                 if b.bits is not None:
                     b.resize(new_size)
             _trim_file(img)

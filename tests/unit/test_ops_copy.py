@@ -90,10 +90,10 @@ def test_buffer_writer_checkpoint_flushes_with_data_first(tmp_path):
     with pyqcow.open(str(p), "r+") as out, ThreadPoolExecutor(2) as pool:
         w = copier.BufferWriter(out, pool=pool)
         assert w.write(0, memoryview(data)) == span
-        assert len(out.dirty_l2) > MAX_DIRTY_L2  # unfilled: nothing flushed yet
+        assert len(out.l2_cache.dirty) > MAX_DIRTY_L2  # unfilled: nothing flushed yet
         assert out.writer.needs_flush()
         w.checkpoint()
-        assert len(out.dirty_l2) == 0 and not w.pending
+        assert len(out.l2_cache.dirty) == 0 and not w.pending
         w.finish()
     raw = tmp_path / "ref.raw"
     raw.write_bytes(data)
