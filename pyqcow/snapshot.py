@@ -25,7 +25,7 @@ from array import array
 from collections import Counter
 from itertools import compress
 
-from . import entries, spec
+from . import entries, spec, walk
 from .errors import CorruptImageError, FormatError, OperationError, UnsupportedFeatureError
 from .header import size_to_l1
 from .snapshot_table import (
@@ -127,61 +127,18 @@ def _read_l1(img, sn: SnapshotInfo) -> array:
     return entries.decode_u64_table(img.hf.pread(sn.l1_size * 8, sn.l1_table_offset))
 
 
-def _reach(img, l1, what: str) -> tuple[list[int], Counter]:
-    """(L2 table offsets, Counter of host clusters) one L1 tree references.
+def _tree_counts(img, l1, what: str) -> Counter:
+    """Host cluster -> references from the L1 tree ``l1`` (``what`` names it in errors).
 
-    Data clusters count once per reference: normal and zero-with-allocation
-    entries their cluster, compressed entries every cluster their byte range
-    touches (qemu's ``qcow2_update_snapshot_refcount``).
+    The tree is walked by pyqcow.walk: an L2 table counts once per L1 entry
+    pointing at it, normal and zero-with-allocation entries their cluster,
+    compressed entries every cluster their byte range touches (qemu's
+    ``qcow2_update_snapshot_refcount``).  A tree with a pointer the walk cannot
+    count is refused (``walk.refuse_problems``) before anything is written.
     """
-    cs = img.cluster_size
-    file_size = max(img.file_size, img.hf.size())
-    l2s: list[int] = []
-    data: Counter = Counter()
-    for l1_index, l1e in enumerate(l1):
-        off = entries.l1_l2_offset(l1e)
-        if not off:
-            continue
-        if off % cs or off + cs > file_size:
-            raise CorruptImageError(
-                img.path, f"{what}: L1 entry {l1_index} points at an invalid L2 table {off:#x}"
-            )
-        l2s.append(off)
-        _count_l2(img, img.l2_table(off), file_size, data, what)
-    return l2s, data
-
-
-def _count_l2(img, table, file_size: int, data: Counter, what: str) -> None:
-    """Add the host clusters the L2 ``table`` references to ``data``."""
-    cb, cs = img.cluster_bits, img.cluster_size
-    file_clusters = (file_size + cs - 1) >> cb
-    descriptors = table if not img.extended_l2 else table[::2]
-    for e in filter(None, descriptors):  # skip zeros in C
-        if entries.is_compressed(e):
-            host, nbytes = entries.decode_compressed(e, cb)
-            first, last = host >> cb, (host + nbytes - 1) >> cb
-            if not host or first >= file_clusters:
-                raise CorruptImageError(
-                    img.path, f"{what}: compressed cluster at {host:#x} lies outside the file"
-                )
-            for c in range(first, last + 1):
-                data[c] += 1
-            continue
-        host = entries.l2_host_offset(e)
-        if not host:
-            continue
-        if host % cs or host + cs > file_clusters << cb:
-            raise CorruptImageError(
-                img.path, f"{what}: L2 entry {e:#018x} points at an invalid data cluster"
-            )
-        data[host >> cb] += 1
-
-
-def _tree_counts(img, l2s: list[int], data: Counter) -> Counter:
-    counts = Counter(data)
-    for off in l2s:
-        counts[off >> img.cluster_bits] += 1
-    return counts
+    w = walk.l1_tree(img, l1, stop_at_problem=True)
+    walk.refuse_problems(img, w, what)
+    return walk.cluster_references(w.references, img.cluster_bits)
 
 
 def _check_increments(img, counts: Counter) -> None:
@@ -334,8 +291,7 @@ def create_snapshot(img, name: str, *, date=None, vm_clock_nsec: int = 0) -> Sna
     blobs = [entry_bytes(img, sn) for sn in snaps]
     # the L1 offset is not known yet: size the entry with a placeholder
     check_table_size(img.path, [*blobs, build_entry(l1_table_offset=0, **fields)])
-    l2s, data = _reach(img, img.l1, "active L1")
-    counts = _tree_counts(img, l2s, data)
+    counts = _tree_counts(img, img.l1, "active L1")
     _check_increments(img, counts)
 
     # -- from here on the image changes ------------------------------------
@@ -387,10 +343,8 @@ def apply_snapshot(img, name_or_id: str) -> SnapshotInfo:
     img.flush()
     sn, need_l1 = _find_for_apply(img, name_or_id)
     sn_l1 = _read_l1(img, sn)
-    new_l2s, new_data = _reach(img, sn_l1, f"snapshot {sn.id_str}")
-    old_l2s, old_data = _reach(img, img.l1, "active L1")
-    inc = _tree_counts(img, new_l2s, new_data)
-    dec = _tree_counts(img, old_l2s, old_data)
+    inc = _tree_counts(img, sn_l1, f"snapshot {sn.id_str}")
+    dec = _tree_counts(img, img.l1, "active L1")
     _check_increments(img, inc)
     _check_decrements(img, dec)
     # qemu grows the L1, never shrinks it; a snapshot without a disk size in
@@ -436,8 +390,7 @@ def delete_snapshot(img, name_or_id: str) -> SnapshotInfo:
     if sn is None:
         raise not_found(img.path, snaps, str(name_or_id))
     sn_l1 = _read_l1(img, sn)
-    l2s, data = _reach(img, sn_l1, f"snapshot {sn.id_str}")
-    dec = _tree_counts(img, l2s, data)
+    dec = _tree_counts(img, sn_l1, f"snapshot {sn.id_str}")
     l1_clusters = _clusters(img, sn.l1_size * 8) if sn.l1_size else 0
     for i in range(l1_clusters):
         dec[(sn.l1_table_offset >> img.cluster_bits) + i] += 1

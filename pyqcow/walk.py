@@ -17,6 +17,16 @@ Its corruption rules, stated once:
   ``errors`` and skipped; the bitmaps count only when the autoclear "bitmaps"
   bit says they are consistent (QEMU ignores them otherwise);
 * a bitmap table reaching past the end of the file is referenced, not read;
+* every pointer an L1 tree cannot count is also a ``Problem`` record
+  (``problems``, in walk order): an L2 table unaligned, past the end of the file
+  or unreadable; a data cluster (normal, zero with a host cluster, VM state) in
+  the image file that is unaligned or past the end of the file; a compressed
+  cluster at offset 0 or starting past the end of the file ("the end of the
+  file" rounded up to a whole cluster).  The tree is still walked (a reference
+  is still recorded) unless the caller asks to stop at the first problem;
+  ``refuse_problems`` is what a refcount update (snapshot create, apply,
+  delete) raises for them.  Ranges in an external data file are not checked
+  against the image file and have no refcount;
 * entries are decoded by pyqcow.entries only.
 
 ``pyqcow.scan`` (``qemu-img check``, which must also reproduce QEMU's messages
@@ -27,30 +37,33 @@ forensic's ``dump`` and ``orphans`` consume the records.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import entries, layout, spec
-from .errors import QcowError
+from .errors import CorruptImageError, QcowError
 
 __all__ = [
+    "Problem",
     "Reference",
     "ReferenceWalk",
     "cluster_references",
     "l1_tree",
     "nonzero_entries",
     "read_snapshots",
+    "refuse_problems",
     "snapshot_entry_end",
     "walk_references",
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Reference:
+class Reference(NamedTuple):
     """``length`` bytes at ``host_offset`` that ``owner`` points to as ``kind``.
 
     kind: header, refcount_table, refcount_block, l1_table, l2_table, data,
@@ -59,7 +72,9 @@ class Reference:
     bitmap_data.  owner: "image", "active", "snapshot ID (NAME)" or
     "bitmap NAME".  guest_offset: the guest byte the range maps (data), or the
     first guest byte an L2 table maps.  in_data_file: the range lies in the
-    external data file, not in the image file.
+    external data file, not in the image file.  (A NamedTuple, not a frozen
+    dataclass: the walk makes one per run of data clusters, and a frozen
+    dataclass is four times slower to build.)
     """
 
     host_offset: int
@@ -79,10 +94,33 @@ class Reference:
         return d
 
 
+# Reference from a complete tuple (host_offset, length, kind, owner, guest_offset,
+# in_data_file), without the argument parsing of Reference(...)
+_ref = functools.partial(tuple.__new__, Reference)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A pointer of an L1 tree that cannot be counted (see the module's rules).
+
+    kind: "l2_table" (unaligned or past the end of the file), "l2_read" (reading
+    the table raised ``error``), "data" or "compressed".  host_offset: where the
+    pointer points; entry: the raw L2 entry (data, compressed).
+    """
+
+    kind: str
+    owner: str
+    l1_index: int
+    host_offset: int
+    entry: int = 0
+    error: QcowError | None = None
+
+
 @dataclass
 class ReferenceWalk:
     references: list[Reference] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     snapshots: list = field(default_factory=list)  # SnapshotInfo
     snapshot_l1: dict[str, array] = field(default_factory=dict)  # id -> L1
     bitmaps: list | None = None  # BitmapInfo, None: no valid bitmaps
@@ -118,7 +156,7 @@ def walk_references(img) -> ReferenceWalk:
     # active L1
     if h.l1_size:
         refs.append(Reference(h.l1_table_offset, h.l1_size * 8, "l1_table", "active"))
-    _walk_l1(img, w, img.l1, "active", img.virtual_size)
+    _walk_l1(img, w, img.l1, "active", img.virtual_size, img.file_size)
 
     # snapshots
     if h.nb_snapshots:
@@ -138,7 +176,7 @@ def walk_references(img) -> ReferenceWalk:
                 refs.append(Reference(sn.l1_table_offset, sn.l1_size * 8, "l1_table", owner))
             l1 = entries.decode_u64_table(img.hf.pread(sn.l1_size * 8, sn.l1_table_offset))
             w.snapshot_l1[sn.id_str] = l1
-            _walk_l1(img, w, l1, owner, sn.disk_size)
+            _walk_l1(img, w, l1, owner, sn.disk_size, img.file_size)
 
     # bitmaps
     if h.bitmaps is not None and h.autoclear_features & spec.Autoclear.BITMAPS:
@@ -157,40 +195,61 @@ def walk_references(img) -> ReferenceWalk:
     return w
 
 
-def l1_tree(img, l1, owner: str = "active", disk_size: int | None = None) -> ReferenceWalk:
+def l1_tree(img, l1, owner: str = "active", disk_size: int | None = None, *,
+            stop_at_problem: bool = False) -> ReferenceWalk:
     """The references one L1 table makes (its L2 tables and their data; not the L1
     table itself), e.g. for the refcount updates of a snapshot operation.
     ``disk_size``: the guest size the tree maps (data beyond it is "vmstate" for a
-    snapshot owner); default the image's."""
+    snapshot owner); default the image's.  The end of the file is the larger of
+    the image's idea and the host file's size.  ``stop_at_problem``: end the walk
+    at the first ``Problem`` (nothing after it is read)."""
     w = ReferenceWalk()
-    _walk_l1(img, w, l1, owner, img.virtual_size if disk_size is None else disk_size)
+    _walk_l1(img, w, l1, owner, img.virtual_size if disk_size is None else disk_size,
+             max(img.file_size, img.hf.size()), stop_at_problem)
     return w
+
+
+def refuse_problems(img, w: ReferenceWalk, what: str) -> None:
+    """Raise for the first problem of ``w`` (an L1 tree ``what`` names, e.g. "active
+    L1"): a tree with a pointer that cannot be counted cannot have its refcounts
+    updated.  An unreadable L2 table raises what reading it raised."""
+    if not w.problems:
+        return
+    p = w.problems[0]
+    if p.error is not None:
+        raise p.error
+    if p.kind == "l2_table":
+        msg = f"L1 entry {p.l1_index} points at an invalid L2 table {p.host_offset:#x}"
+    elif p.kind == "compressed":
+        msg = f"compressed cluster at {p.host_offset:#x} lies outside the file"
+    else:
+        msg = f"L2 entry {p.entry:#018x} points at an invalid data cluster"
+    raise CorruptImageError(img.path, f"{what}: {msg}")
 
 
 def cluster_references(references, cluster_bits: int) -> Counter:
     """Host cluster -> how many of ``references`` point into it (ranges in an
     external data file do not count: they have no refcount)."""
     counts: Counter = Counter()
-    for r in references:
-        if r.in_data_file or r.length <= 0:
+    single: list[int] = []  # one-cluster references, counted in C at the end
+    for host, length, _kind, _owner, _guest, in_data_file in references:
+        if in_data_file or length <= 0:
             continue
-        first = r.host_offset >> cluster_bits
-        last = (r.host_offset + r.length - 1) >> cluster_bits
+        first = host >> cluster_bits
+        last = (host + length - 1) >> cluster_bits
         if first == last:
-            counts[first] += 1
+            single.append(first)
         else:
             counts.update(range(first, last + 1))
+    counts.update(single)
     return counts
 
 
-def _walk_l1(img, w: ReferenceWalk, l1, owner: str, disk_size: int) -> None:
+def _walk_l1(img, w: ReferenceWalk, l1, owner: str, disk_size: int, file_size: int,
+             stop: bool = False) -> None:
     refs = w.references
     cs = img.cluster_size
-    cb = img.cluster_bits
-    l2_shift = cb + img.l2_bits
-    file_size = img.file_size
-    stride = 2 if img.extended_l2 else 1
-    data_file = img.has_data_file
+    l2_shift = img.cluster_bits + img.l2_bits
     for l1_index, l1e in enumerate(l1):
         l2_offset = entries.l1_l2_offset(l1e)
         if not l2_offset:
@@ -203,44 +262,78 @@ def _walk_l1(img, w: ReferenceWalk, l1, owner: str, disk_size: int) -> None:
                 f"{owner}: L2 table at {l2_offset:#x} (L1 index {l1_index}) is "
                 + ("unaligned" if l2_offset % cs else "beyond the end of the file")
             )
-            continue
-        try:
-            table = img.l2_table(l2_offset)
-        except QcowError as e:
-            w.errors.append(f"{owner}: {e.message}")
-            continue
-        # pending merged run
-        pk = None
-        ph = pg = pl = 0
-        for i in range(0, len(table), stride):
-            e = table[i]
-            if not e:
-                continue
-            guest = guest_base + ((i // stride) << cb)
-            if entries.is_compressed(e):
-                host, nbytes = entries.decode_compressed(e, cb)
-                if pk is not None:
-                    refs.append(Reference(ph, pl, pk, owner, pg, data_file))
-                    pk = None
-                refs.append(Reference(host, nbytes, "compressed", owner, guest))
-                continue
-            host = entries.l2_host_offset(e)
-            if not host and not (data_file and entries.is_copied(e)):
-                continue
-            if stride == 1 and entries.has_zero_flag(e):
-                kind = "zero_alloc"
-            elif guest >= disk_size and owner != "active":
-                kind = "vmstate"
+            w.problems.append(Problem("l2_table", owner, l1_index, l2_offset))
+        else:
+            try:
+                table = img.l2_table(l2_offset)
+            except QcowError as e:
+                w.errors.append(f"{owner}: {e.message}")
+                w.problems.append(Problem("l2_read", owner, l1_index, l2_offset, error=e))
             else:
-                kind = "data"
-            if pk == kind and host == ph + pl and guest == pg + pl:
-                pl += cs
-                continue
+                _walk_l2(img, w, table, owner, l1_index, disk_size, file_size, stop)
+        if stop and w.problems:
+            return
+
+
+def _walk_l2(img, w: ReferenceWalk, table, owner: str, l1_index: int, disk_size: int,
+             file_size: int, stop: bool) -> None:
+    """The data references of one L2 table (runs of adjacent clusters merged).
+
+    The hot loop of every walk (a snapshot create walks each data cluster): the
+    entry functions are bound to locals and records built without the keyword
+    machinery of ``Reference(...)``."""
+    refs = w.references
+    append = refs.append
+    problems = w.problems
+    cs = img.cluster_size
+    cb = img.cluster_bits
+    file_clusters = (file_size + cs - 1) >> cb
+    file_end = file_clusters << cb
+    data_file = img.has_data_file
+    guest_base = l1_index << (cb + img.l2_bits)
+    descriptors = table[::2] if img.extended_l2 else table
+    zero_flag = None if img.extended_l2 else entries.has_zero_flag
+    is_compressed = entries.is_compressed
+    host_of = entries.l2_host_offset
+    vmstate_from = disk_size if owner != "active" else 1 << 64  # guest bytes past it
+    # pending merged run
+    pk = None
+    ph = pg = pl = 0
+    for j in itertools.compress(range(len(descriptors)), descriptors):  # nonzero, in C
+        e = descriptors[j]
+        if is_compressed(e):
+            host, nbytes = entries.decode_compressed(e, cb)
             if pk is not None:
-                refs.append(Reference(ph, pl, pk, owner, pg, data_file))
-            pk, ph, pg, pl = kind, host, guest, cs
+                append(_ref((ph, pl, pk, owner, pg, data_file)))
+                pk = None
+            append(Reference(host, nbytes, "compressed", owner, guest_base + (j << cb)))
+            if not host or host >> cb >= file_clusters:
+                problems.append(Problem("compressed", owner, l1_index, host, e))
+                if stop:
+                    return
+            continue
+        host = host_of(e)
+        if not host and not (data_file and entries.is_copied(e)):
+            continue
+        if (host % cs or host + cs > file_end) and not data_file:
+            problems.append(Problem("data", owner, l1_index, host, e))
+            if stop:
+                return
+        guest = guest_base + (j << cb)
+        if zero_flag is not None and zero_flag(e):
+            kind = "zero_alloc"
+        elif guest >= vmstate_from:
+            kind = "vmstate"
+        else:
+            kind = "data"
+        if host == ph + pl and guest == pg + pl and pk == kind:
+            pl += cs
+            continue
         if pk is not None:
-            refs.append(Reference(ph, pl, pk, owner, pg, data_file))
+            append(_ref((ph, pl, pk, owner, pg, data_file)))
+        pk, ph, pg, pl = kind, host, guest, cs
+    if pk is not None:
+        append(_ref((ph, pl, pk, owner, pg, data_file)))
 
 
 def _walk_bitmap(img, w: ReferenceWalk, bm) -> None:

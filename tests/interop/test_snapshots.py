@@ -482,6 +482,70 @@ def test_corrupt_refcount_refused(tmp_path: Path) -> None:
     _unchanged(p, lambda: create_snapshot(p, "x"), CorruptImageError, "refcount 0")
 
 
+def _l2_slot(p: Path, l1_index: int = 0, l2_index: int = 0) -> tuple[int, int]:
+    """(file offset, value) of one L2 entry of the active tree."""
+    with pyqcow.open(p) as img:
+        l2 = img.l1[l1_index] & spec.L1E_OFFSET_MASK
+        return l2 + 8 * l2_index, img.l2_table(l2)[l2_index]
+
+
+def _poke(p: Path, offset: int, value: int) -> None:
+    with open(p, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "big"))
+
+
+@pytest.mark.parametrize("damage", ["unaligned", "past_eof"])
+def test_corrupt_data_cluster_refused(tmp_path: Path, damage: str) -> None:
+    """A data cluster the refcount update cannot count (unaligned, or past the end of
+    the file): create, apply and delete refuse it before writing anything, naming
+    the tree and the raw L2 entry."""
+    p = create(tmp_path / "a.qcow2", "1M")
+    qemu_io(p, "write -P 1 0 64k", "write -P 2 128k 64k")
+    create_snapshot(p, "a")
+    slot, e = _l2_slot(p, 0, 2)  # guest 128k: its own cluster, not the first one
+    host = e & spec.L2E_OFFSET_MASK
+    bad_host = host + 512 if damage == "unaligned" else 1 << 40
+    bad = (e & ~spec.L2E_OFFSET_MASK) | bad_host
+    _poke(p, slot, bad)
+    msg = re.escape(f"L2 entry {bad:#018x} points at an invalid data cluster")
+    _unchanged(p, lambda: create_snapshot(p, "x"), CorruptImageError, "active L1: " + msg)
+    # the snapshot shares the table: apply counts the snapshot's tree first, delete
+    # only that tree
+    _unchanged(p, lambda: apply_snapshot(p, "a"), CorruptImageError, "snapshot 1: " + msg)
+    _unchanged(p, lambda: delete_snapshot(p, "a"), CorruptImageError, "snapshot 1: " + msg)
+
+
+def test_corrupt_compressed_cluster_refused(tmp_path: Path) -> None:
+    """A compressed cluster starting past the end of the file is refused by create."""
+    p = create(tmp_path / "a.qcow2", "1M")
+    qemu_io(p, "write -c -P 3 0 64k")
+    slot, e = _l2_slot(p)
+    assert e & spec.QCOW_OFLAG_COMPRESSED
+    size = os.path.getsize(p)
+    shift = 62 - (16 - 8)  # cluster_bits 16: the host offset field is bits 0..53
+    bad_host = (size + (1 << 20)) & ~0x1FF
+    bad = (e & ~((1 << shift) - 1)) | bad_host
+    _poke(p, slot, bad)
+    msg = re.escape(f"active L1: compressed cluster at {bad_host:#x} lies outside the file")
+    _unchanged(p, lambda: create_snapshot(p, "x"), CorruptImageError, msg)
+
+
+@pytest.mark.parametrize("damage", ["unaligned", "past_eof"])
+def test_corrupt_l2_table_refused(tmp_path: Path, damage: str) -> None:
+    """An L1 entry pointing at an unaligned L2 table or one past the end of the file."""
+    p = create(tmp_path / "a.qcow2", "1M")
+    qemu_io(p, "write -P 1 0 64k")
+    with pyqcow.open(p) as img:
+        l1_offset = img.header.l1_table_offset
+        l1e = img.l1[0]
+    l2 = l1e & spec.L1E_OFFSET_MASK
+    bad_l2 = l2 + 512 if damage == "unaligned" else 1 << 40
+    _poke(p, l1_offset, (l1e & ~spec.L1E_OFFSET_MASK) | bad_l2)
+    msg = re.escape(f"active L1: L1 entry 0 points at an invalid L2 table {bad_l2:#x}")
+    _unchanged(p, lambda: create_snapshot(p, "x"), CorruptImageError, msg)
+
+
 # --- CLI ------------------------------------------------------------------------------
 
 

@@ -185,3 +185,42 @@ def test_one_l1_tree_is_the_walk_of_that_owner(tmp_path: Path, shape: str) -> No
         counts = reference_counts(img, walk)
         assert total == {c: n for c, n in enumerate(counts) if n}
         assert counts.tolist() == stored_refcounts(img).tolist()[: len(counts)]
+
+
+def test_problems_of_one_tree(tmp_path: Path) -> None:
+    """A data cluster that is unaligned, one past the end of the file and an L2 table
+    past the end of the file are Problems, in walk order; the walk goes on (the
+    records are still made, ``errors`` names only the L2 table, as before) unless
+    asked to stop at the first one."""
+    from pyqcow import spec
+    from pyqcow.walk import l1_tree
+
+    p = qemu.create(tmp_path / "a.qcow2", "1G")
+    qemu.qemu_io(p, "write -P 1 0 64k", "write -P 2 128k 64k", "write -P 3 512M 64k")
+    with open_image(p, "r", backing=False) as img:
+        l1_offset = img.header.l1_table_offset
+        l2 = img.l1[0] & spec.L1E_OFFSET_MASK
+        e0, e2 = img.l2_table(l2)[0], img.l2_table(l2)[2]
+        l1e1 = img.l1[1]
+    keep = ~spec.L2E_OFFSET_MASK
+    bad0 = (e0 & keep) | ((e0 & spec.L2E_OFFSET_MASK) + 512)
+    bad2 = (e2 & keep) | (1 << 40)
+    with open(p, "r+b") as f:
+        for off, value in ((l2, bad0), (l2 + 16, bad2), (l1_offset + 8, (l1e1 & keep) | 1 << 40)):
+            f.seek(off)
+            f.write(value.to_bytes(8, "big"))
+    with open_image(p, "r", backing=False) as img:
+        w = l1_tree(img, img.l1)
+        assert [(q.kind, q.l1_index, q.host_offset, q.entry) for q in w.problems] == [
+            ("data", 0, bad0 & spec.L2E_OFFSET_MASK, bad0),
+            ("data", 0, 1 << 40, bad2),
+            ("l2_table", 1, 1 << 40, 0),
+        ]
+        assert [r.host_offset for r in w.references if r.kind == "data"] == [
+            bad0 & spec.L2E_OFFSET_MASK, 1 << 40,
+        ]
+        assert w.errors == ["active: L2 table at 0x10000000000 (L1 index 1) is beyond the "
+                            "end of the file"]
+        assert len(walk_references(img).errors) == 1
+        first = l1_tree(img, img.l1, stop_at_problem=True)
+        assert [q.kind for q in first.problems] == ["data"]
