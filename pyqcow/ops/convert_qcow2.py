@@ -239,7 +239,11 @@ class _PlainFill:
                 length -= tail
                 if not length:
                     continue
-            wrote += self.writer.write(g + off, data)
+            if c[2] is not None and self.writer.comp is None:
+                # plain host data: copied file to file (shared on reflink file systems)
+                wrote += self.writer.copy(g + off, length, c[2], c[3] + off)
+            else:
+                wrote += self.writer.write(g + off, data)
         return wrote
 
 
