@@ -146,7 +146,7 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
                 _zero_existing(out, pos, a - pos)
             pos = b
         out.flush()
-    chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
+    chunks = split_at_steps(plan, copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK)), cs)
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
@@ -158,6 +158,40 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     out.flush()
     drop_source_cache(src)
     return written
+
+
+def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
+    """Chunks that span several plan steps (in a chain, where the layer changes),
+    cut at the step edges, so that each part lying in host data carries its fd
+    and is copied file to file (shared extents on reflink file systems).  A chunk
+    is cut only where every edge is a cluster boundary; else it stays whole and
+    is read through the image."""
+    steps = plan.steps
+    out: list[Chunk] = []
+    si = 0
+    for c in chunks:
+        g, n, fd, _ = c
+        end = g + n
+        while si < len(steps) and steps[si].guest_offset + steps[si].length <= g:
+            si += 1
+        parts: list[Chunk] = []
+        pos, j = g, si
+        while fd is None and pos < end:
+            st = steps[j] if j < len(steps) else None
+            if st is not None and st.guest_offset <= pos:
+                stop = min(end, st.guest_offset + st.length)
+                host = None if st.fd is None else st.host_offset + (pos - st.guest_offset)
+                parts.append((pos, stop - pos, st.fd, host))
+                j += 1
+            else:
+                stop = min(end, st.guest_offset) if st is not None else end
+                parts.append((pos, stop - pos, None, None))
+            pos = stop
+        if len(parts) > 1 and all(p[0] % cs == 0 for p in parts):
+            out.extend(parts)
+        else:
+            out.append(c)
+    return out
 
 
 class _PlainFill:

@@ -133,18 +133,21 @@ def assert_shares(path: Path, moved: int) -> None:
 
 
 def chain(d: Path) -> tuple[Path, Path]:
-    """base (24 MiB of data in a 64 MiB disk) <- top (half of that rewritten,
+    """base (24 MiB of data in a 64 MiB disk) <- top (part of that rewritten,
     plus data where the base has none)."""
     base, top = d / "base.qcow2", d / "top.qcow2"
     create(base, 64 * MiB)
     qemu_io(base, "write -P 0x11 0 16M", "write -P 0x12 32M 8M")
     create(top, 64 * MiB, backing=base, backing_fmt="qcow2")
-    qemu_io(top, "write -P 0x21 0 8M", "write -P 0x22 36M 4M", "write -P 0x23 48M 4M")
+    # one cluster in four of 8M..16M too: the layer changes every few clusters there
+    scattered = [f"write -P 0x24 {8 * MiB + i * 256 * KiB} 64k" for i in range(32)]
+    qemu_io(top, "write -P 0x21 0 8M", "write -P 0x22 36M 4M", "write -P 0x23 48M 4M",
+            *scattered)
     return base, top
 
 
-TOP_DATA = 16 * MiB  # what the top of chain() holds
-STREAMED = 12 * MiB  # base data not covered by the top: 8M..16M, 32M..36M
+TOP_DATA = 18 * MiB  # what the top of chain() holds
+STREAMED = 10 * MiB  # base data not covered by the top: in 8M..16M, 32M..36M
 GUEST_DATA = 28 * MiB  # guest data of the chain: 0..16M, 32M..40M, 48M..52M
 
 
