@@ -184,11 +184,22 @@ def test_stream_shares_extents(wd: Path) -> None:
     assert_shares(top, STREAMED)  # the base's clusters the top did not cover
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_convert_shares_extents(wd: Path, capsys, fmt: str) -> None:
+@pytest.mark.parametrize("fmt,opts,prealloc", [
+    ("raw", (), None),
+    ("qcow2", (), None),
+    ("raw", ("-n",), "full"),
+    ("qcow2", ("-n",), "falloc"),
+    ("qcow2", ("-n",), "full"),
+], ids=["raw", "qcow2", "raw-n-full", "qcow2-n-falloc", "qcow2-n-full"])
+def test_convert_shares_extents(wd: Path, capsys, fmt: str, opts: tuple[str, ...],
+                                prealloc: str | None) -> None:
+    """Also into a target preallocated by qemu-img (-n): its allocated blocks are
+    replaced by shared extents, not written over."""
     base, top = chain(wd)
     dst = wd / f"out.{fmt}"
-    assert run(capsys, "convert", "-O", fmt, top, dst) == 0
+    if prealloc is not None:
+        create(dst, 64 * MiB, f"preallocation={prealloc}", fmt=fmt)
+    assert run(capsys, "convert", "-O", fmt, *opts, top, dst) == 0
     assert compare(top, dst, fmt_a="qcow2", fmt_b=fmt) == 0
     assert_shares(dst, GUEST_DATA)
     if fmt == "qcow2":
