@@ -187,10 +187,12 @@ def test_stream_shares_extents(wd: Path) -> None:
 @pytest.mark.parametrize("fmt,opts,prealloc", [
     ("raw", (), None),
     ("qcow2", (), None),
+    ("raw", ("-m", "4"), None),
+    ("qcow2", ("-m", "4", "-W"), None),
     ("raw", ("-n",), "full"),
     ("qcow2", ("-n",), "falloc"),
     ("qcow2", ("-n",), "full"),
-], ids=["raw", "qcow2", "raw-n-full", "qcow2-n-falloc", "qcow2-n-full"])
+], ids=["raw", "qcow2", "raw-m4", "qcow2-m4-W", "raw-n-full", "qcow2-n-falloc", "qcow2-n-full"])
 def test_convert_shares_extents(wd: Path, capsys, fmt: str, opts: tuple[str, ...],
                                 prealloc: str | None) -> None:
     """Also into a target preallocated by qemu-img (-n): its allocated blocks are
