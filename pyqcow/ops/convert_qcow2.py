@@ -146,11 +146,15 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
                 _zero_existing(out, pos, a - pos)
             pos = b
         out.flush()
-    chunks = split_at_steps(plan, copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK)), cs)
+    chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
+    share = _sharing_fds(plan, out)
+    if share:
+        chunks = split_at_steps(plan, chunks, cs)
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
+        fill.share = share
         written = fill.run(chunks, workers, progress)
     finally:
         if pool is not None:
@@ -158,6 +162,14 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     out.flush()
     drop_source_cache(src)
     return written
+
+
+def _sharing_fds(plan, out) -> frozenset[int]:
+    """The plan's host files from which copy_file_range into ``out`` may share
+    extents (reflink file systems)."""
+    fds = {st.fd for st in plan.steps if st.fd is not None}
+    dst = out.data_hf.fd
+    return frozenset(fd for fd in fds if fastcopy.can_share(fd, dst))
 
 
 def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
@@ -204,6 +216,8 @@ class _PlainFill:
         self.opts = opts
         self.zero_target = zero_target
         self.pool = pool
+        # host files whose data is copied file to file (reflink file systems)
+        self.share: frozenset[int] = frozenset()
         self.writer = copier.BufferWriter(
             out, comp=comp, pool=pool if opts.out_of_order else None
         )
@@ -273,7 +287,7 @@ class _PlainFill:
                 length -= tail
                 if not length:
                     continue
-            if c[2] is not None and self.writer.comp is None:
+            if c[2] in self.share and self.writer.comp is None:
                 # plain host data: copied file to file (shared on reflink file systems)
                 wrote += self.writer.copy(g + off, length, c[2], c[3] + off)
             else:

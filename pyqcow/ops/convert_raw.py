@@ -2,8 +2,8 @@
 
 The plan (``plan.plan_raw``) lists the guest ranges that hold data: ranges whose
 data lives uncompressed in a host file are copied file-to-file
-(``fastcopy.copy_runs``: copy_file_range, which shares extents on reflink file
-systems; zero 4 KiB blocks skipped after a read that finds them); compressed or otherwise
+(``fastcopy.copy_runs``, zero 4 KiB blocks skipped; on a reflink file system
+the data blocks go as copy_file_range runs, which share extents); compressed or otherwise
 encoded ranges are read through the image.  Ranges that read as zeros are not
 written at all, so the output is sparse with the image's virtual size.
 
@@ -114,14 +114,15 @@ def _write_raw(
             if opts.sparse_size == 0 or not regular or not hf.punch_hole(off, n):
                 _write_zeros(fd, off, n, dst)
 
+    shares: dict[int, bool] = {}  # source fd -> copy_file_range may share extents
+
     def piece(item: Work) -> int:
         step, a, n = item
         if step.fd is not None:
-            if sparse:
-                return _copy_data_blocks(step.fd, step.host_offset + a, fd, step.guest_offset + a, n)
-            return fastcopy.copy_runs(
-                step.fd, fd, [(step.host_offset + a, step.guest_offset + a, n)]
-            )
+            src, dst_off = step.host_offset + a, step.guest_offset + a
+            if sparse and shares.setdefault(step.fd, fastcopy.can_share(step.fd, fd)):
+                return _copy_data_blocks(step.fd, src, fd, dst_off, n)
+            return fastcopy.copy_runs(step.fd, fd, [(src, dst_off, n)], skip_zero=sparse)
         return _copy_through_image(img, fd, CopyStep(step.guest_offset + a, n), sparse, dst)
 
     written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes, progress)

@@ -25,6 +25,7 @@ import pytest
 import qemu
 from qemu import compare, create, qemu_img, qemu_io
 
+from pyqcow import fastcopy
 from pyqcow.cli.main import main as cli
 from pyqcow.ops.commit import commit
 from pyqcow.ops.stream import stream
@@ -163,6 +164,8 @@ def test_fixture_makes_reflink_xfs(wd: Path) -> None:
     with open(a, "rb") as src, open(b, "wb") as dst:
         os.copy_file_range(src.fileno(), dst.fileno(), 4 * MiB)
     assert shared_fraction(b)[0] == 1.0
+    with open(a, "rb") as src, open(b, "r+b") as dst:
+        assert fastcopy.can_share(src.fileno(), dst.fileno())
 
 
 def test_commit_shares_extents(wd: Path) -> None:
