@@ -148,7 +148,7 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
         out.flush()
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
     share = _sharing_fds(plan, out)
-    if share:
+    if share and opts.sparse_size <= cs:  # (-S over a cluster: blocks span chunks)
         chunks = split_at_steps(plan, chunks, cs)
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -175,9 +175,9 @@ def _sharing_fds(plan, out) -> frozenset[int]:
 def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
     """Chunks that span several plan steps (in a chain, where the layer changes),
     cut at the step edges, so that each part lying in host data carries its fd
-    and is copied file to file (shared extents on reflink file systems).  A chunk
-    is cut only where every edge is a cluster boundary; else it stays whole and
-    is read through the image."""
+    and is copied file to file (shared extents on reflink file systems).  Cuts
+    fall on cluster boundaries only: host data that does not span whole clusters
+    is read through the image with its neighbours."""
     steps = plan.steps
     out: list[Chunk] = []
     si = 0
@@ -199,10 +199,24 @@ def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
                 stop = min(end, st.guest_offset) if st is not None else end
                 parts.append((pos, stop - pos, None, None))
             pos = stop
-        if len(parts) > 1 and all(p[0] % cs == 0 for p in parts):
-            out.extend(parts)
+        if len(parts) > 1:
+            out.extend(_aligned_parts(parts, cs, end))
         else:
             out.append(c)
+    return out
+
+
+def _aligned_parts(parts: list[Chunk], cs: int, end: int) -> list[Chunk]:
+    """``parts`` with host data kept only where it spans whole clusters (or ends
+    at ``end``); the rest merged into parts read through the image."""
+    out: list[Chunk] = []
+    for g, n, fd, host in parts:
+        if fd is not None and (g % cs or ((g + n) % cs and g + n != end)):
+            fd = host = None
+        if fd is None and out and out[-1][2] is None:
+            out[-1] = (out[-1][0], out[-1][1] + n, None, None)
+        else:
+            out.append((g, n, fd, host))
     return out
 
 
