@@ -27,6 +27,7 @@ Semantics shared by both backends:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -38,6 +39,7 @@ from typing import Any, Literal
 __all__ = [
     "GuestMap",
     "backend",
+    "can_share",
     "copy_range",
     "copy_runs",
     "current_backend",
@@ -293,6 +295,38 @@ def copy_runs(
         if stat.S_ISREG(st.st_mode) and st.st_size < end:
             os.ftruncate(dst_fd, end)
     return written
+
+
+# statfs f_type of the file systems where copy_file_range can share extents
+# (reflink) instead of copying data: XFS (made with reflink=1, the default since
+# xfsprogs 5.1), btrfs, bcachefs.
+_REFLINK_FS_TYPES = frozenset({0x58465342, 0x9123683E, 0xCA451A4E})
+
+
+class _StatFs(ctypes.Structure):
+    # struct statfs: f_type (__fsword_t, a long) first; the rest is not read
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+def _fs_type(fd: int) -> int | None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = _StatFs()
+    if libc.fstatfs(fd, ctypes.byref(buf)) != 0:
+        return None
+    return buf.f_type & 0xFFFFFFFF
+
+
+def can_share(src_fd: int, dst_fd: int) -> bool:
+    """True when ``copy_range``/``copy_runs`` from ``src_fd`` to ``dst_fd`` may
+    share extents instead of copying: both on one file system of a kind that
+    reflinks (XFS, btrfs, bcachefs).  Callers that would read the data anyway
+    (zero detection) then copy it file to file in FS-block-aligned runs; elsewhere
+    a write from their buffer is cheaper than a second, in-kernel copy."""
+    src_fd = _check_fd(src_fd, "src_fd")
+    dst_fd = _check_fd(dst_fd, "dst_fd")
+    if os.fstat(src_fd).st_dev != os.fstat(dst_fd).st_dev:
+        return False
+    return _fs_type(dst_fd) in _REFLINK_FS_TYPES
 
 
 def is_zero(buf: Any) -> bool:

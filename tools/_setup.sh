@@ -11,6 +11,8 @@
 #     fusermount3         <- fuse3 (pyqcow mount; libfuse3 comes with it)
 #     qcowmount           <- libqcow-utils (libyal's FUSE mount: tools/bench read)
 #     mkfs.ext2, mkfs.vfat <- e2fsprogs, dosfstools (guest file systems in the tests)
+#     mkfs.xfs            <- xfsprogs (a reflink XFS on a loop device: tests/interop/test_reflink.py;
+#                            filefrag comes with e2fsprogs)
 # plus python3, python3-venv, and a C compiler with Python headers (gcc,
 # libc6-dev, python3-dev) for the cffi helper, if those are missing.
 #
@@ -46,6 +48,7 @@ _pyqcow_missing_pkgs() {
     command -v qcowmount >/dev/null 2>&1 || pkgs+=(libqcow-utils)
     command -v mkfs.ext2 >/dev/null 2>&1 || pkgs+=(e2fsprogs)
     command -v mkfs.vfat >/dev/null 2>&1 || pkgs+=(dosfstools)
+    command -v mkfs.xfs >/dev/null 2>&1 || pkgs+=(xfsprogs)
     if ! command -v python3 >/dev/null 2>&1; then
         pkgs+=(python3 python3-venv python3-dev)
     else

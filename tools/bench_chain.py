@@ -2,7 +2,7 @@
 """Chain-operation benchmark: pyqcow beside qemu-img on identical copies.
 
     tools/bench chain [--size-gib 2] [--data-gib 1] [--rounds 3] [--dir DIR]
-                      [--cache-dir DIR] [--only commit5,commit50,stream,convert]
+                      [--cache-dir DIR] [--only commit5,commit50,stream,convert,convert_qcow2]
                       [--api] [--keep]
 
 Builds (once, cached under --cache-dir) a qcow2 base of SIZE GiB (64 KiB
@@ -17,6 +17,7 @@ qemu-img and pyqcow alternately (the order flips every round):
   commit50  qemu-img commit TOP50           pyqcow commit TOP50
   stream    qemu-img rebase -b '' TOP5      pyqcow stream TOP5
   convert   qemu-img convert -O raw TOP5    pyqcow convert -O raw TOP5
+  convert_qcow2  ... -O qcow2 TOP5          pyqcow convert -O qcow2 TOP5
 
 pyqcow runs as ``python -m pyqcow.cli.main ...`` (--api: a python -c calling
 the ops API), a fresh process each time like qemu-img, so both timings include
@@ -25,6 +26,12 @@ process start-up.  Reported: median wall time of each, the ratio pyqcow/qemu
 The first round's results are checked with ``qemu-img compare`` (a wrong
 answer is reported, not hidden).  A benchmark, not a test: it always exits 0
 unless its own set-up fails.
+
+Every timed operation reads and writes only files under --dir (the copies of the
+chain and the outputs; the cache is only copied from).  On a reflink file system
+(XFS made with ``mkfs.xfs -m reflink=1``, btrfs) ``--dir`` there measures the
+copy-free paths: pyqcow's copy_file_range runs share extents instead of copying
+data, e.g. ``tools/bench chain --dir /mnt/xfs/bench --size-gib 1 --data-gib 0.5``.
 """
 
 from __future__ import annotations
@@ -153,12 +160,20 @@ def ops(api: bool) -> dict[str, dict]:
                        pyqcow=py(["stream", "-q", "{top}"],
                                  "from pyqcow.ops.stream import stream; stream({top!r})"),
                        result="top"),
-        "convert": dict(top="top5", copy=False,
+        "convert": dict(top="top5", copy=True,
                         qemu=lambda top, out: ["qemu-img", "convert", "-O", "raw", top, out],
                         pyqcow=py(["convert", "-O", "raw", "{top}", "{out}"],
                                   "import pyqcow; from pyqcow.ops.convert import convert_to_raw; "
                                   "convert_to_raw(pyqcow.open({top!r}), {out!r})"),
                         result="out"),
+        "convert_qcow2": dict(top="top5", copy=True,
+                              qemu=lambda top, out: ["qemu-img", "convert", "-O", "qcow2", top,
+                                                     out],
+                              pyqcow=py(["convert", "-O", "qcow2", "{top}", "{out}"],
+                                        "import pyqcow; from pyqcow.ops.convert import "
+                                        "convert_to_qcow2; "
+                                        "convert_to_qcow2(pyqcow.open({top!r}), {out!r})"),
+                              result="out"),
     }
 
 
@@ -168,9 +183,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data-gib", type=float, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--dir", help="scratch directory for the copies (default: a temp dir)")
+    ap.add_argument("--dir", help="scratch directory for the copies and outputs (default: a temp "
+                    "dir); on a reflink file system it measures the copy-free paths")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pyqcow-bench/chain"))
-    ap.add_argument("--only", default="commit5,commit50,stream,convert")
+    ap.add_argument("--only", default="commit5,commit50,stream,convert,convert_qcow2")
     ap.add_argument("--api", action="store_true", help="run pyqcow through the API, not the CLI")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
@@ -201,7 +217,7 @@ def main(argv=None) -> int:
                         shutil.rmtree(d, ignore_errors=True)
                         d.mkdir(parents=True)
                         top = src[op["top"]]
-                    out = d / "out.raw"
+                    out = d / ("out.qcow2" if name == "convert_qcow2" else "out.raw")
                     os.sync()
                     dt, peak, rc, err = timed(op[who](top, out), cwd=d)
                     if rc != 0:

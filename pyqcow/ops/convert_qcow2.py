@@ -147,10 +147,14 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
             pos = b
         out.flush()
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
+    share = _sharing_fds(plan, out)
+    if share and opts.sparse_size <= cs:  # (-S over a cluster: blocks span chunks)
+        chunks = split_at_steps(plan, chunks, cs)
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
+        fill.share = share
         written = fill.run(chunks, workers, progress)
     finally:
         if pool is not None:
@@ -158,6 +162,62 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     out.flush()
     drop_source_cache(src)
     return written
+
+
+def _sharing_fds(plan, out) -> frozenset[int]:
+    """The plan's host files from which copy_file_range into ``out`` may share
+    extents (reflink file systems)."""
+    fds = {st.fd for st in plan.steps if st.fd is not None}
+    dst = out.data_hf.fd
+    return frozenset(fd for fd in fds if fastcopy.can_share(fd, dst))
+
+
+def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
+    """Chunks that span several plan steps (in a chain, where the layer changes),
+    cut at the step edges, so that each part lying in host data carries its fd
+    and is copied file to file (shared extents on reflink file systems).  Cuts
+    fall on cluster boundaries only: host data that does not span whole clusters
+    is read through the image with its neighbours."""
+    steps = plan.steps
+    out: list[Chunk] = []
+    si = 0
+    for c in chunks:
+        g, n, fd, _ = c
+        end = g + n
+        while si < len(steps) and steps[si].guest_offset + steps[si].length <= g:
+            si += 1
+        parts: list[Chunk] = []
+        pos, j = g, si
+        while fd is None and pos < end:
+            st = steps[j] if j < len(steps) else None
+            if st is not None and st.guest_offset <= pos:
+                stop = min(end, st.guest_offset + st.length)
+                host = None if st.fd is None else st.host_offset + (pos - st.guest_offset)
+                parts.append((pos, stop - pos, st.fd, host))
+                j += 1
+            else:
+                stop = min(end, st.guest_offset) if st is not None else end
+                parts.append((pos, stop - pos, None, None))
+            pos = stop
+        if len(parts) > 1:
+            out.extend(_aligned_parts(parts, cs, end))
+        else:
+            out.append(c)
+    return out
+
+
+def _aligned_parts(parts: list[Chunk], cs: int, end: int) -> list[Chunk]:
+    """``parts`` with host data kept only where it spans whole clusters (or ends
+    at ``end``); the rest merged into parts read through the image."""
+    out: list[Chunk] = []
+    for g, n, fd, host in parts:
+        if fd is not None and (g % cs or ((g + n) % cs and g + n != end)):
+            fd = host = None
+        if fd is None and out and out[-1][2] is None:
+            out[-1] = (out[-1][0], out[-1][1] + n, None, None)
+        else:
+            out.append((g, n, fd, host))
+    return out
 
 
 class _PlainFill:
@@ -170,6 +230,8 @@ class _PlainFill:
         self.opts = opts
         self.zero_target = zero_target
         self.pool = pool
+        # host files whose data is copied file to file (reflink file systems)
+        self.share: frozenset[int] = frozenset()
         self.writer = copier.BufferWriter(
             out, comp=comp, pool=pool if opts.out_of_order else None
         )
@@ -239,7 +301,11 @@ class _PlainFill:
                 length -= tail
                 if not length:
                     continue
-            wrote += self.writer.write(g + off, data)
+            if c[2] in self.share and self.writer.comp is None:
+                # plain host data: copied file to file (shared on reflink file systems)
+                wrote += self.writer.copy(g + off, length, c[2], c[3] + off)
+            else:
+                wrote += self.writer.write(g + off, data)
         return wrote
 
 

@@ -2,7 +2,8 @@
 
 The plan (``plan.plan_raw``) lists the guest ranges that hold data: ranges whose
 data lives uncompressed in a host file are copied file-to-file
-(``fastcopy.copy_runs``, zero 4 KiB blocks skipped); compressed or otherwise
+(``fastcopy.copy_runs``, zero 4 KiB blocks skipped; on a reflink file system
+the data blocks go as copy_file_range runs, which share extents); compressed or otherwise
 encoded ranges are read through the image.  Ranges that read as zeros are not
 written at all, so the output is sparse with the image's virtual size.
 
@@ -28,6 +29,7 @@ from .convert_common import (
     drop_source_cache,
     refuse_source_as_destination,
 )
+from .copier import read_host
 from .plan import CopyStep, RawPlan
 
 READ_CHUNK = 1 << 20
@@ -112,13 +114,15 @@ def _write_raw(
             if opts.sparse_size == 0 or not regular or not hf.punch_hole(off, n):
                 _write_zeros(fd, off, n, dst)
 
+    shares: dict[int, bool] = {}  # source fd -> copy_file_range may share extents
+
     def piece(item: Work) -> int:
         step, a, n = item
         if step.fd is not None:
-            return fastcopy.copy_runs(
-                step.fd, fd, [(step.host_offset + a, step.guest_offset + a, n)],
-                skip_zero=sparse,
-            )
+            src, dst_off = step.host_offset + a, step.guest_offset + a
+            if sparse and shares.setdefault(step.fd, fastcopy.can_share(step.fd, fd)):
+                return _copy_data_blocks(step.fd, src, fd, dst_off, n)
+            return fastcopy.copy_runs(step.fd, fd, [(src, dst_off, n)], skip_zero=sparse)
         return _copy_through_image(img, fd, CopyStep(step.guest_offset + a, n), sparse, dst)
 
     written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes, progress)
@@ -151,6 +155,21 @@ def _run_pieces(piece, work: list[Work], workers: int, total: int,
         if progress:
             progress(done, total)
     return written
+
+
+def _copy_data_blocks(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, n: int) -> int:
+    """Copy the blocks of a host-data range that are not all zeros, as
+    copy_file_range runs (``fastcopy.copy_runs``): on a reflink file system
+    (XFS, btrfs) the destination then shares the source's extents, since the
+    runs are whole ZERO_GRANULARITY blocks at cluster-aligned offsets.  Zero
+    blocks stay holes (the destination reads as zeros there)."""
+    buf = read_host(src_fd, src_offset, n)
+    runs = [
+        (src_offset + off, dst_offset + off, length)
+        for off, length, is_zero in fastcopy.zero_runs(buf, ZERO_GRANULARITY)
+        if not is_zero
+    ]
+    return fastcopy.copy_runs(src_fd, dst_fd, runs)
 
 
 def _copy_through_image(img, fd: int, step: CopyStep, sparse: bool, dst: str) -> int:

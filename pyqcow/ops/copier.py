@@ -264,6 +264,21 @@ class BufferWriter:
             handle.filled()
         return len(data)
 
+    def copy(self, guest_offset: int, length: int, src_fd: int, src_offset: int) -> int:
+        """Like ``write``, for data that lies uncompressed in the host file
+        ``src_fd`` at ``src_offset``: copied file to file (copy_file_range, which
+        shares the extents on a reflink file system) instead of written from a
+        buffer.  Not with ``comp``.  Returns ``length``."""
+        fd = self.dest.data_hf.fd
+        handle = self.dest.prepare_write(guest_offset, length)
+        runs = [(src_offset + (g - guest_offset), host, n) for g, host, n in handle]
+        if self.pool is not None:
+            self.pending.append((handle, [self.pool.submit(fastcopy.copy_runs, src_fd, fd, runs)]))
+        else:
+            fastcopy.copy_runs(src_fd, fd, runs)
+            handle.filled()
+        return length
+
     def _write_compressed(self, guest_offset: int, data: memoryview) -> int:
         dest = self.dest
         cs = dest.cluster_size
