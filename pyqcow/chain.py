@@ -6,9 +6,9 @@ import os
 
 from . import spec
 from .errors import BackingChainError, FormatError, QcowError
-from .header import protocol_prefix, validate_backing_name  # noqa: F401 (re-export)
 from .hostfile import path_inside as _inside
 from .hostfile import read_opener
+from .names import protocol_prefix, validate_backing_name  # noqa: F401 (re-export)
 
 
 def probe_format(path: str) -> str:

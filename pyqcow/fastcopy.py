@@ -27,7 +27,6 @@ Semantics shared by both backends:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
@@ -303,12 +302,13 @@ def copy_runs(
 _REFLINK_FS_TYPES = frozenset({0x58465342, 0x9123683E, 0xCA451A4E})
 
 
-class _StatFs(ctypes.Structure):
-    # struct statfs: f_type (__fsword_t, a long) first; the rest is not read
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
-
-
 def _fs_type(fd: int) -> int | None:
+    import ctypes  # only here: a start-up cost every command would pay
+
+    class _StatFs(ctypes.Structure):
+        # struct statfs: f_type (__fsword_t, a long) first; the rest is not read
+        _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
     libc = ctypes.CDLL(None, use_errno=True)
     buf = _StatFs()
     if libc.fstatfs(fd, ctypes.byref(buf)) != 0:

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from . import layout, spec
-from .errors import BackingChainError, FormatError, UnsupportedFeatureError
+from .errors import FormatError, UnsupportedFeatureError
 
 
 @dataclass(frozen=True)
@@ -434,35 +434,6 @@ def with_extension(hdr: Header, ext_type: int, data: bytes | None) -> Header:
 
 
 
-# -- the backing file name field ----------------------------------------------------
-def protocol_prefix(name: str) -> str | None:
-    """QEMU's path_has_protocol(): a ':' before any '/' makes the name a protocol."""
-    colon = name.find(":")
-    if colon < 0:
-        return None
-    slash = name.find("/")
-    if 0 <= slash < colon:
-        return None
-    return name[:colon]
-
-def validate_backing_name(image_path: str, name: str) -> None:
-    """Refuse a backing name QEMU would not read as the plain file meant."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) > spec.MAX_BACKING_FILE_NAME:
-        raise BackingChainError(
-            image_path, f"backing file name is {len(raw)} bytes long; qcow2 allows at most "
-            f"{spec.MAX_BACKING_FILE_NAME} (too long)"
-        )
-    if not name or "\0" in name:
-        raise BackingChainError(image_path, f"backing file name {name!r} is empty or has a NUL")
-    if protocol_prefix(name) is not None:
-        raise BackingChainError(
-            image_path,
-            f"backing file name {name!r} has a ':' before any '/': QEMU reads it as a protocol "
-            f"prefix (write './{name}' or an absolute path)",
-        )
-
-
 def check_fits(hdr: Header) -> None:
     """Raise FormatError if ``hdr`` (with its extensions and backing name) would not
     fit in cluster 0: the probe before a header change, which only the metadata
@@ -477,9 +448,7 @@ __all__ = [
     "build_cluster0",
     "check_fits",
     "parse_header",
-    "protocol_prefix",
     "size_to_l1",
-    "validate_backing_name",
     "validate_header",
     "with_extension",
 ]

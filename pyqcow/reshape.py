@@ -133,7 +133,8 @@ def set_backing(w, name: str | None, fmt: str | None) -> None:
 
     The name is validated first (length, no protocol prefix QEMU would misread).
     """
-    from .header import check_fits, validate_backing_name, with_extension
+    from .header import check_fits, with_extension
+    from .names import validate_backing_name
 
     img = w.img
     w.check_writable()

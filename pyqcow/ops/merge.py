@@ -460,7 +460,7 @@ def _interim_name(final: str, at: str, kept: str, target: str) -> str | None:
     to), else an absolute name if one fits, else None.
     """
     from ..chain import resolve_backing
-    from ..header import validate_backing_name
+    from ..names import validate_backing_name
 
     if os.path.isabs(final) or _dir_of(at) == _dir_of(kept):
         return final
