@@ -18,18 +18,27 @@ from .convert_common import (
     ProgressFn,
     refuse_source_as_destination,
 )
-from .convert_qcow2 import compressor, fill_over_backing, fill_plain
-from .convert_raw import execute_raw
 from .plan import CopyStep, RawPlan, plan_raw
+
+# the writer of each output format is imported when that format is asked for (a
+# start-up cost otherwise); these names stay importable from this module
+_LAZY = {"compressor": "convert_qcow2", "fill_over_backing": "convert_qcow2",
+         "fill_plain": "convert_qcow2", "execute_raw": "convert_raw"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ConvertOptions",
     "CopyStep",
     "RawPlan",
-    "compressor",
     "convert_to_qcow2",
     "convert_to_raw",
-    "execute_raw",
     "plan_raw",
     "snapshot_source",
 ]
@@ -84,6 +93,8 @@ def convert_to_raw(
     opts: ConvertOptions = DEFAULT_OPTIONS,
 ) -> int:
     """Plan and write the raw guest view of ``img`` to ``dst``."""
+    from .convert_raw import execute_raw
+
     return execute_raw(img, plan_raw(img), dst, progress, opts)
 
 
@@ -109,6 +120,7 @@ def convert_to_qcow2(
     Returns the number of guest bytes written.
     """
     from .. import newimage as create_mod
+    from .convert_qcow2 import fill_over_backing, fill_plain
 
     dst = os.fspath(dst)
     refuse_source_as_destination(src, dst)
@@ -152,6 +164,7 @@ def convert_to_qcow2(
 def _convert_into_existing(src, dst: str, compress: bool, progress, opts: ConvertOptions) -> int:
     """qemu-img convert -n -O qcow2: the existing qcow2 ``dst`` takes ``src``'s content."""
     from ..chain import open_image, probe_format
+    from .convert_qcow2 import fill_plain
 
     if not os.path.exists(dst):
         raise OperationError(dst, "-n: the target image does not exist")
