@@ -80,14 +80,19 @@ def _quote(arg: str) -> str:
     return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else repr(arg)
 
 
-def require_tool(name: str) -> str:
-    """Return the path of executable *name*; fail (CI) or skip (elsewhere) if missing."""
-    path = shutil.which(name)
-    if path is None:
-        msg = f"required tool {name!r} is not on PATH (tools/_setup.sh installs it)"
+def need(cond: bool, msg: str) -> None:
+    """A test's precondition (a tool, root, a device): when ``cond`` is false, fail
+    under CI (everything the tests need is installed there) and skip elsewhere."""
+    if not cond:
         if os.environ.get("CI"):
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
+
+
+def require_tool(name: str) -> str:
+    """Return the path of executable *name*; fail (CI) or skip (elsewhere) if missing."""
+    path = shutil.which(name)
+    need(path is not None, f"required tool {name!r} is not on PATH (tools/_setup.sh installs it)")
     return path
 
 

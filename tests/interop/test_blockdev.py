@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from qemu import check_json, compare, create, info_json, qemu_img, qemu_io
+from qemu import check_json, compare, create, info_json, need, qemu_img, qemu_io
 
 import pyqcow
 from pyqcow.cli.main import main as cli
@@ -26,12 +26,6 @@ from pyqcow.hostfile import HostFile
 KiB = 1024
 MiB = 1024 * KiB
 
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        if os.environ.get("CI"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
 
 
 @pytest.fixture(autouse=True)
@@ -43,9 +37,9 @@ def _tools() -> None:
 @pytest.fixture
 def loopdev(tmp_path: Path):
     """Factory: a loop device of ``size`` bytes over a file full of 0xaa (old data)."""
-    _need(os.geteuid() == 0, "loop devices need root")
+    need(os.geteuid() == 0, "loop devices need root")
     losetup = shutil.which("losetup")
-    _need(losetup is not None, "losetup is not installed")
+    need(losetup is not None, "losetup is not installed")
     made: list[str] = []
 
     def make(size: int) -> Path:
@@ -54,7 +48,7 @@ def loopdev(tmp_path: Path):
             f.write(b"\xaa" * size)
         proc = subprocess.run([losetup, "--find", "--show", str(backing)],
                               capture_output=True, text=True, check=False)
-        _need(proc.returncode == 0, f"cannot set up a loop device: {proc.stderr.strip()}")
+        need(proc.returncode == 0, f"cannot set up a loop device: {proc.stderr.strip()}")
         made.append(proc.stdout.strip())
         return Path(made[-1])
 

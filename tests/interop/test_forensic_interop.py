@@ -91,9 +91,7 @@ def test_reader_equals_qemu_convert(name: str, backend: str, shapes, tmp_path: P
     """Both read paths: the mmap-backed C helper and the pure-Python one."""
     if backend == "native" and not fastcopy.native_available():
         message = f"pyqcow._native is not built: {fastcopy.native_import_error()}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        qemu.need(False, message)
     shape = shapes(name)
     before = _file_state(shape.files)
     rng = random.Random(name)

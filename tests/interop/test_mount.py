@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu import QemuError, convert_raw, qemu_img, qemu_io, require_tool
+from qemu import QemuError, convert_raw, need, qemu_img, qemu_io, require_tool
 
 from pyqcow.cli.main import main
 
@@ -36,15 +36,8 @@ def _need_fuse() -> None:
         reasons.append("not root")
     if not os.path.exists("/dev/fuse"):
         reasons.append("no /dev/fuse")
-    if reasons:
-        pytest.skip("FUSE is absent here: " + ", ".join(reasons))
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
-        msg = f"mfusepy / libfuse3 not usable ({e}); tools/_setup.sh installs them"
-        if os.environ.get("CI"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+    need(not reasons, "FUSE is absent here: " + ", ".join(reasons))
+    _need_mfusepy()
     for tool in ("mount", "umount", "fusermount3", "mkfs.ext2", "qemu-img", "qemu-io"):
         require_tool(tool)
 
@@ -245,10 +238,7 @@ def _need_mfusepy() -> None:
     try:
         import mfusepy  # noqa: F401
     except (ImportError, OSError) as e:
-        msg = f"mfusepy / libfuse3 not usable ({e}); tools/_setup.sh installs them"
-        if os.environ.get("CI"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
+        need(False, f"mfusepy / libfuse3 not usable ({e}); tools/_setup.sh installs them")
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -270,8 +260,7 @@ def test_mount_refuses_a_missing_mountpoint(capsys, tmp_path):
 
 def test_mount_refuses_a_missing_image(capsys, tmp_path):
     _need_mfusepy()
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("FUSE is absent here: no /dev/fuse")
+    need(os.path.exists("/dev/fuse"), "FUSE is absent here: no /dev/fuse")
     status, out, err = _run(capsys, "mount", str(tmp_path / "missing.qcow2"), str(tmp_path))
     assert status == 1 and out == ""
     assert err.startswith(f"pyqcow: {tmp_path / 'missing.qcow2'}: ") and "no such file" in err

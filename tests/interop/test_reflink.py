@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from qemu import compare, create, qemu_img, qemu_io
+from qemu import compare, create, need, qemu_img, qemu_io
 
 from pyqcow import fastcopy
 from pyqcow.cli.main import main as cli
@@ -41,16 +41,10 @@ BLOCK = 4 * KiB  # mkfs.xfs's default block size
 pytestmark = pytest.mark.usefixtures("qemu_img_path", "qemu_io_path")
 
 
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        if os.environ.get("CI"):
-            pytest.fail(msg, pytrace=False)
-        pytest.skip(msg)
-
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    _need(path is not None, f"{name} is not installed (xfsprogs / util-linux / e2fsprogs)")
+    need(path is not None, f"{name} is not installed (xfsprogs / util-linux / e2fsprogs)")
     return str(path)
 
 
@@ -61,7 +55,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def xfs(tmp_path_factory) -> Path:
     """A mounted XFS file system with reflink, on a loop device over a sparse file."""
-    _need(os.geteuid() == 0, "making an XFS file system on a loop device needs root")
+    need(os.geteuid() == 0, "making an XFS file system on a loop device needs root")
     mkfs, losetup, mount, umount = (_tool(n) for n in ("mkfs.xfs", "losetup", "mount", "umount"))
     _tool("filefrag")
     tmp = tmp_path_factory.mktemp("reflink")
@@ -69,15 +63,15 @@ def xfs(tmp_path_factory) -> Path:
     with open(backing, "wb") as f:
         f.truncate(2 * GiB)
     proc = _run(mkfs, "-q", "-m", "reflink=1", str(backing))
-    _need(proc.returncode == 0, f"mkfs.xfs -m reflink=1 failed: {proc.stderr.strip()}")
+    need(proc.returncode == 0, f"mkfs.xfs -m reflink=1 failed: {proc.stderr.strip()}")
     proc = _run(losetup, "--find", "--show", str(backing))
-    _need(proc.returncode == 0, f"cannot set up a loop device: {proc.stderr.strip()}")
+    need(proc.returncode == 0, f"cannot set up a loop device: {proc.stderr.strip()}")
     dev = proc.stdout.strip()
     mnt = tmp / "mnt"
     mnt.mkdir()
     try:
         proc = _run(mount, "-t", "xfs", dev, str(mnt))
-        _need(proc.returncode == 0, f"cannot mount the XFS loop device: {proc.stderr.strip()}")
+        need(proc.returncode == 0, f"cannot mount the XFS loop device: {proc.stderr.strip()}")
         try:
             yield mnt
         finally:
