@@ -8,7 +8,7 @@ from . import spec
 from .errors import BackingChainError, FormatError, QcowError
 from .hostfile import path_inside as _inside
 from .hostfile import read_opener
-from .names import protocol_prefix, validate_backing_name  # noqa: F401 (re-export)
+from .names import protocol_prefix, validate_backing_name
 
 
 def probe_format(path: str) -> str:
