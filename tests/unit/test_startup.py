@@ -28,26 +28,56 @@ from pyqcow.cli.main import SUBCOMMANDS
 #: Never needed by a command on an image without XML, snapshots or bitmaps.
 HEAVY = ("construct", "lxml", "libvirt", "hypothesis", "pytest", "pyqcow.libvirt",
          "pyqcow.domain", "pyqcow.forensic", "pyqcow.testing")
+#: Standard modules none of the five start-up commands needs (setuptools' default
+#: editable finder loaded pathlib and urllib at every start; argparse's help formatter,
+#: shutil with bz2 and lzma; --debug, traceback).
+STDLIB_NEVER = ("pathlib", "urllib", "tempfile", "shutil", "subprocess", "threading", "bz2",
+                "lzma", "traceback", "json", "pyqcow.ops.copier", "pyqcow.fastcopy",
+                "pyqcow.reader")
+#: dataclasses imports inspect (ast, dis, tokenize...); typing: both cost milliseconds.
+#: `info` and `create` are free of them; map, check and rebase still load them through
+#: modules outside the CLI (mapping.Run, check_result, walk, ops.rebase.RebaseResult).
+DATACLASSES = ("dataclasses", "inspect", "ast", "typing")
 
+# (io and sys are loaded by every interpreter, and argparse by every command; the
+# probe imports nothing else before the command has run, so that the list is the
+# command's own.  It also records the subcommand parsers that were built.)
 _PROBE = r"""
-import contextlib, io, json, sys
+import argparse, io, sys
+built = []  # the subcommand parsers the command built
+_add_parser = argparse._SubParsersAction.add_parser
+def add_parser(self, name, **kwargs):
+    built.append(name)
+    return _add_parser(self, name, **kwargs)
+argparse._SubParsersAction.add_parser = add_parser
 from pyqcow.cli.main import main
-out, err = io.StringIO(), io.StringIO()
-with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+stdout, stderr = sys.stdout, sys.stderr
+sys.stdout, sys.stderr = out, err = io.StringIO(), io.StringIO()
+try:
     status = main(sys.argv[1:])
-json.dump({"status": status, "stderr": err.getvalue(), "modules": sorted(sys.modules)},
-          sys.stdout)
+finally:
+    sys.stdout, sys.stderr = stdout, stderr
+modules = sorted(sys.modules)
+import json
+json.dump({"status": status, "stderr": err.getvalue(), "modules": modules,
+           "subparsers": built}, sys.stdout)
 """
 
 
-def modules_after(cwd: Path, *argv: str) -> set[str]:
-    """The modules a fresh interpreter holds after ``pyqcow ARGV`` (which must succeed)."""
+def probe(cwd: Path, *argv: str) -> dict:
+    """Run ``pyqcow ARGV`` (which must succeed) in a fresh interpreter: the modules it
+    holds afterwards ("modules") and the subcommand parsers it built ("subparsers")."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout)
     assert result["status"] == 0, result["stderr"]
-    return set(result["modules"])
+    return result
+
+
+def modules_after(cwd: Path, *argv: str) -> set[str]:
+    """The modules a fresh interpreter holds after ``pyqcow ARGV`` (which must succeed)."""
+    return set(probe(cwd, *argv)["modules"])
 
 
 def loaded(modules: set[str], names) -> list[str]:
@@ -68,7 +98,8 @@ def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(c
         mods = modules_after(chain, *argv)
         assert loaded(mods, HEAVY + ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.snapshot_table",
                                      "pyqcow.bitmaps", "pyqcow.bitmap_directory",
-                                     "pyqcow.newimage", "pyqcow.ops")) == []
+                                     "pyqcow.newimage", "pyqcow.ops", "pyqcow.mapping")) == []
+        assert loaded(mods, STDLIB_NEVER + DATACLASSES) == []
         assert "pyqcow.cli.info" in mods  # (the probe did run the command)
 
 
@@ -90,10 +121,36 @@ def test_info_loads_the_snapshot_and_bitmap_code_for_an_image_that_has_them(chai
 ], ids=" ".join)
 def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
     mods = modules_after(chain, *argv)
-    assert loaded(mods, HEAVY) == []
+    assert loaded(mods, HEAVY + STDLIB_NEVER) == []
     if argv[0] != "check":
         assert loaded(mods, ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.snapshot_table",
                              "pyqcow.bitmaps", "pyqcow.bitmap_directory")) == []
+    if argv[0] not in ("map", "check"):
+        assert "pyqcow.mapping" not in mods
+    if argv[0] == "create":
+        assert loaded(mods, DATACLASSES) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ("info", "top.qcow2"),
+    ("map", "top.qcow2"),
+    ("check", "top.qcow2"),
+    ("create", "-q", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"),
+    ("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"),
+], ids=" ".join)
+def test_a_command_builds_only_its_own_parser(chain, argv) -> None:
+    """Not a subparser for each of the other commands (nor imports their modules)."""
+    result = probe(chain, *argv)
+    assert result["subparsers"] == [argv[0]]
+    others = {f"pyqcow.cli.{c}" for c in SUBCOMMANDS} - {f"pyqcow.cli.{argv[0]}"}
+    # (create and rebase use cli/xml.py's --domain-xml helpers, not the xml command)
+    others -= {"pyqcow.cli.xml"} if argv[0] in ("create", "rebase") else set()
+    assert sorted(others & set(result["modules"])) == []
+
+
+def test_root_help_builds_every_subcommand_parser(tmp_path) -> None:
+    result = probe(tmp_path, "--help")
+    assert set(SUBCOMMANDS) <= set(result["subparsers"])  # (and nested ones: domain ...)
 
 
 def test_create_with_domain_xml_still_loads_libvirt(chain) -> None:
@@ -188,3 +245,31 @@ def test_feature_name_too_long_is_refused_as_construct_does() -> None:
     with pytest.raises(cs.ConstructError):
         layout.build(layout.FeatureNameTable, [entry])
     assert layout.build(layout.FeatureNameTable, [{**entry, "name": "x" * 46}]) == b"\0\0" + b"x" * 46
+
+
+# -- header.py's records (no dataclasses on the start-up path) ------------------------------
+def test_header_records_behave_as_the_frozen_dataclasses_they_replace() -> None:
+    from pyqcow import spec
+    from pyqcow.header import BitmapsExt, Extension, FeatureName, Header
+
+    ext = Extension(spec.ExtType.BACKING_FORMAT, b"raw")
+    assert ext == Extension(type=spec.ExtType.BACKING_FORMAT, data=b"raw")
+    assert ext != Extension(spec.ExtType.BACKING_FORMAT, b"qcow2")
+    assert hash(ext) == hash(Extension(spec.ExtType.BACKING_FORMAT, b"raw"))
+    assert repr(FeatureName(0, 1, "corrupt bit")) == "FeatureName(type=0, bit=1, name='corrupt bit')"
+    assert BitmapsExt(1, 2, 3) != (1, 2, 3)  # a record, not a tuple
+    with pytest.raises(AttributeError):
+        ext.data = b"qcow2"
+    with pytest.raises(TypeError, match="missing"):
+        Extension(1)
+    with pytest.raises(TypeError, match="unexpected"):
+        Extension(1, b"", colour=1)
+    with pytest.raises(TypeError, match="multiple"):
+        Extension(1, type=2)
+    h = Header(3, 0, 0, 16, 1 << 20, 0, 1, 0x30000, 0x10000, 1, 0, 0)
+    assert (h.refcount_order, h.header_length, h.extensions, h.backing_file) == (4, 72, (), None)
+    h2 = h.replace(size=2 << 20, extensions=(ext,))
+    assert (h.size, h2.size, h2.backing_format, h2.cluster_bits) == (1 << 20, 2 << 20, "raw", 16)
+    assert h2 == Header(**{**{f: getattr(h, f) for f in Header._fields},
+                           "size": 2 << 20, "extensions": (ext,)})
+    assert not hasattr(h, "__dict__")  # slots, as cheap as the dataclass
