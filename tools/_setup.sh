@@ -162,7 +162,8 @@ _pyqcow_hash="$(
         echo "extras: $_pyqcow_extras"
         echo "editable mode: $_pyqcow_editable_mode"
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
-        for f in pyproject.toml setup.py setup.cfg; do
+        # (the launcher: pip copies it into .venv/bin at install time)
+        for f in pyproject.toml setup.py setup.cfg tools/launcher/pyqcow; do
             if [[ -f "$f" ]]; then echo "== $f"; cat "$f"; fi
         done
         if [[ -d csrc ]]; then

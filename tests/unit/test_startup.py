@@ -28,12 +28,13 @@ from pyqcow.cli.main import SUBCOMMANDS
 #: Never needed by a command on an image without XML, snapshots or bitmaps.
 HEAVY = ("construct", "lxml", "libvirt", "hypothesis", "pytest", "pyqcow.libvirt",
          "pyqcow.domain", "pyqcow.forensic", "pyqcow.testing")
-#: Standard modules none of the five start-up commands needs (setuptools' default
+#: What none of the five start-up commands needs: standard modules (setuptools' default
 #: editable finder loaded pathlib and urllib at every start; argparse's help formatter,
-#: shutil with bz2 and lzma; --debug, traceback).
+#: shutil with bz2 and lzma; --debug, traceback; `python -m`, runpy), the copy and read
+#: paths, and libyal's API (pyqcow/__init__ loads it on first use).
 STDLIB_NEVER = ("pathlib", "urllib", "tempfile", "shutil", "subprocess", "threading", "bz2",
-                "lzma", "traceback", "json", "pyqcow.ops.copier", "pyqcow.fastcopy",
-                "pyqcow.reader")
+                "lzma", "traceback", "json", "runpy", "pyqcow.ops.copier", "pyqcow.fastcopy",
+                "pyqcow.reader", "pyqcow.libyal")
 #: dataclasses imports inspect (ast, dis, tokenize...); typing: both cost milliseconds.
 #: `info` and `create` are free of them; map, check and rebase still load them through
 #: modules outside the CLI (mapping.Run, check_result, walk, ops.rebase.RebaseResult).
@@ -165,6 +166,28 @@ def test_create_with_domain_xml_still_loads_libvirt(chain) -> None:
                          "--domain-xml", str(xml), "--disk", "vda", "new.qcow2")
     assert {"pyqcow.libvirt", "lxml.etree"} <= mods
     assert str(chain / "new.qcow2") in xml.read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ("info", "top.qcow2"),
+    ("create", "-q", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"),
+], ids=" ".join)
+def test_the_installed_command_imports_no_finder_runpy_or_dataclasses(chain, argv) -> None:
+    """The whole process as users start it (the launcher, site, the install): what it
+    imports, from Python's own -X importtime list (PYTHONPROFILEIMPORTTIME)."""
+    launcher = Path(sys.executable).with_name("pyqcow")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run([str(launcher), *argv], cwd=chain, capture_output=True, text=True,
+                          env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    # (the list leaves out what importlib.import_module loads: the command's module)
+    assert {"pyqcow.cli.main", "pyqcow.header"} <= imported
+    # no setuptools import-hook finder (tools/_setup.sh installs with editable_mode=compat),
+    # no runpy (the launcher runs -c, not -m), no dataclasses/inspect, no typing
+    assert sorted(m for m in imported if m.startswith("__editable__")) == []
+    assert loaded(imported, ("runpy", "pathlib", "urllib") + DATACLASSES) == []
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
