@@ -30,10 +30,12 @@ HEAVY = ("construct", "lxml", "libvirt", "hypothesis", "pytest", "pyqcow.libvirt
          "pyqcow.domain", "pyqcow.forensic", "pyqcow.testing")
 #: What none of the five start-up commands needs: standard modules (setuptools' default
 #: editable finder loaded pathlib and urllib at every start; argparse's help formatter,
-#: shutil with bz2 and lzma; --debug, traceback; `python -m`, runpy), the copy and read
+#: shutil with bz2 and lzma; --debug, traceback; `python -m`, runpy; gettext's catalogue
+#: search, locale: cli/main.py's _argparse_without_catalogue), the copy and read
 #: paths, and libyal's API (pyqcow/__init__ loads it on first use).
 STDLIB_NEVER = ("pathlib", "urllib", "tempfile", "shutil", "subprocess", "threading", "bz2",
-                "lzma", "traceback", "json", "runpy", "pyqcow.ops.copier", "pyqcow.fastcopy",
+                "lzma", "traceback", "json", "runpy", "locale", "pyqcow.ops.copier",
+                "pyqcow.fastcopy",
                 "pyqcow.reader", "pyqcow.libyal")
 #: dataclasses imports inspect (ast, dis, tokenize...); typing: both cost milliseconds.
 #: `info` and `create` are free of them; map, check and rebase still load them through
@@ -69,6 +71,7 @@ def probe(cwd: Path, *argv: str) -> dict:
     """Run ``pyqcow ARGV`` (which must succeed) in a fresh interpreter: the modules it
     holds afterwards ("modules") and the subcommand parsers it built ("subparsers")."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["LC_ALL"] = "C"  # (as tools/bench startup runs it)
     proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout)
@@ -296,3 +299,50 @@ def test_header_records_behave_as_the_frozen_dataclasses_they_replace() -> None:
     assert h2 == Header(**{**{f: getattr(h, f) for f in Header._fields},
                            "size": 2 << 20, "extensions": (ext,)})
     assert not hasattr(h, "__dict__")  # slots, as cheap as the dataclass
+
+
+# -- argparse's messages: untranslated only when no catalogue exists --------------------------
+_MO_PROBE = r"""
+import gettext, struct, sys
+from pyqcow.cli.main import main
+def mo(pairs):  # a GNU message catalogue
+    pairs = sorted((k.encode(), v.encode()) for k, v in pairs.items())
+    n, data, orig, trans = len(pairs), b"", [], []
+    base = 28 + 16 * n
+    for k, v in pairs:
+        orig.append((len(k), base + len(data))); data += k + b"\0"
+    for k, v in pairs:
+        trans.append((len(v), base + len(data))); data += v + b"\0"
+    head = struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0)
+    return head + b"".join(struct.pack("<2I", *e) for e in orig + trans) + data
+d = sys.argv[1] + "/xx/LC_MESSAGES"
+import os; os.makedirs(d)
+with open(d + "/messages.mo", "wb") as f:
+    f.write(mo({"": "Content-Type: text/plain; charset=UTF-8\n",
+                "the following arguments are required: %s": "IL MANQUE %s"}))
+gettext.bindtextdomain("messages", sys.argv[1])
+main(["map"])
+"""
+
+
+def test_argparse_messages_are_still_translated_when_a_catalogue_exists(tmp_path) -> None:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "LC_"))},
+           "LANGUAGE": "xx", "LANG": "xx"}
+    proc = subprocess.run([sys.executable, "-c", _MO_PROBE, str(tmp_path / "locale")],
+                          capture_output=True, text=True, env=env)
+    assert proc.stderr.endswith("pyqcow map: error: IL MANQUE IMAGE\n"), proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "from pyqcow.cli.main import main; main(['map'])"],
+                          capture_output=True, text=True, env={**env, "LANGUAGE": "C"})
+    assert proc.stderr.endswith("pyqcow map: error: the following arguments are required: "
+                                "IMAGE\n"), proc.stderr
+
+
+def test_entries_nonzero_per_byte_table_counts_every_subbyte_field() -> None:
+    from pyqcow import entries
+
+    for order in range(3):
+        width = 1 << order
+        mask = (1 << width) - 1
+        assert entries._NONZERO_PER_BYTE[order] == bytes(
+            sum(1 for i in range(8 // width) if (b >> (i * width)) & mask) for b in range(256)
+        )
