@@ -20,7 +20,6 @@ them into one ``pyqcow: <file>: <what is wrong>`` line on stderr.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import warnings
@@ -132,7 +131,9 @@ def build_parser(only: str | None = None) -> ArgumentParser:
         dest="command", metavar="COMMAND", required=True, prog=parser.prog
     )
     for name in SUBCOMMANDS if only is None else [only]:
-        module = importlib.import_module(f"{__package__}.{name}")
+        # (__import__, not importlib.import_module: importlib is one import less)
+        __import__(f"{__package__}.{name}")
+        module = sys.modules[f"{__package__}.{name}"]
         sub = module.register(subparsers)
         sub.error_status = getattr(module, "ERROR_STATUS", 1)
         sub.set_defaults(_run=module.run, _error_status=sub.error_status)
