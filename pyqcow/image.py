@@ -14,7 +14,6 @@ from array import array
 
 from . import entries, spec
 from .cache import TableCache
-from .compressed import read_compressed_cluster
 from .entries import ClusterType
 from .errors import CorruptImageError, FormatError, QcowError
 from .header import Header, parse_header
@@ -475,6 +474,8 @@ class QcowImage(LibyalMethods):
         c = self._decomp_cache
         if c is not None and c[0] == entry:
             return c[1]
+        from .compressed import read_compressed_cluster  # zlib: on first use
+
         data = read_compressed_cluster(self, entry)
         self._decomp_cache = (entry, data)
         return data

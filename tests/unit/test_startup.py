@@ -31,12 +31,13 @@ HEAVY = ("construct", "lxml", "libvirt", "hypothesis", "pytest", "pyqcow.libvirt
 #: What none of the five start-up commands needs: standard modules (setuptools' default
 #: editable finder loaded pathlib and urllib at every start; argparse's help formatter,
 #: shutil with bz2 and lzma; --debug, traceback; `python -m`, runpy; gettext's catalogue
-#: search, locale: cli/main.py's _argparse_without_catalogue), the copy and read
+#: search, locale: cli/main.py's _argparse_without_catalogue; math and zlib, shared
+#: libraries to load in some Python builds), compressed clusters, the copy and read
 #: paths, and libyal's API (pyqcow/__init__ loads it on first use).
 STDLIB_NEVER = ("pathlib", "urllib", "tempfile", "shutil", "subprocess", "threading", "bz2",
-                "lzma", "traceback", "json", "runpy", "locale", "pyqcow.ops.copier",
-                "pyqcow.fastcopy",
-                "pyqcow.reader", "pyqcow.libyal")
+                "lzma", "traceback", "json", "runpy", "locale", "math", "zlib",
+                "pyqcow.compressed", "pyqcow.ops.copier", "pyqcow.fastcopy", "pyqcow.reader",
+                "pyqcow.libyal")
 #: dataclasses imports inspect (ast, dis, tokenize...); typing: both cost milliseconds.
 #: `info` and `create` are free of them; map, check and rebase still load them through
 #: modules outside the CLI (mapping.Run, check_result, walk, ops.rebase.RebaseResult).
@@ -212,6 +213,7 @@ def test_root_help_lists_every_subcommand() -> None:
 # -- layout.py's compiled form ---------------------------------------------------------------
 def test_compiled_layout_cache_is_current() -> None:
     """pyqcow/_layout_compiled.py matches the declarations (else: python -m pyqcow.layout)."""
+    assert _layout_compiled.SOURCE == layout._declaration_source()  # the key layout checks
     assert _layout_compiled.SOURCE_CRC == layout.source_crc()
     assert _layout_compiled.COMPILED == layout.compile_all()
     # every fixed-size header structure has a compiled form
@@ -221,7 +223,7 @@ def test_compiled_layout_cache_is_current() -> None:
 
 
 def test_a_stale_cache_is_not_used(monkeypatch) -> None:
-    monkeypatch.setattr(_layout_compiled, "SOURCE_CRC", _layout_compiled.SOURCE_CRC ^ 1)
+    monkeypatch.setattr(_layout_compiled, "SOURCE", _layout_compiled.SOURCE + b"#")
     monkeypatch.setattr(_layout_compiled, "COMPILED", {"HeaderV2": (">L", ("magic",), {}, False)})
     assert layout._load_compiled() == layout.compile_all()
 
@@ -346,3 +348,23 @@ def test_entries_nonzero_per_byte_table_counts_every_subbyte_field() -> None:
         assert entries._NONZERO_PER_BYTE[order] == bytes(
             sum(1 for i in range(8 // width) if (b >> (i * width)) & mask) for b in range(256)
         )
+
+
+def test_format_size_unit_choice_is_frexps_without_the_math_module() -> None:
+    """units.format_size picks the unit from the bit length of value/(1000/1024), which
+    must be what qemu's frexp gives (the exponent; i = 0 for a quotient below 1)."""
+    import math
+
+    from pyqcow.units import format_size
+
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    values = {1, 2, 3, 511, 512, 999, 1000, 1001, 1023, 1024, 1025, 65536, 67108864, 1 << 63}
+    for k in range(1, 7):
+        for base in (1 << (10 * k), 1000 << (10 * (k - 1)), 1000 * (1 << (10 * k)) // 1024):
+            values |= {base - 1, base, base + 1}
+    for n in range(64):
+        values |= {(1 << n) - 1, 1 << n, (1 << n) + 1}
+    for value in sorted(v for v in values if v > 0):
+        exp = math.frexp(value / (1000.0 / 1024.0))[1]
+        i = min(max(0, (exp - 1) // 10), len(suffixes) - 1)
+        assert format_size(value).endswith(f" {suffixes[i]}B"), value
