@@ -18,14 +18,25 @@ from .errors import (
     UnsupportedFeature,
     UnsupportedFeatureError,
 )
-from .libyal import (  # libyal's pyqcow API (libqcow-python): see pyqcow/libyal.py
-    check_file_signature,
-    check_file_signature_file_object,
-    encryption_types,
-    file,
-    get_version,
-    open_file_object,
-)
+
+#: libyal's pyqcow API (libqcow-python, for dfvfs and plaso): see pyqcow/libyal.py.
+#: Loaded on first use (PEP 562), not by every `pyqcow` command (start-up time).
+_LIBYAL = ("check_file_signature", "check_file_signature_file_object", "encryption_types",
+           "file", "get_version", "open_file_object")
+
+
+def __getattr__(name: str):
+    if name in _LIBYAL:
+        from . import libyal
+
+        value = getattr(libyal, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LIBYAL))
 
 
 def open(path, mode: str = "r", *, force_share: bool = False, backing_root=None, format=None):

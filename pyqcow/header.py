@@ -1,19 +1,79 @@
 """The qcow2 header: parse, validate against QEMU's sanity limits, rebuild.
 
-Containers from layout.py become the frozen dataclasses here and go no further.
+Containers from layout.py become the frozen records here and go no further.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass
 
 from . import layout, spec
 from .errors import FormatError, UnsupportedFeatureError
 
 
-@dataclass(frozen=True)
-class Extension:
+class _Record:
+    """A frozen record of ``_fields`` (what ``@dataclass(frozen=True)`` gives: keyword
+    or positional construction with ``_defaults``, ==, hash, repr, ``replace``).
+
+    Not a dataclass: ``dataclasses`` imports ``inspect`` (ast, dis, tokenize...) and
+    builds every class with ``exec``, which was a third of ``pyqcow info``'s start-up.
+    """
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+    _defaults: dict[str, object] = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes {len(names)} positional arguments "
+                            f"but {len(args)} were given")
+        values = dict(zip(names, args, strict=False))  # args may be fewer
+        for key, value in kwargs.items():
+            if key not in names:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
+            if key in values:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {key!r}")
+            values[key] = value
+        for name in names:
+            if name in values:
+                value = values[name]
+            elif name in self._defaults:
+                value = self._defaults[name]
+            else:
+                raise TypeError(f"{type(self).__name__}() missing required argument: {name!r}")
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other) -> bool:
+        if other.__class__ is self.__class__:
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({inner})"
+
+    def __reduce__(self):
+        return (type(self), self._values())
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        values = {name: getattr(self, name) for name in self._fields}
+        return type(self)(**{**values, **changes})
+
+
+class Extension(_Record):
+    __slots__ = _fields = ("type", "data")
     type: int
     data: bytes
 
@@ -25,22 +85,36 @@ class Extension:
             return f"unknown ({self.type:#010x})"
 
 
-@dataclass(frozen=True)
-class FeatureName:
+class FeatureName(_Record):
+    __slots__ = _fields = ("type", "bit", "name")
     type: int  # 0 incompatible, 1 compatible, 2 autoclear
     bit: int
     name: str
 
 
-@dataclass(frozen=True)
-class BitmapsExt:
+class BitmapsExt(_Record):
+    __slots__ = _fields = ("nb_bitmaps", "bitmap_directory_size", "bitmap_directory_offset")
     nb_bitmaps: int
     bitmap_directory_size: int
     bitmap_directory_offset: int
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(_Record):
+    """The header fields (a frozen record: ``replace`` makes a changed copy)."""
+
+    __slots__ = _fields = (
+        "version", "backing_file_offset", "backing_file_size", "cluster_bits", "size",
+        "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset",
+        "refcount_table_clusters", "nb_snapshots", "snapshots_offset",
+        "incompatible_features", "compatible_features", "autoclear_features",
+        "refcount_order", "header_length", "compression_type", "extra_fields",
+        "extensions", "backing_file",
+    )
+    _defaults = {
+        "incompatible_features": 0, "compatible_features": 0, "autoclear_features": 0,
+        "refcount_order": 4, "header_length": spec.V2_HEADER_LENGTH, "compression_type": 0,
+        "extra_fields": b"", "extensions": (), "backing_file": None,
+    }
     version: int
     backing_file_offset: int
     backing_file_size: int
@@ -53,16 +127,16 @@ class Header:
     refcount_table_clusters: int
     nb_snapshots: int
     snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = spec.V2_HEADER_LENGTH
-    compression_type: int = 0
+    incompatible_features: int
+    compatible_features: int
+    autoclear_features: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
     # bytes from offset 104 to header_length (compression_type + padding + unknown fields)
-    extra_fields: bytes = b""
-    extensions: tuple[Extension, ...] = ()
-    backing_file: str | None = None
+    extra_fields: bytes
+    extensions: tuple[Extension, ...]
+    backing_file: str | None
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -143,9 +217,6 @@ class Header:
             return None
         d = layout.parse(layout.BitmapsExtension, ext.data[:24])
         return BitmapsExt(d["nb_bitmaps"], d["bitmap_directory_size"], d["bitmap_directory_offset"])
-
-    def replace(self, **changes) -> Header:
-        return dataclasses.replace(self, **changes)
 
 
 def _feature_name(header_exts: tuple[Extension, ...], group: int, bit: int) -> str:

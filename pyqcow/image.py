@@ -14,15 +14,17 @@ from array import array
 
 from . import entries, spec
 from .cache import TableCache
-from .compressed import read_compressed_cluster
 from .entries import ClusterType
 from .errors import CorruptImageError, FormatError, QcowError
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range, open_data_file, zero_fill
 from .libyal_methods import LibyalMethods
-from .mapping import Run, detect_metadata_preallocation, layer_runs
 from .refcount import read_refcount_block
 from .writer import L2_CACHE_TABLES, MAX_DIRTY_L2, Writer
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    from .mapping import Run  # mapping (and dataclasses) load on first use: start-up time
 
 _L1_TABLE_MASK = entries.L1_TABLE_MASK
 _L2E_OFFSET_MASK = entries.L2_HOST_MASK
@@ -183,12 +185,16 @@ class QcowImage(LibyalMethods):
     def metadata_preallocation(self) -> bool:
         """qemu's heuristic: does this look like a preallocation=metadata image? (cached)"""
         if self._metadata_prealloc is None:
+            from .mapping import detect_metadata_preallocation
+
             self._metadata_prealloc = detect_metadata_preallocation(self)
         return self._metadata_prealloc
 
     # -- mapping -------------------------------------------------------------------
     def runs(self, guest_offset: int, length: int, l1=None) -> list[Run]:
         """Runs of this layer only over [guest_offset, guest_offset+length)."""
+        from .mapping import layer_runs
+
         limit = self.data_hf.size() if self.has_data_file else self.file_size
         return layer_runs(self, self.l1 if l1 is None else l1, self.l2_table,
                           lambda host, e: self._check_host(host, limit, e), guest_offset, length)
@@ -468,6 +474,8 @@ class QcowImage(LibyalMethods):
         c = self._decomp_cache
         if c is not None and c[0] == entry:
             return c[1]
+        from .compressed import read_compressed_cluster  # zlib: on first use
+
         data = read_compressed_cluster(self, entry)
         self._decomp_cache = (entry, data)
         return data

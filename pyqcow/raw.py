@@ -7,7 +7,10 @@ import os
 from .entries import ClusterType
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range
 from .libyal_methods import LibyalMethods
-from .mapping import Run
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    from .mapping import Run  # mapping (and dataclasses) load on first use: start-up time
 
 
 class RawImage(LibyalMethods):
@@ -55,6 +58,8 @@ class RawImage(LibyalMethods):
 
     def runs(self, guest_offset: int, length: int) -> list[Run]:
         """Data/hole runs of the file (a hole reads as zeros, but is 'allocated')."""
+        from .mapping import Run
+
         out = []
         for off, ln, is_data in self.hf.data_extents(guest_offset, guest_offset + length):
             out.append(

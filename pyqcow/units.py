@@ -8,7 +8,6 @@ with a suffix).  ``format_size`` is qemu's ``size_to_str`` ("852 KiB").
 
 from __future__ import annotations
 
-import math
 import re
 
 __all__ = ["SUFFIXES", "format_size", "parse_size"]
@@ -57,8 +56,10 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
 def format_size(value: int) -> str:
     """qemu's size_to_str: three significant digits and a binary unit ("1.5 MiB")."""
     suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
-    # frexp(val / (1000/1024)) gives the exponent; switch unit once >= 1000.
-    _, exp = math.frexp(value / (1000.0 / 1024.0))
+    # frexp(val / (1000/1024)) gives the exponent; switch unit once >= 1000.  That
+    # exponent is the bit length of the quotient's integer part (for a quotient below 1
+    # both give i = 0): no math module, a shared library to load, at every start.
+    exp = int(value / (1000.0 / 1024.0)).bit_length()
     i = max(0, (exp - 1) // 10) if value else 0
     i = min(i, len(suffixes) - 1)
     return f"{_c_g(value / (1 << (i * 10)))} {suffixes[i]}B"

@@ -3,8 +3,8 @@
 #     source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
 #
 # After sourcing: cwd is the repo root, .venv/bin is first on PATH, pyqcow is
-# installed editable with its [test] extras, and (when running as root) the
-# system tools the tests use are installed:
+# installed editable (compat mode: see below) with its [test] extras, and (when
+# running as root) the system tools the tests use are installed:
 #     qemu-img, qemu-io   <- qemu-utils
 #     virt-xml-validate   <- libvirt-clients
 #     xmllint             <- libxml2-utils (virt-xml-validate needs it silently)
@@ -149,12 +149,21 @@ elif [[ -n "${CI:-}" ]]; then
     _pyqcow_die "libvirt-dev is missing: the libvirt extra cannot be built under CI"
 fi
 
+# Editable install in setuptools' "compat" mode: a plain path entry (.pth) for the
+# repo, no import hook.  The default mode installs a finder module that site imports
+# at every start of Python (pathlib, importlib.util, urllib.parse: ~20 ms, most of
+# `pyqcow info`'s own start-up), a cost a user's wheel install never pays; the path
+# entry costs nothing and measures what users get (tools/bench startup).
+_pyqcow_editable_mode="compat"
+
 # Hash of everything that decides what `pip install -e` builds.
 _pyqcow_hash="$(
     {
         echo "extras: $_pyqcow_extras"
+        echo "editable mode: $_pyqcow_editable_mode"
         "$VENV/bin/python" -c 'import sys; print(sys.version)'
-        for f in pyproject.toml setup.py setup.cfg; do
+        # (the launcher: pip copies it into .venv/bin at install time)
+        for f in pyproject.toml setup.py setup.cfg tools/launcher/pyqcow; do
             if [[ -f "$f" ]]; then echo "== $f"; cat "$f"; fi
         done
         if [[ -d csrc ]]; then
@@ -168,7 +177,8 @@ _pyqcow_hash="$(
 
 if [[ ! -f "$_pyqcow_stamp" || "$(cat "$_pyqcow_stamp")" != "$_pyqcow_hash" ]]; then
     _pyqcow_log="$(mktemp -t pyqcow-pip.XXXXXX)"
-    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[$_pyqcow_extras]" \
+    if ! "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+            --config-settings "editable_mode=$_pyqcow_editable_mode" -e ".[$_pyqcow_extras]" \
             >"$_pyqcow_log" 2>&1; then
         _pyqcow_show_log "$_pyqcow_log"
         rm -f "$_pyqcow_stamp"
@@ -194,4 +204,5 @@ fi
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
 hash -r
-unset _pyqcow_pkgs _pyqcow_log _pyqcow_msg _pyqcow_hash _pyqcow_stamp _pyqcow_extras
+unset _pyqcow_pkgs _pyqcow_log _pyqcow_msg _pyqcow_hash _pyqcow_stamp _pyqcow_extras \
+    _pyqcow_editable_mode

@@ -2,6 +2,7 @@
 """Start-up: whole-process time of small pyqcow commands beside qemu-img's.
 
     tools/bench startup [--runs 20] [--pyqcow PATH] [--qemu-img PATH] [--goal-ms 35]
+                        [--json PATH]
 
 On a small qcow2 chain (a 64 MiB base with 1 MiB of data, an empty overlay),
 runs each command --runs times, pyqcow and qemu-img alternating, and prints the
@@ -21,16 +22,23 @@ i.e. .venv/bin/pyqcow, the sh launcher), run as a user runs it: with bytecode
 caching (PYTHONDONTWRITEBYTECODE is removed from its environment) after one
 untimed warm-up run per command.  Also printed: the median CPU time (user+sys)
 of each, less sensitive to a busy machine than wall-clock time, and the floor:
-``python -c pass`` with the same interpreter.  Note: the dev .venv installs
-pyqcow editable, whose import hook costs a few ms at every start; pass
-``--pyqcow`` the command of a regular install (``pip install .`` in a venv) to
-measure what users get.  A benchmark, not a test: it always exits 0 unless its
-set-up fails.
+``python -S -c pass``, ``python -I -c pass`` and ``python -c pass`` with the
+same interpreter.  It also says how that interpreter has pyqcow installed: a
+regular (wheel) install, an editable one through a path entry (what
+tools/_setup.sh makes: ``editable_mode=compat``, which costs nothing at start),
+or an editable one through setuptools' import-hook finder (the default
+``pip install -e``), which makes every start ~20 ms slower than users see;
+pass ``--pyqcow`` another install's command to measure that one.
+
+``--json PATH`` also writes the rows for ``tools/bench all``: group "startup",
+one row per command, unit "ms" (median wall-clock), anchor qemu-img, goal
+"<= 35 ms".  A benchmark, not a test: it always exits 0 unless its set-up fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -102,6 +110,35 @@ def _python_of(pyqcow: str) -> str:
     return py if os.access(py, os.X_OK) else (shutil.which("python3") or sys.executable)
 
 
+_INSTALL_PROBE = r"""
+import glob, os, site
+import pyqcow
+dirs = [os.path.realpath(d) for d in site.getsitepackages() + [site.getusersitepackages()]]
+here = os.path.realpath(os.path.dirname(os.path.dirname(pyqcow.__file__)))
+if here in dirs:
+    print("regular install (wheel) in " + here)
+elif any(glob.glob(os.path.join(d, "__editable__*pyqcow*finder.py")) for d in dirs):
+    print("editable install, import-hook finder (default mode: ~20 ms more per start)")
+else:
+    print("editable install, path entry (editable_mode=compat: no start-up cost): " + here)
+"""
+
+
+def _install_mode(python: str) -> str:
+    """How ``python`` has pyqcow installed (probed once, untimed)."""
+    proc = subprocess.run([python, "-c", _INSTALL_PROBE], capture_output=True, text=True,
+                          check=False)
+    return proc.stdout.strip() or f"unknown ({proc.stderr.strip()[-200:]})"
+
+
+def _row(name: str, pw: float, qw: float, pc: float, qc: float, goal_ms: float,
+         floor: str) -> dict:
+    return {"group": "startup", "row": name, "pyqcow": round(pw, 1), "anchor": round(qw, 1),
+            "anchor_name": "qemu-img", "unit": "ms", "ratio": round(pw / qw, 2),
+            "goal": f"<= {goal_ms:g} ms", "ok": pw <= goal_ms,
+            "note": f"cpu {pc:.1f} vs {qc:.1f} ms; {floor}"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20, help="runs per command and tool (20)")
@@ -109,6 +146,7 @@ def main() -> int:
                     help="the pyqcow command (default: the one beside this Python)")
     ap.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img")
     ap.add_argument("--goal-ms", type=float, default=35.0, help="pyqcow's goal per command (35)")
+    ap.add_argument("--json", metavar="PATH", help='also write {"rows": [...]} there')
     args = ap.parse_args()
     # the commands run in a temporary directory: absolute paths
     found = args.pyqcow if os.sep in args.pyqcow else shutil.which(args.pyqcow)
@@ -119,13 +157,24 @@ def main() -> int:
     python = _python_of(args.pyqcow)
     with tempfile.TemporaryDirectory(prefix="pyqcow-bench-startup-") as work:
         _setup(work, args.qemu_img)
-        floor = [_run([python, "-c", "pass"], work, env) for _ in range(args.runs + 1)][1:]
+        floors = {}
+        for flags in ("-S", "-I", ""):
+            argv = [python, *flags.split(), "-c", "pass"]
+            runs = [_run(argv, work, env) for _ in range(args.runs + 1)][1:]
+            floors[f"python {flags} -c pass".replace("  ", " ")] = (
+                statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
+        install = _install_mode(python)
         print(f"pyqcow: {args.pyqcow}  (python: {python})")
+        print(f"install: {install}")
         print(f"qemu-img: {args.qemu_img}")
         print(f"runs: {args.runs} per command and tool, alternating; median whole-process times;"
               f" bytecode caching on")
-        print(f"floor: `python -c pass` {statistics.median(w for w, _ in floor):.1f} ms wall, "
-              f"{statistics.median(c for _, c in floor):.1f} ms cpu")
+        print("floor: " + ", ".join(f"`{k}` {w:.1f} ms wall ({c:.1f} cpu)"
+                                    for k, (w, c) in floors.items()))
+        floor_note = f"floor python -I -c pass {floors['python -I -c pass'][0]:.1f} ms; " + (
+            "editable+finder" if "finder" in install else
+            "editable path" if "editable" in install else "wheel")
+        rows = []
         print()
         head = (f"{'command':<10} {'pyqcow ms':>10} {'qemu-img ms':>12} {'ratio':>7} "
                 f"{'goal':>10}   {'pyqcow cpu':>10} {'qemu-img cpu':>12}")
@@ -148,6 +197,11 @@ def main() -> int:
             goal = f"<= {args.goal_ms:.0f} " + ("ok" if pw <= args.goal_ms else "MISS")
             print(f"{name:<10} {pw:>10.1f} {qw:>12.1f} {pw / qw:>7.2f} {goal:>10}   "
                   f"{pc:>10.1f} {qc:>12.1f}")
+            rows.append(_row(name, pw, qw, pc, qc, args.goal_ms, floor_note))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+            f.write("\n")
     return 0
 
 

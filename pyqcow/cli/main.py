@@ -20,7 +20,6 @@ them into one ``pyqcow: <file>: <what is wrong>`` line on stderr.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import warnings
@@ -79,8 +78,45 @@ def _terminal_columns() -> int:
     return columns
 
 
+def _message_languages() -> list[str]:
+    """The languages gettext looks up messages in, read as ``gettext.find`` reads them."""
+    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(var)
+        if value:
+            return value.split(":")
+    return []
+
+
+def _argparse_without_catalogue() -> None:
+    """argparse passes each of its messages through gettext, which searches the file
+    system for a catalogue at every call (a dozen stats per parser, and ``locale``'s
+    import): milliseconds of a command's start-up.  When no catalogue exists for
+    argparse's domain, as almost always, those calls return their argument: make
+    them do only that.  Same messages, byte for byte; with a catalogue, untouched."""
+    import gettext
+
+    if argparse._ is not gettext.gettext or argparse.ngettext is not gettext.ngettext:
+        return  # done already (or someone else's choice)
+    languages = _message_languages()
+    if languages and languages[0] != "C":  # gettext stops at "C": no lookup at all
+        domain = gettext.textdomain()
+        if gettext.find(domain, gettext.bindtextdomain(domain)):
+            return
+    argparse._ = _untranslated
+    argparse.ngettext = _untranslated_n
+
+
+def _untranslated(message: str) -> str:
+    return message
+
+
+def _untranslated_n(singular: str, plural: str, n: int) -> str:
+    return singular if n == 1 else plural
+
+
 def build_parser(only: str | None = None) -> ArgumentParser:
     """The full parser, or (``only``) one that imports and knows just that subcommand."""
+    _argparse_without_catalogue()
     parser = ArgumentParser(
         prog="pyqcow",
         description="Inspect, convert and manage qcow2 images and backing chains.",
@@ -95,7 +131,9 @@ def build_parser(only: str | None = None) -> ArgumentParser:
         dest="command", metavar="COMMAND", required=True, prog=parser.prog
     )
     for name in SUBCOMMANDS if only is None else [only]:
-        module = importlib.import_module(f"{__package__}.{name}")
+        # (__import__, not importlib.import_module: importlib is one import less)
+        __import__(f"{__package__}.{name}")
+        module = sys.modules[f"{__package__}.{name}"]
         sub = module.register(subparsers)
         sub.error_status = getattr(module, "ERROR_STATUS", 1)
         sub.set_defaults(_run=module.run, _error_status=sub.error_status)
