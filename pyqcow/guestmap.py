@@ -19,6 +19,7 @@ methods go through cffi (``_CffiReader``), at about half the rate.
 from __future__ import annotations
 
 import importlib
+import operator
 import weakref
 from types import ModuleType
 from typing import Any
@@ -149,7 +150,7 @@ class _CffiReader:
 
 
 def _nonneg(value: Any, what: str) -> int:
-    value = value.__index__()
+    value = operator.index(value)
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
     return value

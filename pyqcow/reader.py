@@ -20,8 +20,8 @@ that shrinks under the mapping gives QcowError, not SIGBUS.
 from __future__ import annotations
 
 import io
+import operator
 import os
-
 
 __all__ = ["GuestReader"]
 
@@ -29,7 +29,7 @@ _DEFAULT_CHUNK = 4 << 20
 
 
 def _nonneg(value, what: str) -> int:
-    value = value.__index__()
+    value = operator.index(value)
     if value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
     return value
