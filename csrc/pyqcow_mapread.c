@@ -200,15 +200,19 @@ static PyObject *reader_preadinto(PyObject *self_obj, PyObject *const *args, Py_
         /* not a writable contiguous buffer: the Python path says why (or
          * copes, e.g. a non-contiguous view) */
         long long len;
-        PyObject *mv;
+        PyObject *mv, *nbytes;
 
         PyErr_Clear();
         mv = PyMemoryView_FromObject(args[0]);
         if (mv == NULL)
             return NULL;
-        len = (long long)PyObject_Length(mv);
+        nbytes = PyObject_GetAttrString(mv, "nbytes");
         Py_DECREF(mv);
-        if (len < 0)
+        if (nbytes == NULL)
+            return NULL;
+        len = PyLong_AsLongLong(nbytes);
+        Py_DECREF(nbytes);
+        if (len == -1 && PyErr_Occurred())
             return NULL;
         n = clamp(self, len, offset);
         if (call_fallback(self, args[0], n, offset) < 0)

@@ -1,4 +1,4 @@
-"""The mmap-backed C read path (pyqcow_map_* via pyqcow.fastcopy.GuestMap).
+"""The mmap-backed C read path (pyqcow_map_* via pyqcow.guestmap.GuestMap).
 
 Every test runs with the C helper and with the pure-Python fallback (the
 ``mode`` fixture of test_fastcopy); qemu-img convert is the oracle for the
@@ -268,6 +268,8 @@ def test_pread_checks_its_arguments(chain: Path, path_kind: str) -> None:
             r.pread(10, 1.5)
         with pytest.raises((TypeError, BufferError)):
             r.preadinto(b"read-only", 512 * KiB)
+        with pytest.raises(TypeError, match="C-contiguous"):
+            r.preadinto(memoryview(bytearray(20))[::2], 512 * KiB)
         a = bytearray(8)
         r.close()
         with pytest.raises(ValueError, match="closed file"):
@@ -373,3 +375,23 @@ def test_truncated_file_in_a_subprocess_is_a_qcow_error_not_a_crash(chain: Path,
     assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
     assert "QcowError:" in proc.stdout and "the file shrank to 196608 bytes" in proc.stdout
     assert proc.stdout.rstrip().endswith("alive")
+
+
+def test_pread_over_raw_images_and_internal_snapshots(tmp_path: Path) -> None:
+    """Readers without a map (RawImage, SnapshotView) have pread/preadinto too."""
+    raw = qemu.create(tmp_path / "d.raw", 1 * MiB, fmt="raw")
+    qemu.qemu_io(raw, "write -P 0x61 4k 8k", fmt="raw")
+    img_path = qemu.create(tmp_path / "s.qcow2", 1 * MiB)
+    qemu.qemu_io(img_path, "write -P 0x62 0 64k")
+    qemu.qemu_img("snapshot", "-c", "snap", img_path)
+    qemu.qemu_io(img_path, "write -P 0x63 0 64k")
+    with pyqcow.open(raw) as img:
+        r = img.reader()
+        assert r.pread(8, 4 * KiB - 4) == b"\0" * 4 + b"\x61" * 4
+        buf = bytearray(6)
+        assert r.preadinto(buf, MiB - 2) == 2 and buf[:2] == b"\0\0"
+    with pyqcow.open(img_path) as img:
+        assert img.reader().pread(3, 10) == b"\x63" * 3
+        r = img.snapshot("snap").reader()
+        assert r.pread(3, 10) == b"\x62" * 3
+        assert r.pread(5, MiB - 2) == b"\0\0"
