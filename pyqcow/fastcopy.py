@@ -1,5 +1,5 @@
-"""Bulk byte moving: range copies between file descriptors, zero detection,
-and the mmap-backed guest reads of read-only qcow2 images (``GuestMap``).
+"""Bulk byte moving: range copies between file descriptors, zero detection
+(the mmap-backed guest reads of read-only qcow2 images: pyqcow.guestmap).
 
 The only module that imports the C helper ``pyqcow._native`` (built by
 ``csrc/build_native.py`` from ``csrc/pyqcow_copy.{h,c}``).  Every function has
@@ -36,14 +36,12 @@ from types import ModuleType
 from typing import Any, Literal
 
 __all__ = [
-    "GuestMap",
     "backend",
     "can_share",
     "copy_range",
     "copy_runs",
     "current_backend",
     "is_zero",
-    "map_image",
     "native_available",
     "native_import_error",
     "zero_runs",
@@ -368,97 +366,6 @@ def zero_runs(buf: Any, granularity: int) -> list[tuple[int, int, bool]]:
 
 #: pyqcow_map_read's "read this range in Python instead".
 MAP_FALLBACK = 1
-
-
-class GuestMap:
-    """A read-only mapping of one qcow2 image, resolved in C (``pyqcow_map_*``).
-
-    ``readinto(buf, offset)`` returns True when the C helper filled ``buf``
-    with the guest bytes at ``offset``, False when the caller must read the
-    range itself (compressed clusters, anything malformed, a backing file that
-    is not mapped); OSError(EFAULT) when the file shrank under the mapping.
-    Hot callers use ``ctx``, ``read`` and ``from_buffer`` directly (see
-    pyqcow.reader).  ``close()`` unmaps; maps stacked on this one (its
-    overlays) are closed first, so no handle outlives its backing.
-    """
-
-    __slots__ = ("ctx", "read", "from_buffer", "_lib", "_dependents", "__weakref__")
-
-    def __init__(self, native: Any, ctx: Any) -> None:
-        self.ctx = ctx
-        self._lib = native.lib
-        self.read = native.lib.pyqcow_map_read
-        self.from_buffer = native.ffi.from_buffer
-        self._dependents: list[GuestMap] = []
-
-    def readinto(self, buf: Any, offset: int) -> bool:
-        ctx = self.ctx
-        if ctx is None:
-            return False
-        offset = _check_int(offset, "offset")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        with _byte_view(buf) as view:
-            if view.readonly:
-                raise TypeError("readinto needs a writable buffer")
-            with self.from_buffer("char[]", view, True) as pointer:
-                rc = self.read(ctx, pointer, len(view), offset)
-        return _check(rc) == 0
-
-    def close(self) -> None:
-        for dependent in self._dependents:
-            dependent.close()
-        self._dependents.clear()
-        ctx, self.ctx = self.ctx, None
-        if ctx is not None:
-            self._lib.pyqcow_map_close(ctx)
-
-
-def map_image(
-    fd: int,
-    file_size: int,
-    cluster_bits: int,
-    version: int,
-    virtual_size: int,
-    l1: Any,
-    *,
-    backing: GuestMap | None = None,
-    has_backing: bool = False,
-) -> GuestMap | None:
-    """Map a read-only qcow2 image (standard L2 entries, no external data
-    file) for ``GuestMap`` reads; ``l1`` is its L1 table as an ``array("Q")``.
-    Unallocated ranges read from ``backing`` (a map of the backing image),
-    fall back when ``has_backing`` and no map is given, else read as zeros.
-    None with the Python backend, or when the file cannot be mapped."""
-    native = _native_for_call()
-    if native is None:
-        return None
-    fd = _check_fd(fd, "fd")
-    for value, what in ((file_size, "file_size"), (virtual_size, "virtual_size")):
-        if _check_int(value, what) < 0 or value > _INT64_MAX:
-            raise ValueError(f"{what} out of range: {value}")
-    if not 9 <= _check_int(cluster_bits, "cluster_bits") <= 21:
-        raise ValueError(f"cluster_bits out of range: {cluster_bits}")
-    if getattr(l1, "typecode", None) != "Q":
-        raise TypeError("l1 must be an array('Q')")
-    if backing is not None and backing.ctx is None:
-        raise ValueError("backing map is closed")
-    if file_size == 0:
-        return None
-    out = native.ffi.new("void **")
-    table = native.ffi.from_buffer("uint64_t[]", l1) if len(l1) else native.ffi.NULL
-    rc = native.lib.pyqcow_map_open(
-        fd, file_size, cluster_bits, int(version), virtual_size, table, len(l1), out
-    )
-    if rc < 0:
-        return None  # e.g. ENODEV: a file that cannot be mapped; pread serves it
-    gm = GuestMap(native, out[0])
-    native.lib.pyqcow_map_set_backing(
-        gm.ctx, backing.ctx if backing is not None else native.ffi.NULL, int(has_backing)
-    )
-    if backing is not None:
-        backing._dependents.append(gm)
-    return gm
 
 
 # --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ QcowImage's write methods delegate to it).
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from array import array
@@ -79,7 +80,7 @@ class QcowImage(LibyalMethods):
         self._l2_tables = self.l2_cache.tables  # the read path's direct lookup
         self._decomp_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
-        self._gmap = None  # fastcopy.GuestMap once made; False: not mappable
+        self._gmap = None  # guestmap.GuestMap once made; False: not mappable
         self.writer = Writer(self)
         if self.writable and self.header.dirty:
             # a lazy-refcounts image left dirty: rebuild refcounts before writing
@@ -409,7 +410,7 @@ class QcowImage(LibyalMethods):
             zero_fill(dst[inside:])
 
     def guest_map(self):
-        """The mmap-backed C reader of this image (pyqcow.fastcopy.GuestMap),
+        """The mmap-backed C reader of this image (pyqcow.guestmap.GuestMap),
         made on first use and kept until close; None when it cannot serve this
         image: the Python backend, a writable image, extended L2 entries, an
         external data file, a host that is not a plain file."""
@@ -419,7 +420,7 @@ class QcowImage(LibyalMethods):
         return gm if gm and gm.ctx is not None else None
 
     def _make_guest_map(self):
-        from . import fastcopy
+        from . import fastcopy, guestmap
 
         if (
             self._closed
@@ -432,16 +433,19 @@ class QcowImage(LibyalMethods):
             return None
         b = self.backing
         bmap = b.guest_map() if isinstance(b, QcowImage) else None
-        return fastcopy.map_image(
-            self.hf.fd,
-            self.file_size,
-            self.cluster_bits,
-            self.header.version,
-            self.virtual_size,
-            self.l1,
-            backing=bmap,
-            has_backing=b is not None,
-        )
+        return guestmap.map_image(self.hf.fd, self.file_size, self.cluster_bits,
+                                  self.header.version, self.virtual_size, self.l1,
+                                  backing=bmap, has_backing=b is not None, owner=self)
+
+    def _map_fallback_into(self, buf, n: int, offset: int) -> None:
+        """What the C reads leave to Python (GuestMap.fast): compressed, ..."""
+        self.readinto(memoryview(buf).cast("B")[:n], offset)
+
+    def _map_error(self, rc: int) -> None:
+        """Raise for a C read's -errno; -EFAULT: SIGBUS, the file shrank."""
+        if rc == -errno.EFAULT:
+            self.check_not_shrunk()
+        raise QcowError(self.path, f"read failed: {os.strerror(-rc)}")
 
     def map(self, start: int = 0, length: int | None = None) -> list:
         """qemu-img map's extents (pyqcow.mapping.Extent) through the backing chain."""

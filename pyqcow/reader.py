@@ -5,27 +5,34 @@ QcowImage, RawImage and SnapshotView.  It never writes and keeps no state but
 its position, so several readers may share one image.  Closing a reader does
 not close the image it reads.
 
-Hot loop friendly: ``readinto`` with a reused buffer is the fast way to stream
-(no allocation per call).  Over a read-only qcow2 image (standard L2 entries,
-no external data file) with the C helper built, ``readinto``/``read`` go
-through ``image.guest_map()``: C resolves the L1/L2 tables and copies from a
-read-only mapping of the file (and of a qcow2 backing chain); compressed
-clusters, anything malformed and raw backing files come back to the Python
-path.  A file that shrinks under the mapping gives QcowError, not SIGBUS.
+Hot loop friendly: ``pread(size, offset)`` (bytes) and ``preadinto(buffer,
+offset)`` read at an offset without moving the position, one call per read;
+``readinto`` with a reused buffer is the fast way to stream (no allocation per
+call).  Over a read-only qcow2 image (standard L2 entries, no external data
+file) with the C helper built, these go through ``image.guest_map()``
+(pyqcow.guestmap): C resolves the L1/L2 tables and copies from a read-only
+mapping of the file (and of a qcow2 backing chain); compressed clusters,
+anything malformed and raw backing files come back to the Python path.  A file
+that shrinks under the mapping gives QcowError, not SIGBUS.
 ``PYQCOW_NO_NATIVE=1`` (when the reader is made) keeps everything in Python.
 """
 
 from __future__ import annotations
 
-import errno
 import io
+import operator
 import os
-
-from .errors import QcowError
 
 __all__ = ["GuestReader"]
 
 _DEFAULT_CHUNK = 4 << 20
+
+
+def _nonneg(value, what: str) -> int:
+    value = operator.index(value)
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return value
 
 
 class GuestReader(io.RawIOBase):
@@ -33,7 +40,7 @@ class GuestReader(io.RawIOBase):
 
     # Slots for the attributes of the hot path: an io subclass keeps the others
     # in an instance dict, whose lookups cost several times more.
-    __slots__ = ("_pos", "_size", "_gmap")
+    __slots__ = ("_pos", "_size", "_gmap", "_fast")
 
     def __init__(self, image) -> None:
         super().__init__()
@@ -44,9 +51,15 @@ class GuestReader(io.RawIOBase):
         self._pos = 0
         self._readinto = image.readinto
         self._read = image.read
-        # mmap-backed C reads where the image offers them (pyqcow.fastcopy.GuestMap)
+        # mmap-backed C reads where the image offers them (pyqcow.guestmap.GuestMap)
         guest_map = getattr(image, "guest_map", None)
         self._gmap = guest_map() if guest_map is not None else None
+        self._fast = self._gmap.fast if self._gmap is not None else None
+        if self._fast is not None:
+            # the C methods themselves, in the instance dict: pread/preadinto are
+            # then one C call each (close() puts the methods below back)
+            self.pread = self._fast.pread
+            self.preadinto = self._fast.preadinto
 
     # -- io.RawIOBase --------------------------------------------------------------
     def readable(self) -> bool:
@@ -93,59 +106,26 @@ class GuestReader(io.RawIOBase):
         return pos
 
     def readinto(self, b) -> int:
-        gm = self._gmap  # None once closed (see close)
-        if gm is not None:
-            ctx = gm.ctx  # None once the image closed its map
-            pos = self._pos
-            n = self._size - pos
-            if ctx is not None and n > 0:
-                try:
-                    pointer = gm.from_buffer("char[]", b, True)
-                except (TypeError, ValueError, BufferError):
-                    pointer = None  # not a writable contiguous buffer: the path below says why
-                if pointer is not None:
-                    size = len(pointer)
-                    if size < n:
-                        n = size
-                    rc = gm.read(ctx, pointer, n, pos)
-                    if rc == 0:
-                        self._pos = pos + n
-                        return n
-                    if rc < 0:
-                        self._map_failed(rc)
-                    # rc 1: read the range in Python (compressed, malformed, ...)
+        fast = self._fast  # None once closed (see close)
+        if fast is not None:
+            n = fast.preadinto(b, self._pos)
+            self._pos += n
+            return n
         if self.closed:
             raise ValueError("I/O operation on closed file.")
-        pos = self._pos
-        n = self._size - pos
-        if n <= 0:
-            return 0
-        mv = memoryview(b).cast("B")
-        if len(mv) < n:
-            n = len(mv)
-            self._readinto(mv, pos)
-        else:
-            self._readinto(mv[:n], pos)
-        self._pos = pos + n
+        n = self._preadinto(b, self._pos)
+        self._pos += n
         return n
 
     def read(self, size: int | None = -1) -> bytes:
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
         if size is None or size < 0:
             return self.readall()
-        pos = self._pos
-        n = min(size, self._size - pos)
-        if n <= 0:
-            return b""
-        gm = self._gmap
-        if gm is not None and gm.ctx is not None:
-            buf = bytearray(n)
-            if self._map_readinto(gm, buf, pos):
-                self._pos = pos + n
-                return bytes(buf)
-        data = self._read(pos, n)
-        self._pos = pos + n
+        fast = self._fast
+        if fast is not None:
+            data = fast.pread(size, self._pos)
+        else:
+            data = self.pread(size, self._pos)
+        self._pos += len(data)
         return data
 
     def readall(self) -> bytes:
@@ -155,18 +135,42 @@ class GuestReader(io.RawIOBase):
         buf = bytearray(n)
         mv = memoryview(buf)
         done = 0
-        gm = self._gmap
+        fast = self._fast
         while done < n:
             step = min(_DEFAULT_CHUNK, n - done)
             chunk = mv[done : done + step]
-            if gm is None or not self._map_readinto(gm, chunk, self._pos + done):
-                self._readinto(chunk, self._pos + done)
+            if fast is not None:
+                fast.preadinto(chunk, self._pos + done)
+            else:
+                self._preadinto(chunk, self._pos + done)
             done += step
         self._pos += n
         return bytes(buf)
 
+    def pread(self, size: int, offset: int) -> bytes:
+        """Up to ``size`` guest bytes at ``offset`` (fewer at the end of the
+        disk, b"" past it), as os.pread; the position does not move."""
+        size, offset = _nonneg(size, "size"), _nonneg(offset, "offset")
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        n = min(size, self._size - offset)
+        if n <= 0:
+            return b""
+        return self._read(offset, n)
+
+    def preadinto(self, b, offset: int) -> int:
+        """Fill the writable buffer ``b`` with guest bytes at ``offset``, up to
+        the end of the disk; the number of bytes read.  The position does not
+        move."""
+        offset = _nonneg(offset, "offset")
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        return self._preadinto(b, offset)
+
     def close(self) -> None:
-        self._gmap = None
+        self._gmap = self._fast = None
+        self.__dict__.pop("pread", None)
+        self.__dict__.pop("preadinto", None)
         super().close()
 
     def truncate(self, size=None):
@@ -179,23 +183,18 @@ class GuestReader(io.RawIOBase):
         raise io.UnsupportedOperation("the guest disk reader has no file descriptor")
 
     # -- helpers -------------------------------------------------------------------
-    def _map_readinto(self, gm, buf, pos: int) -> bool:
-        """Fill all of ``buf`` (writable bytes) from guest offset ``pos`` through
-        the mapping; False: read it another way."""
-        ctx = gm.ctx
-        if ctx is None:
-            return False
-        rc = gm.read(ctx, gm.from_buffer("char[]", buf, True), len(buf), pos)
-        if rc < 0:
-            self._map_failed(rc)
-        return rc == 0
-
-    def _map_failed(self, rc: int) -> None:
-        """Raise for a negative pyqcow_map_read result."""
-        check = getattr(self.image, "check_not_shrunk", None)
-        if rc == -errno.EFAULT and check is not None:
-            check()  # QcowError: the file shrank under the mapping
-        raise QcowError(self.name, f"read failed: {os.strerror(-rc)}")
+    def _preadinto(self, b, pos: int) -> int:
+        """The Python path of preadinto (and of readinto)."""
+        n = self._size - pos
+        if n <= 0:
+            return 0
+        mv = memoryview(b).cast("B")
+        if len(mv) < n:
+            n = len(mv)
+            self._readinto(mv, pos)
+        else:
+            self._readinto(mv[:n], pos)
+        return n
 
     def _check_open(self) -> None:
         if self.closed:

@@ -2,7 +2,8 @@
 """Read benchmark: pyqcow's reader() beside dissect.hypervisor, libqcow and qemu-img.
 
     tools/bench read [--size-gib 2] [--data-gib 1] [--random-reads 20000] [--repeat 5]
-                     [--dir DIR] [--cache-dir DIR] [--no-others] [--keep]
+                     [--dir DIR] [--cache-dir DIR] [--no-others] [--keep] [--json PATH]
+                     [--clock wall|cpu] [--readers pyqcow,libqcow,...]
 
 Builds, in a scratch directory, a qcow2 image (64 KiB clusters) of SIZE GiB
 holding DATA GiB of random bytes in 256 KiB chunks (the rest holes), made by
@@ -13,8 +14,12 @@ random bytes.  On each image it measures, hot page cache, best of --repeat:
 * sequential: the whole guest disk in 1 MiB reads (MB/s);
 * random: --random-reads 4 KiB reads at random 512-byte aligned offsets (reads/s);
 
-for pyqcow (``reader().readinto`` into one reused buffer, and ``read``, both
-through the mmap-backed C helper; ``pyqcow-pread`` is ``readinto`` with
+for pyqcow (row ``pyqcow``: random reads are ``reader().pread(4096, offset)``,
+which returns bytes as libqcow's ``read_buffer_at_offset`` and dissect's
+``read`` do, sequential reads are ``reader().readinto`` into one reused 1 MiB
+buffer; ``pyqcow-into``: random ``reader().preadinto(buffer, offset)`` into one
+reused 4 KiB buffer; ``pyqcow-read``: ``seek`` + ``read``; all three through the
+mmap-backed C helper; ``pyqcow-python`` is ``seek`` + ``readinto`` with
 ``PYQCOW_NO_NATIVE=1``, the pure-Python ``os.preadv`` path),
 pyqcow's libyal-compatible API (``pyqcow.file``: ``read_buffer`` /
 ``read_buffer_at_offset``, the chain joined with ``set_parent``),
@@ -29,6 +34,11 @@ of its venv's python.  Every reader's output is hashed in an untimed pass and
 compared with ``qemu-img convert -O raw``: a wrong reader is reported, not
 hidden.  A benchmark, not a test: it prints figures and ratios and always
 exits 0 unless its own set-up fails.
+
+``--json PATH`` also writes the issue 14 rows (group "read") for ``tools/bench
+all``: random reads/s of the ``pyqcow`` row beside libqcow and beside dissect
+(goal >= 1,000,000 reads/s), and sequential MB/s beside libqcow (goal >= 2x),
+on the image and on the overlay.
 """
 
 from __future__ import annotations
@@ -65,14 +75,14 @@ rng = random.Random(seed)
 offsets = [rng.randrange(0, size - RND) & ~511 for _ in range(count)]
 
 def open_reader():
-    if kind in ("pyqcow", "pyqcow-read", "pyqcow-pread"):
-        if kind == "pyqcow-pread":
+    if kind in ("pyqcow", "pyqcow-into", "pyqcow-read", "pyqcow-python"):
+        if kind == "pyqcow-python":
             os.environ["PYQCOW_NO_NATIVE"] = "1"  # the pure-Python (os.preadv) path
         sys.path.insert(0, os.environ["PYQCOW_REPO"])
         import pyqcow
         img = pyqcow.open(image)
         r = img.reader()
-        if kind != "pyqcow-pread" and r._gmap is None:
+        if kind != "pyqcow-python" and r._gmap is None:
             raise SystemExit("the mmap-backed reader is not in use (pyqcow._native not built?)")
         return img, r
     if kind == "dissect":
@@ -118,7 +128,7 @@ def seq_pass(r, h):
                 h.update(mv[:n])
             total += n
         return total
-    if kind in ("pyqcow", "pyqcow-pread"):
+    if kind in ("pyqcow", "pyqcow-into", "pyqcow-python"):
         buf = bytearray(SEQ); mv = memoryview(buf)
         r.seek(0)
         total = 0
@@ -161,7 +171,22 @@ def rand_pass(r, h):
             if h is not None:
                 h.update(data)
         return
-    if kind in ("pyqcow", "pyqcow-pread"):
+    if kind == "pyqcow":
+        pread = r.pread  # bytes, as libqcow's read_buffer_at_offset and dissect's read
+        for off in offsets:
+            data = pread(RND, off)
+            if h is not None:
+                h.update(data)
+        return
+    if kind == "pyqcow-into":
+        buf = bytearray(RND); mv = memoryview(buf)
+        preadinto = r.preadinto
+        for off in offsets:
+            preadinto(buf, off)
+            if h is not None:
+                h.update(mv)
+        return
+    if kind == "pyqcow-python":
         buf = bytearray(RND); mv = memoryview(buf)
         seek, readinto = r.seek, r.readinto
         for off in offsets:
@@ -194,10 +219,14 @@ if mode == "verify":
     rand_pass(r, h)
     out["rand_sha256"] = h.hexdigest()
 else:
+    # --clock cpu: this process's CPU time (robust on a busy machine); the FUSE
+    # rows (file-*) keep wall time, their work is in the FUSE server
+    clock = (time.process_time if os.environ.get("PYQCOW_BENCH_CLOCK") == "cpu"
+             and not kind.startswith("file-") else time.perf_counter)
     seq, rnd = [], []
     for _ in range(repeat):
-        t = time.perf_counter(); n = seq_pass(r, None); seq.append(time.perf_counter() - t)
-        t = time.perf_counter(); rand_pass(r, None); rnd.append(time.perf_counter() - t)
+        t = clock(); n = seq_pass(r, None); seq.append(clock() - t)
+        t = clock(); rand_pass(r, None); rnd.append(clock() - t)
     out["seq_mbs"] = n / min(seq) / 1e6
     out["rand_per_s"] = count / min(rnd)
     out["seq_bytes"] = n
@@ -309,8 +338,8 @@ def ensure_venv(cache: Path, name: str, package: str) -> Path | None:
 
 
 def measure(python: str, kind: str, image: Path, size: int, seed: int, count: int,
-            repeat: int, mode: str, worker: Path) -> dict | str:
-    env = dict(os.environ, PYQCOW_REPO=str(REPO))
+            repeat: int, mode: str, worker: Path, clock: str = "wall") -> dict | str:
+    env = dict(os.environ, PYQCOW_REPO=str(REPO), PYQCOW_BENCH_CLOCK=clock)
     proc = subprocess.run(
         [python, str(worker), kind, str(image), str(size), str(seed), str(count), str(repeat), mode],
         capture_output=True, text=True, env=env, check=False,
@@ -386,6 +415,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the dissect and libqcow venvs live")
     ap.add_argument("--no-others", action="store_true", help="measure pyqcow (and qemu-img) only")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--readers", default=None, metavar="A,B",
+                    help="measure only these rows (e.g. pyqcow,libqcow,dissect); qemu-img "
+                         "bench always runs")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time the in-process readers by wall clock (default) or by their "
+                         "process's CPU time (steadier on a busy machine; the FUSE rows and "
+                         "qemu-img bench stay wall time)")
+    ap.add_argument("--json", default=None, metavar="PATH",
+                    help="also write the issue 14 rows (group read) to PATH")
     args = ap.parse_args(argv)
     for tool in ("qemu-img", "qemu-io"):
         if shutil.which(tool) is None:
@@ -406,9 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         worker = scratch / "worker.py"
         worker.write_text(WORKER)
         readers: list[tuple[str, str, str]] = [
-            ("pyqcow", sys.executable, "pyqcow reader().readinto (mmap, C)"),
-            ("pyqcow-read", sys.executable, "pyqcow reader().read (mmap, C)"),
-            ("pyqcow-pread", sys.executable, "pyqcow reader().readinto, PYQCOW_NO_NATIVE=1"),
+            ("pyqcow", sys.executable, "pyqcow reader(): random pread(4096, off) -> bytes; "
+             "sequential readinto(1 MiB buffer) (mmap, C)"),
+            ("pyqcow-into", sys.executable, "pyqcow reader().preadinto(4 KiB buffer, off) "
+             "(mmap, C)"),
+            ("pyqcow-read", sys.executable, "pyqcow reader().seek + read (mmap, C)"),
+            ("pyqcow-python", sys.executable, "pyqcow reader().seek + readinto, "
+             "PYQCOW_NO_NATIVE=1 (pure Python, os.preadv)"),
             ("pyqcow-libyal", sys.executable, "pyqcow.file (libyal API)"),
         ]
         why = fuse_reason()
@@ -430,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                 readers.append(("qcowmount", sys.executable, "qcowmount (libqcow-utils)"))
             elif why is None:
                 log("  qcowmount row skipped: qcowmount not found (Debian: libqcow-utils)")
+        if args.readers:
+            wanted = set(args.readers.split(","))
+            readers = [r for r in readers if r[0] in wanted]
         results: dict = {}
         load_before = os.getloadavg()[0]
         for img in (base, top):
@@ -447,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                     target, wkind = mount.file, "file-" + kind
                 try:
                     timed = measure(py, wkind, target, size, args.seed, args.random_reads,
-                                    args.repeat, "time", worker)
+                                    args.repeat, "time", worker, args.clock)
                     check = measure(py, wkind, target, size, args.seed, args.random_reads, 1,
                                     "verify", worker)
                 finally:
@@ -466,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
             results[(label, "qemu-img")] = (
                 {"seq_mbs": qemu_img_bench(img, size, args.repeat)}, "(not checked)")
         report(results, readers, size, data, args)
+        if args.json:
+            rows = json_rows(results, args)
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+            log(f"wrote {len(rows)} rows to {args.json}")
         log(f"load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
             f"the measurements, on {os.cpu_count()} CPUs: figures drop when the machine is busy")
     finally:
@@ -480,7 +529,8 @@ def report(results: dict, readers, size: int, data: int, args) -> None:
     log("")
     log(f"pyqcow read benchmark: {size / GiB:g} GiB disk, {data / GiB:g} GiB random data, "
         f"64 KiB clusters; sequential = whole disk in 1 MiB reads, random = "
-        f"{args.random_reads} x 4 KiB; hot page cache, best of {args.repeat}")
+        f"{args.random_reads} x 4 KiB; hot page cache, best of {args.repeat}, "
+        f"{args.clock} clock" + (" (FUSE rows and qemu-img: wall)" if args.clock == "cpu" else ""))
     names = [k for k, _, _ in readers] + ["qemu-img"]
     for label in ("image", "overlay"):
         log("")
@@ -496,7 +546,7 @@ def report(results: dict, readers, size: int, data: int, args) -> None:
             rnd = timed.get("rand_per_s")
             log(f"  {kind:<16}{_num(seq):>17}{_num(rnd):>17}  {verdict}")
         if isinstance(ours, dict) and ours:
-            for kind in names[2:]:
+            for kind in [k for k in names if not k.startswith("pyqcow")]:
                 timed = results.get((label, kind), ({}, ""))[0]
                 if not isinstance(timed, dict):
                     continue
@@ -517,8 +567,53 @@ def report(results: dict, readers, size: int, data: int, args) -> None:
                          if ta.get(k) and tb.get(k)]
                 log(f"  {a} vs {b}: " + ", ".join(parts))
     log("")
+    log("row pyqcow: random = reader().pread(4096, offset) -> bytes, sequential = "
+        "reader().readinto(1 MiB buffer); pyqcow-into: random = reader().preadinto(4 KiB "
+        "buffer, offset)")
     log("goals (issue 14): pyqcow random >= 1,000,000 reads/s, sequential >= 2x libqcow; "
         "(issue 16) pyqcow-libyal >= libqcow, pyqcow-fuse >= qcowmount")
+
+
+RANDOM_GOAL = 1_000_000  # reads/s (issue 14)
+SEQ_GOAL = 2.0  # x libqcow
+
+
+def json_rows(results: dict, args) -> list[dict]:
+    """The issue 14 rows: pyqcow random reads/s beside libqcow and dissect,
+    sequential MB/s beside libqcow, on the image and the overlay."""
+    rows = []
+    for label in ("image", "overlay"):
+        timed, verdict = results.get((label, "pyqcow"), ({}, "not run"))
+        ours = timed if isinstance(timed, dict) else {}
+        correct = verdict == "correct"
+        api = "reader().pread(4096, off)"
+        for anchor, key, unit in (("libqcow", "rand_per_s", "reads/s"),
+                                  ("dissect", "rand_per_s", "reads/s"),
+                                  ("libqcow", "seq_mbs", "MB/s")):
+            other = results.get((label, anchor), ({}, ""))[0]
+            theirs = other.get(key) if isinstance(other, dict) else None
+            mine = ours.get(key)
+            ratio = mine / theirs if mine and theirs else None
+            if key == "rand_per_s":
+                row = f"random 4 KiB, {label}, vs {anchor}"
+                goal = f">= {RANDOM_GOAL:,} reads/s"
+                ok = bool(mine and mine >= RANDOM_GOAL)
+                note = f"{api}, {args.random_reads} reads, best of {args.repeat}, {args.clock} clock"
+            else:
+                row = f"sequential 1 MiB, {label}, vs {anchor}"
+                goal = f">= {SEQ_GOAL:g}"
+                ok = bool(ratio and ratio >= SEQ_GOAL)
+                note = f"reader().readinto, whole disk, best of {args.repeat}, {args.clock} clock"
+            if not correct:
+                ok = False
+                note += f"; pyqcow output: {verdict}"
+            rows.append({"group": "read", "row": row,
+                         "pyqcow": None if mine is None else round(mine, 1),
+                         "anchor": None if theirs is None else round(theirs, 1),
+                         "anchor_name": anchor, "unit": unit,
+                         "ratio": None if ratio is None else round(ratio, 3),
+                         "goal": goal, "ok": ok, "note": note})
+    return rows
 
 
 def _num(v) -> str:

@@ -164,3 +164,104 @@ def test_reads_match_qemu(sc: Scenario) -> None:
                 assert r.read() == ref, name
         assert main(["convert", "-O", "raw", str(top), str(d / "pyqcow.raw")]) == 0
         assert (d / "pyqcow.raw").read_bytes() == ref
+
+
+# -- chains against a bytearray model: the mmap-backed C path layer by layer --------
+@dataclass
+class Layer:
+    cluster_size: int
+    size: int
+    ops: list[tuple[str, int, int, int]] = field(default_factory=list)  # kind, off, n, pattern
+
+
+@st.composite
+def chains(draw) -> tuple[list[Layer], list[tuple[int, int]]]:
+    """1-3 qcow2 layers (each its own cluster size and virtual size) with
+    pattern writes, zero writes (with and without unmap) and compressed writes,
+    and read ranges inside, across clusters and over the end of the disk."""
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        cs = draw(st.sampled_from([512, 4096, 65536]))
+        size = draw(st.integers(1, (24 if cs == 65536 else 40) * cs // SECTOR)) * SECTOR
+        layer = Layer(cs, size)
+        compressed_ok = set(range(-(-size // cs)))  # clusters no op has touched yet
+        for _ in range(draw(st.integers(0, 6))):
+            kind = draw(st.sampled_from(["write", "write", "zero", "zero-unmap", "compressed"]))
+            pattern = draw(st.integers(1, 255))
+            if kind == "compressed":
+                first = draw(st.integers(0, (size - 1) // cs))
+                off, n = first * cs, min(cs, size - first * cs)
+                if first not in compressed_ok or n % SECTOR:
+                    continue
+            else:
+                off, n = _range(draw, size, max(1, 3 * cs // SECTOR))
+            compressed_ok -= set(range(off // cs, (off + n - 1) // cs + 1))
+            layer.ops.append((kind, off, n, pattern))
+        layers.append(layer)
+    top = layers[-1].size
+    reads = []
+    for _ in range(draw(st.integers(1, 12))):
+        off = draw(st.integers(0, top - 1))
+        reads.append((off, draw(st.integers(1, top - off + 3 * SECTOR))))  # may pass the end
+    return layers, reads
+
+
+def _model(layers: list[Layer]) -> bytearray:
+    """What the guest sees: each layer over the one below (zeros past a lower
+    layer's end), its ops applied in order."""
+    disk = bytearray()
+    for layer in layers:
+        below, disk = disk, bytearray(layer.size)
+        disk[: min(len(below), layer.size)] = below[: layer.size]
+        for kind, off, n, pattern in layer.ops:
+            disk[off : off + n] = bytes([pattern]) * n if kind in ("write", "compressed") else bytes(n)
+    return disk
+
+
+def _build_chain(layers: list[Layer], d: Path) -> Path:
+    below = None
+    for i, layer in enumerate(layers):
+        path = create(d / f"l{i}.qcow2", layer.size, f"cluster_size={layer.cluster_size}",
+                      backing=below, backing_fmt="qcow2" if below else None, cwd=d)
+        cmds = []
+        for kind, off, n, pattern in layer.ops:
+            cmds.append({"write": f"write -P {pattern:#x} {off} {n}",
+                         "compressed": f"write -c -P {pattern:#x} {off} {n}",
+                         "zero": f"write -z {off} {n}",
+                         "zero-unmap": f"write -z -u {off} {n}"}[kind])
+        if cmds:
+            qemu_io(path, *cmds)
+        below = path.name
+    return d / below
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=chains())
+def test_chain_reads_match_a_bytearray_model_and_qemu(case) -> None:
+    """reader()'s pread, preadinto, seek + read and seek + readinto, on the C
+    path and the Python one, equal the model, and the model equals qemu."""
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+    layers, reads = case
+    model = bytes(_model(layers))
+    with tempfile.TemporaryDirectory(prefix="pyqcow-props-") as tmp:
+        d = Path(tmp)
+        top = _build_chain(layers, d)
+        assert convert_raw(top, d / "qemu.raw").read_bytes() == model
+        backends = ["python"] + (["native"] if fastcopy.native_available() else [])
+        for name in backends:
+            with fastcopy.backend(name), pyqcow.open(top) as img:
+                r = img.reader()
+                assert (r._gmap is not None) == (name == "native")
+                for off, n in reads:
+                    want = model[off : off + n]
+                    assert r.pread(n, off) == want, (name, off, n)
+                    buf = bytearray(n)
+                    assert r.preadinto(buf, off) == len(want) and buf[: len(want)] == want
+                    r.seek(off)
+                    assert r.read(n) == want, (name, off, n)
+                    r.seek(off)
+                    assert r.readinto(buf) == len(want) and buf[: len(want)] == want
+                r.seek(0)
+                assert r.read() == model, name

@@ -1,4 +1,4 @@
-"""The mmap-backed C read path (pyqcow_map_* via pyqcow.fastcopy.GuestMap).
+"""The mmap-backed C read path (pyqcow_map_* via pyqcow.guestmap.GuestMap).
 
 Every test runs with the C helper and with the pure-Python fallback (the
 ``mode`` fixture of test_fastcopy); qemu-img convert is the oracle for the
@@ -195,3 +195,203 @@ def test_guest_map_readinto_checks_its_arguments(chain: Path) -> None:
             gm.readinto(buf, -1)
         with pytest.raises(TypeError, match="writable"):
             gm.readinto(b"x" * 10, 0)
+
+
+# -- pread / preadinto: the one-call API (pyqcow._mapread, or cffi without it) -------
+@pytest.fixture(params=["mapread", "cffi", "python"])
+def path_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The CPython shim pyqcow._mapread, the cffi stand-in (_CffiReader) and the
+    pure-Python path (no map at all)."""
+    from pyqcow import guestmap
+
+    if request.param == "python":
+        fastcopy.native_available()
+        monkeypatch.setattr(fastcopy, "_native", _NoNative())
+        with fastcopy.backend("python"):
+            yield "python"
+        return
+    require_native()
+    if request.param == "mapread":
+        if guestmap._load_mapread() is None:
+            message = "pyqcow._mapread is not built"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    else:
+        monkeypatch.setattr(guestmap, "_mapread", None)
+        monkeypatch.setattr(guestmap, "_mapread_tried", True)
+    with fastcopy.backend("native"):
+        yield request.param
+
+
+def _fast_type(img) -> str:
+    gm = img.reader()._gmap
+    return "python" if gm is None else ("cffi" if type(gm.fast).__name__ == "_CffiReader"
+                                         else "mapread")
+
+
+def test_pread_and_preadinto_equal_qemu(chain: Path, path_kind: str, tmp_path: Path) -> None:
+    """Random ranges (inside clusters, straddling them, over the compressed
+    cluster, over the end of the base and of the disk): the bytes qemu reads;
+    the position never moves."""
+    want = qemu.convert_raw(chain, tmp_path / "want.raw").read_bytes()
+    rng = random.Random(4096)
+    with pyqcow.open(chain) as img:
+        assert _fast_type(img) == path_kind
+        r = img.reader()
+        r.seek(1234)
+        edges = [0, 64 * KiB - 100, 6 * MiB - 300, 7 * MiB - 10, 8 * MiB - 4096, 8 * MiB - 1]
+        cases = [(off, n) for off in edges for n in (1, 200, 4096, 70000)]
+        cases += [(rng.randrange(len(want)), rng.choice((512, 4096, 65536, 300000)))
+                  for _ in range(300)]
+        buf = bytearray(300000)
+        for off, n in cases:
+            assert r.pread(n, off) == want[off : off + n], (off, n)
+            view = memoryview(buf)[:n]
+            got = r.preadinto(view, off)
+            assert got == min(n, len(want) - off) and view[:got] == want[off : off + got]
+        assert r.tell() == 1234
+        assert r.pread(4096, len(want)) == b"" and r.pread(0, 0) == b""
+        assert r.preadinto(bytearray(10), len(want) + 5) == 0
+
+
+def test_pread_checks_its_arguments(chain: Path, path_kind: str) -> None:
+    with pyqcow.open(chain) as img:
+        r = img.reader()
+        with pytest.raises(ValueError, match="offset must be >= 0"):
+            r.pread(10, -1)
+        with pytest.raises(ValueError, match="size must be >= 0"):
+            r.pread(-1, 0)
+        with pytest.raises(ValueError, match="offset must be >= 0"):
+            r.preadinto(bytearray(10), -1)
+        with pytest.raises(TypeError):
+            r.pread(10, 1.5)
+        with pytest.raises((TypeError, BufferError)):
+            r.preadinto(b"read-only", 512 * KiB)
+        with pytest.raises(TypeError, match="C-contiguous"):
+            r.preadinto(memoryview(bytearray(20))[::2], 512 * KiB)
+        a = bytearray(8)
+        r.close()
+        with pytest.raises(ValueError, match="closed file"):
+            r.pread(10, 0)
+        with pytest.raises(ValueError, match="closed file"):
+            r.preadinto(a, 0)
+        with pytest.raises(ValueError, match="closed file"):
+            r.readinto(a)
+
+
+def test_seek_readinto_and_read_through_the_one_call_path(chain: Path, path_kind: str,
+                                                          tmp_path: Path) -> None:
+    want = qemu.convert_raw(chain, tmp_path / "want.raw").read_bytes()
+    with pyqcow.open(chain) as img:
+        r = img.reader()
+        buf = bytearray(100000)
+        got = bytearray()
+        while n := r.readinto(buf):
+            got += buf[:n]
+        assert got == want and r.tell() == len(want)
+        r.seek(7 * MiB - 5)
+        assert r.read(70000) == want[7 * MiB - 5 : 7 * MiB - 5 + 70000]
+        assert r.tell() == 7 * MiB - 5 + 70000
+
+
+def test_the_image_closed_under_a_reader_refuses_pread(chain: Path, path_kind: str) -> None:
+    img = pyqcow.open(chain)
+    r = img.reader()
+    img.close()
+    with pytest.raises((OSError, ValueError)):
+        r.pread(4096, 512 * KiB)
+    with pytest.raises((OSError, ValueError)):
+        r.preadinto(bytearray(4096), 512 * KiB)
+
+
+def test_the_fast_reader_holds_the_image_weakly(chain: Path, path_kind: str) -> None:
+    """GuestMap.fast reaches the image only through a weak reference, and a
+    closed map sends every read to Python, which then says the file is closed."""
+    import gc
+    import weakref
+
+    if path_kind == "python":
+        return
+    img = pyqcow.open(chain)
+    fast = img.guest_map().fast
+    assert fast.pread(4, 512 * KiB) == b"\x33" * 4
+    ref = weakref.ref(img)
+    img.close()
+    assert fast.closed
+    del img
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(ValueError, match="closed file"):
+        fast.pread(10, 0)
+    with pytest.raises(ValueError, match="closed file"):
+        fast.preadinto(bytearray(10), 0)
+
+
+_TRUNCATE_CHILD = r"""
+import os, sys
+import pyqcow
+from pyqcow import fastcopy
+from pyqcow.errors import QcowError
+path, how = sys.argv[1], sys.argv[2]
+with fastcopy.backend("native"), pyqcow.open(path) as img:
+    r = img.reader()
+    assert r._gmap is not None, "not mapped"
+    assert r.pread(4096, 512 * 1024) == b"\x33" * 4096
+    os.truncate(path, 3 * 65536)
+    try:
+        if how == "pread":
+            r.pread(65536, 512 * 1024)
+        elif how == "preadinto":
+            r.preadinto(bytearray(65536), 512 * 1024)
+        else:
+            r.seek(512 * 1024)
+            r.readinto(bytearray(65536))
+    except QcowError as e:
+        print("QcowError:", e)
+    else:
+        print("no error")
+    r.seek(0)  # the interpreter and the reader still answer
+    assert r.tell() == 0
+    print("alive")
+"""
+
+
+@pytest.mark.parametrize("how", ["pread", "preadinto", "readinto"])
+def test_truncated_file_in_a_subprocess_is_a_qcow_error_not_a_crash(chain: Path, how: str,
+                                                                    tmp_path: Path) -> None:
+    """The file shrinks under a live mapping, in a child process so that a
+    SIGBUS that got through would show as the child's death, not ours."""
+    import subprocess
+    import sys
+
+    require_native()
+    child = tmp_path / "child.py"
+    child.write_text(_TRUNCATE_CHILD)
+    repo = Path(pyqcow.__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(child), str(chain), how], capture_output=True,
+                          text=True, timeout=120, cwd=repo,
+                          env=dict(os.environ, PYTHONPATH=str(repo)))
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert "QcowError:" in proc.stdout and "the file shrank to 196608 bytes" in proc.stdout
+    assert proc.stdout.rstrip().endswith("alive")
+
+
+def test_pread_over_raw_images_and_internal_snapshots(tmp_path: Path) -> None:
+    """Readers without a map (RawImage, SnapshotView) have pread/preadinto too."""
+    raw = qemu.create(tmp_path / "d.raw", 1 * MiB, fmt="raw")
+    qemu.qemu_io(raw, "write -P 0x61 4k 8k", fmt="raw")
+    img_path = qemu.create(tmp_path / "s.qcow2", 1 * MiB)
+    qemu.qemu_io(img_path, "write -P 0x62 0 64k")
+    qemu.qemu_img("snapshot", "-c", "snap", img_path)
+    qemu.qemu_io(img_path, "write -P 0x63 0 64k")
+    with pyqcow.open(raw) as img:
+        r = img.reader()
+        assert r.pread(8, 4 * KiB - 4) == b"\0" * 4 + b"\x61" * 4
+        buf = bytearray(6)
+        assert r.preadinto(buf, MiB - 2) == 2 and buf[:2] == b"\0\0"
+    with pyqcow.open(img_path) as img:
+        assert img.reader().pread(3, 10) == b"\x63" * 3
+        r = img.snapshot("snap").reader()
+        assert r.pread(3, 10) == b"\x62" * 3
+        assert r.pread(5, MiB - 2) == b"\0\0"
