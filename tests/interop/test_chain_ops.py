@@ -712,12 +712,27 @@ def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
         flushes.append(len(pending) + len(inside))
         return real_flush(self)
 
+    real_prepares = writer.Writer.prepare_writes
+
+    def prepares(self, ranges):
+        inside.append(1)
+        try:
+            runs = real_prepares(self, ranges)
+        finally:
+            inside.pop()
+        pending.update(h for _, h, _ in runs)
+        seen.extend(runs)
+        return runs
+
+    seen = []
     monkeypatch.setattr(writer.Writer, "prepare_write", prepare)
+    monkeypatch.setattr(writer.Writer, "prepare_writes", prepares)
     monkeypatch.setattr(writer.Writer, "flush", flush)
     monkeypatch.setattr(copier.fastcopy, "copy_runs", copy_runs)
     before = raw_of(top, tmp_path / "before.raw")
     commit(top)
     assert len(flushes) > 2 and set(flushes) == {0}, flushes
+    assert seen and not pending  # every prepared cluster was filled (the wrappers saw them)
     assert raw_of(top, tmp_path / "after.raw") == before
     assert qemu.check_json(base)[1] == 0
 

@@ -201,7 +201,19 @@ def test_rebase_interrupted_mid_write_leaves_a_clean_image(tmp_path: Path, monke
                 raise KeyboardInterrupt
         return real(self, data, offset)
 
+    # the data also goes file to file (the copier's copy_runs): the same count
+    from pyqcow import fastcopy
+
+    real_copy = fastcopy.copy_runs
+
+    def copy_runs(src_fd, dst_fd, runs, **kw):
+        calls.append(runs[0][1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_copy(src_fd, dst_fd, runs, **kw)
+
     monkeypatch.setattr(HostFile, "pwrite", pwrite)
+    monkeypatch.setattr(fastcopy, "copy_runs", copy_runs)
     with pytest.raises(KeyboardInterrupt):
         rebase(top, "new.qcow2", backing_format="qcow2")
     monkeypatch.undo()
