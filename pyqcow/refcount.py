@@ -153,8 +153,7 @@ class Refcounts:
         clusters = range(start, start + n)
         self._reserved.update(clusters)
         try:
-            for c in clusters:
-                self.set(c, 1)
+            self._set_ones(start, n)
         finally:
             self._reserved.difference_update(clusters)
         # everything below first_free is in use; a free run shorter than n may
@@ -162,6 +161,21 @@ class Refcounts:
         self.free_hint = start + n if first_free >= start else first_free
         self.end_cluster = max(self.end_cluster, start + n)
         return start << self.cluster_bits
+
+    def _set_ones(self, start: int, n: int) -> None:
+        """``set(c, 1)`` for the ``n`` clusters from ``start``, a block at a time."""
+        end = start + n
+        c = start
+        per = self.entries_per_block
+        while c < end:
+            bi, i = divmod(c, per)
+            k = min(end - c, per - i)
+            blk = self._block(bi, create=True)
+            for j in range(i, i + k):
+                blk.set(j, 1)
+            self.blocks.dirty.add(bi)
+            c += k
+        self.end_cluster = max(self.end_cluster, end)
 
     def free_later(self, host_offset: int, nb_clusters: int = 1) -> None:
         """Drop one reference to clusters, once the dropping is durable (flush)."""

@@ -173,3 +173,32 @@ def test_plan_merge_tie_goes_to_the_direction_without_a_rename(tmp_path, keep, e
     assert plan.commit_bytes == plan.stream_bytes == C
     assert plan.via == expected
     assert not any("rename" in s for s in plan.steps)
+
+
+def _per_cluster(pieces: list[Piece]) -> dict[int, tuple]:
+    out = {}
+    for p in pieces:
+        for g in range(p.guest_offset, p.end, C):
+            host = None
+            if p.run is not None and p.run.host_offset is not None:
+                host = p.run.host_offset + (g - p.run.guest_offset)
+            # (the layer of a zero piece is not kept when _add merges zeros)
+            layer = p.layer.path if p.kind == "data" else None
+            out[g] = (p.kind, layer, host)
+    return out
+
+
+@pytest.mark.parametrize("base_layer", [None, "base"])
+def test_plan_stream_is_the_backing_seen_through_top_holes(tmp_path, base_layer):
+    """plan_stream walks the backing chain once and clips it to top's holes: the
+    same pieces (kind, layer, host offset per cluster) as a walk per hole."""
+    top_path = _chain(tmp_path)
+    with pyqcow.open(str(top_path)) as top:
+        base = top.backing.backing if base_layer else None
+        expected = []
+        for start, length in unallocated_ranges(top):
+            expected.extend(pieces_above(top.backing, base, start, length))
+        got = plan_stream(top, base)
+        assert len(unallocated_ranges(top)) > 1  # the clipping is exercised
+        assert _per_cluster(got) == _per_cluster(expected)
+        assert sum(p.length for p in got) == sum(n for _, n in unallocated_ranges(top))
