@@ -24,9 +24,11 @@ qemu-img and pyqcow alternately (the order flips every round):
   convert   qemu-img convert -O raw TOP5    pyqcow convert -O raw TOP5
   convert_qcow2  ... -O qcow2 TOP5          pyqcow convert -O qcow2 TOP5
 
-Durability is paid by both: ``sync`` runs before each run (untimed) and after
-it (timed: the write-back that is still pending when the process exits is
-part of the operation's cost), except for pyqcow's ``-t unsafe`` rows.
+Durability is paid by both: ``sync`` runs before each run (untimed), and
+every file of the run's directory is fsync'd after it (timed: the write-back
+still pending when the process exits is part of the operation's cost; a
+global sync there would also wait for other processes' writes), except for
+pyqcow's ``-t unsafe`` rows.
 
 pyqcow runs as ``python -m pyqcow.cli.main ...`` (--api: a python -c calling
 the ops API), a fresh process each time like qemu-img, so both timings include
@@ -199,10 +201,13 @@ def ops(api: bool) -> dict[str, dict]:
     # -t unsafe: pyqcow without any fsync (not timed with the sync after it either)
     for name in ("commit5", "commit50", "stream", "rebase"):
         op = dict(table[name], unsafe=True)
-        sub = op["pyqcow"]
-        op["pyqcow"] = (lambda sub: lambda top, out: _unsafe(sub(top, out), api))(sub)
+        op["pyqcow"] = _unsafe_op(op["pyqcow"], api)
         table[name + "_unsafe"] = op
     return table
+
+
+def _unsafe_op(make, api: bool):
+    return lambda top, out: _unsafe(make(top, out), api)
 
 
 def _unsafe(argv: list[str], api: bool) -> list[str]:
@@ -291,6 +296,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def sync_dir(d: Path) -> None:
+    """fsync every file of ``d`` and ``d`` itself: this run's durability alone (a
+    global sync would also wait for whatever other processes have written)."""
+    for f in [*d.iterdir(), d]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def measure(name: str, op: dict, src: dict[str, Path], scratch: Path, rounds: int):
     """(median qemu s, median pyqcow s, ratio, qemu RSS, pyqcow RSS, problems)."""
     times: dict[str, list[float]] = {"qemu": [], "pyqcow": []}
@@ -311,7 +327,7 @@ def measure(name: str, op: dict, src: dict[str, Path], scratch: Path, rounds: in
             os.sync()
             dt, peak, rc, err = timed(op[who](top, out), cwd=d)
             t0 = time.perf_counter()
-            os.sync()  # durability: what is still to be written is the operation's too
+            sync_dir(d)  # durability: what is still to be written is the operation's too
             if not (who == "pyqcow" and op.get("unsafe")):
                 dt += time.perf_counter() - t0
             if rc != 0:
