@@ -162,7 +162,10 @@ def _copy_differences(top, old, new, progress) -> int:
     cs = top.cluster_size
     old_buf, new_buf = bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
     try:
-        for start, length in ranges:
+        for start, length, same in _to_compare(ranges, old, new):
+            if same:
+                prog.advance(length)
+                continue
             pos = start
             end = start + length
             while pos < end:
@@ -184,16 +187,34 @@ def _copy_differences(top, old, new, progress) -> int:
     return copied
 
 
+def _to_compare(ranges, old, new):
+    """(start, length, same) over ``ranges``: ``same`` where the two chains read
+    the same bytes by construction, so nothing is read there: the new chain
+    reaches the old backing file itself (e.g. a rebase onto an overlay of the
+    old backing) and nothing above it in the new chain allocates the range."""
+    shared = None
+    if old is not None and new is not None:
+        shared = next((i for i in new.chain if same_file(i.path, old.path)), None)
+    if shared is None or (shared.format, shared.virtual_size) != (old.format, old.virtual_size):
+        for start, length in ranges:
+            yield start, length, False
+        return
+    from .plan import pieces_above
+
+    for start, length in ranges:
+        for p in pieces_above(new, shared, start, length):
+            yield p.guest_offset, p.length, p.kind == "below"
+
+
 def _write_differences(top, old, pos: int, view, runs, copier) -> int:
     """Write into ``top`` the differing ``runs`` (offset, length in ``view``, the
     old chain's bytes at guest ``pos``): zeros as zero clusters, data copied
     from the old chain's layers."""
-    from .. import fastcopy
     from .plan import Piece, pieces_above
 
     data: list[tuple[int, int]] = []
     for off, ln in runs:
-        if fastcopy.is_zero(view[off : off + ln]):
+        if copier.is_zero(view[off : off + ln]):
             top.write_zeroes(pos + off, ln)
         else:
             data.append((pos + off, ln))
