@@ -12,6 +12,7 @@ from ..image import QcowImage
 from .common import check_backing_target, open_chain, read_guest, same_file
 
 COMPARE_CHUNK = 4 * 1024 * 1024
+COPY_BATCH = 64 * 1024 * 1024  # differing data handed to the copier at once
 
 
 @dataclass
@@ -161,6 +162,7 @@ def _copy_differences(top, old, new, progress) -> int:
     copied = 0
     cs = top.cluster_size
     old_buf, new_buf = bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
+    todo: list = []  # pieces of the old chain to copy: executed together, in batches
     try:
         for start, length, same in _to_compare(ranges, old, new):
             if same:
@@ -175,9 +177,13 @@ def _copy_differences(top, old, new, progress) -> int:
                 read_guest(new, nv, pos)
                 runs = copier.diff_runs(ov, nv, -pos % cs, cs)
                 if runs:
-                    copied += _write_differences(top, old, pos, ov, runs, copier)
+                    copied += _write_differences(top, old, pos, ov, runs, copier, todo)
+                    if sum(p.length for p in todo) >= COPY_BATCH:
+                        copier.execute(todo, top)
+                        todo.clear()
                 prog.advance(n)
                 pos += n
+        copier.execute(todo, top)
         top.flush()
     except BaseException:
         # Ctrl-C (or an error) in the middle of a write: the in-memory metadata
@@ -206,10 +212,10 @@ def _to_compare(ranges, old, new):
             yield p.guest_offset, p.length, p.kind == "below"
 
 
-def _write_differences(top, old, pos: int, view, runs, copier) -> int:
+def _write_differences(top, old, pos: int, view, runs, copier, todo: list) -> int:
     """Write into ``top`` the differing ``runs`` (offset, length in ``view``, the
-    old chain's bytes at guest ``pos``): zeros as zero clusters, data copied
-    from the old chain's layers."""
+    old chain's bytes at guest ``pos``): zeros as zero clusters now, data as
+    pieces of the old chain's layers added to ``todo`` for the copier."""
     from .plan import Piece, pieces_above
 
     data: list[tuple[int, int]] = []
@@ -222,11 +228,9 @@ def _write_differences(top, old, pos: int, view, runs, copier) -> int:
         if old is None:  # (never: without an old backing the old bytes are zeros)
             raise AssertionError("data differs from an absent backing file")
         first, last = data[0][0], data[-1][0] + data[-1][1]
-        todo: list[Piece] = []
         for p in pieces_above(old, None, first, last - first):
             for g, ln in data:
                 a, b = max(g, p.guest_offset), min(g + ln, p.end)
                 if a < b:
                     todo.append(Piece(a, b - a, p.kind, p.layer, p.run))
-        copier.execute(todo, top)
     return sum(ln for _, ln in runs)
