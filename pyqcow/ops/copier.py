@@ -1,14 +1,19 @@
 """The one copier: executes planned pieces into a destination image.
 
 Data held at a known host offset (normal clusters, raw files) is copied file to
-file by fastcopy (copy_file_range or the C helper) into host clusters that the
-destination's writer allocated with ``prepare_write``; compressed data and
-unaligned edges go through read + write (``execute``, for commit and stream).
+file by fastcopy (copy_file_range or the C helper: extents shared on a reflink
+file system) into host clusters that the destination's writer allocated for a
+whole batch at once with ``prepare_writes`` (new clusters in one contiguous
+run); compressed data and unaligned edges go through read + write
+(``execute``, for commit, stream, merge and the data a safe rebase found
+different).  After each copied slice the write-back of its destination range
+is started (``start_writeback``), so the disk works during the copy and the
+final fsync finds little left.
 
 Data that must be looked at before it is written (convert skips zero clusters
-and may compress; rebase and convert -B write only what differs from a backing
-file) is read into buffers first; ``BufferWriter`` writes such buffers into
-fresh clusters of the destination, with the same flush guard.
+and may compress; convert -B writes only what differs from a backing file) is
+read into buffers first; ``BufferWriter`` writes such buffers into fresh
+clusters of the destination, with the same flush guard.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def _src_fd(layer) -> int:
 
 
 # Prepared clusters must be filled before the destination publishes the L2 entries
-# that point at them.  ``prepare_write`` returns a handle (writer.PreparedWrite):
+# that point at them.  ``prepare_writes`` returns a handle (writer.PreparedWrite):
 # the writer does not flush by itself while one is unfilled, and flushes at the
 # filling of the last one if its caches ask for it.  So the copier knows no table
 # count or batch size of the writer: it marks each handle filled once its data is
