@@ -513,3 +513,48 @@ int pyqcow_map_read(void *map, char *dst, int64_t length, int64_t offset)
     guard_active = 0;
     return rc;
 }
+
+/* --- added by h-copy: write-back start and buffer comparison ------------- */
+#include <fcntl.h>
+
+int pyqcow_start_writeback(int fd, int64_t offset, int64_t length)
+{
+    if (sync_file_range(fd, (off64_t)offset, (off64_t)length, SYNC_FILE_RANGE_WRITE) < 0)
+        return -errno;
+    return 0;
+}
+
+int64_t pyqcow_diff_runs(const void *a, const void *b, size_t length, size_t first,
+                         size_t block, int64_t *out, size_t capacity)
+{
+    const unsigned char *pa = a, *pb = b;
+    size_t pos = 0, count = 0;
+    int64_t start = -1;
+    if (block == 0)
+        return -EINVAL;
+    while (pos < length) {
+        size_t n = pos == 0 && first ? first : block;
+        if (n > length - pos)
+            n = length - pos;
+        int differ = memcmp(pa + pos, pb + pos, n) != 0;
+        if (differ && start < 0)
+            start = (int64_t)pos;
+        if (!differ && start >= 0) {
+            if (count == capacity)
+                return -ENOSPC;
+            out[2 * count] = start;
+            out[2 * count + 1] = (int64_t)pos - start;
+            count++;
+            start = -1;
+        }
+        pos += n;
+    }
+    if (start >= 0) {
+        if (count == capacity)
+            return -ENOSPC;
+        out[2 * count] = start;
+        out[2 * count + 1] = (int64_t)length - start;
+        count++;
+    }
+    return (int64_t)count;
+}

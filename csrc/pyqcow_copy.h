@@ -75,3 +75,15 @@ int pyqcow_map_read(void *map, char *dst, int64_t length, int64_t offset);
 
 /* Unmap and free a handle from pyqcow_map_open (NULL: nothing). */
 void pyqcow_map_close(void *map);
+
+/* --- added by h-copy ---------------------------------------------------------
+ * Start the write-back of fd's dirty pages in [offset, offset+length)
+ * (sync_file_range SYNC_FILE_RANGE_WRITE: no wait, no durability). 0 or -errno. */
+int pyqcow_start_writeback(int fd, int64_t offset, int64_t length);
+
+/* Maximal runs of blocks where a and b (length bytes each) differ: blocks of
+ * `block` bytes, the first one `first` bytes (0: `block`).  Writes (offset,
+ * length) pairs to out (room for `capacity` pairs); returns the count, or
+ * -ENOSPC, -EINVAL. */
+int64_t pyqcow_diff_runs(const void *a, const void *b, size_t length, size_t first,
+                         size_t block, int64_t *out, size_t capacity);

@@ -354,3 +354,88 @@ def _zero_subclusters(w, cluster, a, n, full, discard, has_backing) -> bool:
         table[2 * i + 1] = entries.bitmap_unallocate(bm, mask, zero)
     w.l2_cache.mark_dirty(l2_off)
     return True
+
+
+# ------------------------------------------------------------------ bulk prepare
+def check_prepare(w, ranges) -> None:
+    """``Writer.prepare_writes``'s checks, then the first-write duties (bitmaps)."""
+    img = w.img
+    cs = img.cluster_size
+    prev = 0
+    for offset, length in ranges:
+        check_range(img.path, offset, length, img.virtual_size)
+        if offset & (cs - 1) or offset < prev or (
+            length & (cs - 1) and offset + length != img.virtual_size
+        ):
+            raise ValueError("prepare_writes needs sorted, cluster-aligned ranges")
+        prev = offset + length
+    w.begin_write()
+    for offset, length in ranges:
+        w.mark_dirty(offset, length)
+
+
+def fill_prepared(w, out, ranges) -> None:
+    """Map ``ranges`` to private host clusters in memory; the (guest, host,
+    length) runs go to ``out`` (a PreparedWrite), merged where both are
+    contiguous.  First every L2 table is made private (which may allocate
+    tables), then the clusters that need new hosts are allocated together."""
+    img = w.img
+    if img.extended_l2 or img.has_data_file:
+        for offset, length in ranges:  # (rare: the per-range path)
+            out.extend(_runs_of(w.prepare_write(offset, length)))
+        return
+    cb, cs = img.cluster_bits, img.cluster_size
+    l2_mask = img.l2_entries - 1
+    private = entries.l2_private
+    segs = []
+    need = 0
+    for offset, length in ranges:
+        pos, end = offset, offset + length
+        while pos < end:
+            cluster = pos >> cb
+            table, l2_off = w.l2_for_write(cluster)
+            w.l2_cache.mark_dirty(l2_off)
+            seg_end = min(end, ((cluster | l2_mask) + 1) << cb)
+            i0 = cluster & l2_mask
+            count = (seg_end - pos + cs - 1) >> cb
+            need += count - sum(1 for e in table[i0 : i0 + count] if private(e))
+            segs.append((table, i0, count, pos, seg_end))
+            pos = seg_end
+    fresh = iter(_alloc_clusters(w, need))
+    host_of, data_entry = entries.l2_host_offset, entries.data_entry
+    for table, i0, count, pos, seg_end in segs:
+        for k in range(count):
+            e = table[i0 + k]
+            if private(e):
+                host = host_of(e)  # private already: overwritten in place
+            else:
+                host = next(fresh)
+                w.free_entry_allocation(e)
+            table[i0 + k] = data_entry(host)  # (a preallocated zero cluster: data now)
+            g = pos + (k << cb)
+            n = min(cs, seg_end - g)
+            if out and out[-1][0] + out[-1][2] == g and out[-1][1] + out[-1][2] == host:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+            else:
+                out.append((g, host, n))
+    w.note_alloc()
+
+
+def _runs_of(handle) -> list:
+    runs = list(handle)
+    handle.filled()  # its runs now belong to the caller's handle (still unfilled)
+    return runs
+
+
+def _alloc_clusters(w, count: int) -> list[int]:
+    """Host offsets of ``count`` new clusters: in one run where nothing below the
+    used area is free, else the free clusters below it first."""
+    rc = w.refcounts
+    step = 1 << w.img.cluster_bits
+    hosts: list[int] = []
+    while count > 0:
+        n = count if rc.free_hint >= rc.end_cluster else 1
+        h = rc.alloc(n)
+        hosts.extend(range(h, h + n * step, step))
+        count -= n
+    return hosts

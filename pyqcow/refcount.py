@@ -141,11 +141,27 @@ class Refcounts:
                     return c, first_free
                 c += run
             else:
-                c += 1
+                c = self._skip_used(c, end)
         start = max(end, 1)
         while any(x in self._reserved for x in range(start, start + n)):
             start += 1
         return start, (first_free if first_free >= 0 else start)
+
+    def _skip_used(self, c: int, end: int) -> int:
+        """The first cluster after ``c`` (not free) whose refcount is 0, or ``end``:
+        the allocation scan skips used clusters a block at a time."""
+        per = self.entries_per_block
+        c += 1
+        while c < end:
+            bi, i = divmod(c, per)
+            blk = self._block(bi)
+            if blk is None:
+                return c  # no block: every count in it is 0
+            j = _next_zero(blk, i)
+            if j >= 0:
+                return min(bi * per + j, end)
+            c = (bi + 1) * per
+        return end
 
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1); returns the host offset."""
@@ -153,8 +169,7 @@ class Refcounts:
         clusters = range(start, start + n)
         self._reserved.update(clusters)
         try:
-            for c in clusters:
-                self.set(c, 1)
+            self._set_ones(start, n)
         finally:
             self._reserved.difference_update(clusters)
         # everything below first_free is in use; a free run shorter than n may
@@ -162,6 +177,21 @@ class Refcounts:
         self.free_hint = start + n if first_free >= start else first_free
         self.end_cluster = max(self.end_cluster, start + n)
         return start << self.cluster_bits
+
+    def _set_ones(self, start: int, n: int) -> None:
+        """``set(c, 1)`` for the ``n`` clusters from ``start``, a block at a time."""
+        end = start + n
+        c = start
+        per = self.entries_per_block
+        while c < end:
+            bi, i = divmod(c, per)
+            k = min(end - c, per - i)
+            blk = self._block(bi, create=True)
+            for j in range(i, i + k):
+                blk.set(j, 1)
+            self.blocks.dirty.add(bi)
+            c += k
+        self.end_cluster = max(self.end_cluster, end)
 
     def free_later(self, host_offset: int, nb_clusters: int = 1) -> None:
         """Drop one reference to clusters, once the dropping is durable (flush)."""
@@ -262,3 +292,17 @@ def read_refcount_block(img, table_index: int) -> RefcountBlock | None:
             + ("unaligned" if block_offset % cs else "beyond the end of the file"),
         )
     return RefcountBlock(img.hf.pread(cs, block_offset), h.refcount_order)
+
+
+def _next_zero(blk, i: int) -> int:
+    """Index of the first 0 count at or after ``i`` in the refcount block, or -1."""
+    typed = blk._typed  # (the array of counts, when the order has a typecode)
+    if typed is not None:
+        try:
+            return typed.index(0, i)
+        except ValueError:
+            return -1
+    for j in range(i, blk.count):
+        if blk.get(j) == 0:
+            return j
+    return -1

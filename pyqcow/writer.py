@@ -436,6 +436,19 @@ class Writer:
         self.data_written = True
         return out
 
+    def prepare_writes(self, ranges) -> PreparedWrite:
+        """``prepare_write`` for many sorted, cluster-aligned ``(offset, length)``
+        guest ranges at once: one handle, the clusters that need new host
+        clusters allocated together (one contiguous run where nothing below the
+        used area is free), so that their data is copied in long runs."""
+        self.check_writable()
+        guestwrite.check_prepare(self, ranges)
+        self.flush_if_needed()  # a safe point: nothing of this call is in memory yet
+        out = PreparedWrite(self)
+        guestwrite.fill_prepared(self, out, ranges)
+        self.data_written = True
+        return out
+
     # ------------------------------------------------------------------ flush
     def flush_if_needed(self) -> None:
         """A safe point: flush if a cache is over its bound and no prepared range

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     with open_image(args.top, "r", format=args.format, force_share=True) as top:
         _parent, base_img = locate_base(top, args.base)
         base_path = base_img.path
-        nbytes = data_bytes(commit_op.plan_commit(top, base_img))
+        # (planned here for --dry-run only: commit plans again under its locks)
+        nbytes = data_bytes(commit_op.plan_commit(top, base_img)) if args.dry_run else 0
         chain = [ChainElement(p, f) for p, f in chain_description(top)]
     if update is not None:
         update.require_source(args.top, "the image")

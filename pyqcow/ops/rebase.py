@@ -12,6 +12,7 @@ from ..image import QcowImage
 from .common import check_backing_target, open_chain, read_guest, same_file
 
 COMPARE_CHUNK = 4 * 1024 * 1024
+COPY_BATCH = 64 * 1024 * 1024  # differing data handed to the copier at once
 
 
 @dataclass
@@ -141,12 +142,16 @@ def _copy_differences(top, old, new, progress) -> int:
     """Where ``top`` allocates nothing and its old backing ``old`` reads otherwise
     than the new one ``new``, write the old content into ``top``.
 
-    Planned by the planner (``plan.unallocated_ranges``).  Not executed by
-    ``copier.execute``, which copies what an allocation map says: what to copy
-    here is decided by comparing the bytes of two chains, so this loop reads
-    both and writes the clusters that differ with ``top.write`` (or
-    ``write_zeroes``); on failure the copier's ``abandon`` leaves the file as
-    after its last flush, as for every copy.
+    Planned by the planner (``plan.unallocated_ranges``, ``plan.pieces_above``),
+    executed by the copier: both chains are read chunk by chunk and compared
+    cluster by cluster (``copier.diff_runs``, memcmp in the C helper); a run of
+    differing clusters that reads as zeros in the old chain becomes zero
+    clusters, any other is copied from where the old chain holds it
+    (``copier.execute``: file to file, sharing extents on a reflink file
+    system; compressed clusters and edges read and written).  Top reads the
+    same at every instant (it is written only where it allocates nothing, with
+    what its backing shows there); on failure the copier's ``abandon`` leaves
+    the file as after its last flush.
     """
     # the copier (and the C helper, typing) only for a safe rebase: start-up of -u
     from . import copier
@@ -156,18 +161,29 @@ def _copy_differences(top, old, new, progress) -> int:
     prog = copier.Progress(sum(n for _, n in ranges), progress)
     copied = 0
     cs = top.cluster_size
+    old_buf, new_buf = bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
+    todo: list = []  # pieces of the old chain to copy: executed together, in batches
     try:
-        for start, length in ranges:
+        for start, length, same in _to_compare(ranges, old, new):
+            if same:
+                prog.advance(length)
+                continue
             pos = start
             end = start + length
             while pos < end:
                 n = min(COMPARE_CHUNK, end - pos)
-                old_buf = _view(old, pos, n)
-                new_buf = _view(new, pos, n)
-                if old_buf != new_buf:
-                    copied += _write_differences(top, pos, old_buf, new_buf, cs)
+                ov, nv = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
+                read_guest(old, ov, pos)
+                read_guest(new, nv, pos)
+                runs = copier.diff_runs(ov, nv, -pos % cs, cs)
+                if runs:
+                    copied += _write_differences(top, old, pos, ov, runs, copier, todo)
+                    if sum(p.length for p in todo) >= COPY_BATCH:
+                        copier.execute(todo, top)
+                        todo.clear()
                 prog.advance(n)
                 pos += n
+        copier.execute(todo, top)
         top.flush()
     except BaseException:
         # Ctrl-C (or an error) in the middle of a write: the in-memory metadata
@@ -177,35 +193,44 @@ def _copy_differences(top, old, new, progress) -> int:
     return copied
 
 
-def _view(img, offset: int, length: int) -> bytes:
-    """Guest bytes of ``img`` (zeros past its end, or if there is no image)."""
-    buf = bytearray(length)
-    read_guest(img, memoryview(buf), offset)
-    return bytes(buf)
+def _to_compare(ranges, old, new):
+    """(start, length, same) over ``ranges``: ``same`` where the two chains read
+    the same bytes by construction, so nothing is read there: the new chain
+    reaches the old backing file itself (e.g. a rebase onto an overlay of the
+    old backing) and nothing above it in the new chain allocates the range."""
+    shared = None
+    if old is not None and new is not None:
+        shared = next((i for i in new.chain if same_file(i.path, old.path)), None)
+    if shared is None or (shared.format, shared.virtual_size) != (old.format, old.virtual_size):
+        for start, length in ranges:
+            yield start, length, False
+        return
+    from .plan import pieces_above
+
+    for start, length in ranges:
+        for p in pieces_above(new, shared, start, length):
+            yield p.guest_offset, p.length, p.kind == "below"
 
 
-def _write_differences(top, pos: int, old: bytes, new: bytes, cs: int) -> int:
-    """Write into ``top`` the clusters where the old and new backing differ."""
-    written = 0
-    n = len(old)
-    i = 0
-    while i < n:
-        # cluster-aligned slices in guest space
-        g = pos + i
-        step = min(cs - (g % cs), n - i)
-        if old[i : i + step] != new[i : i + step]:
-            j = i + step
-            while j < n:
-                s2 = min(cs, n - j)
-                if old[j : j + s2] == new[j : j + s2]:
-                    break
-                j += s2
-            if not any(old[i:j]):
-                top.write_zeroes(g, j - i)
-            else:
-                top.write(g, old[i:j])
-            written += j - i
-            i = j
+def _write_differences(top, old, pos: int, view, runs, copier, todo: list) -> int:
+    """Write into ``top`` the differing ``runs`` (offset, length in ``view``, the
+    old chain's bytes at guest ``pos``): zeros as zero clusters now, data as
+    pieces of the old chain's layers added to ``todo`` for the copier."""
+    from .plan import Piece, pieces_above
+
+    data: list[tuple[int, int]] = []
+    for off, ln in runs:
+        if copier.is_zero(view[off : off + ln]):
+            top.write_zeroes(pos + off, ln)
         else:
-            i += step
-    return written
+            data.append((pos + off, ln))
+    if data:
+        if old is None:  # (never: without an old backing the old bytes are zeros)
+            raise AssertionError("data differs from an absent backing file")
+        first, last = data[0][0], data[-1][0] + data[-1][1]
+        for p in pieces_above(old, None, first, last - first):
+            for g, ln in data:
+                a, b = max(g, p.guest_offset), min(g + ln, p.end)
+                if a < b:
+                    todo.append(Piece(a, b - a, p.kind, p.layer, p.run))
+    return sum(ln for _, ln in runs)

@@ -22,11 +22,26 @@ class StreamResult:
 
 
 def plan_stream(top, base) -> list[Piece]:
+    """What the backing chain (down to ``base``) shows where ``top`` allocates
+    nothing: one walk of the chain, clipped to top's unallocated ranges."""
     pieces: list[Piece] = []
     if top.backing is None:
         return pieces
-    for start, length in unallocated_ranges(top):
-        pieces.extend(pieces_above(top.backing, base, start, length))
+    ranges = unallocated_ranges(top)
+    if not ranges:
+        return pieces
+    first, last = ranges[0][0], ranges[-1][0] + ranges[-1][1]
+    whole = pieces_above(top.backing, base, first, last - first)
+    j = 0
+    for p in whole:
+        while j < len(ranges) and ranges[j][0] + ranges[j][1] <= p.guest_offset:
+            j += 1
+        k = j
+        while k < len(ranges) and ranges[k][0] < p.end:
+            a, b = max(p.guest_offset, ranges[k][0]), min(p.end, ranges[k][0] + ranges[k][1])
+            pieces.append(p if (a, b) == (p.guest_offset, p.end)
+                          else Piece(a, b - a, p.kind, p.layer, p.run))
+            k += 1
     return pieces
 
 

@@ -390,6 +390,42 @@ def test_safe_rebase_to_deeper_and_none(make, tmp_path, spec_name):
     assert_clean(ours)
 
 
+def test_safe_rebase_onto_an_overlay_of_the_old_backing(tmp_path, monkeypatch):
+    """Rebasing onto an overlay of the old backing file compares only where the
+    overlay allocates something: elsewhere the new chain reads the old backing
+    file itself (nothing is read there).  Same result as qemu-img's rebase."""
+    from pyqcow.ops import rebase as rebase_mod
+
+    u = 64 * KiB
+    for name in ("ours", "theirs"):
+        d = tmp_path / name
+        d.mkdir()
+        base = qemu.create(d / "base.qcow2", 64 * u)
+        qemu.qemu_io(base, f"write -P 0x11 0 {32 * u}", f"write -P 0x12 {40 * u} {8 * u}")
+        mid = qemu.create(d / "mid.qcow2", None, backing="base.qcow2", backing_fmt="qcow2", cwd=d)
+        qemu.qemu_io(mid, f"write -P 0x21 {4 * u} {2 * u}", f"write -z {20 * u} {2 * u}",
+                     f"write -P 0x23 {50 * u} {u}")
+        top = qemu.create(d / "top.qcow2", None, backing="base.qcow2", backing_fmt="qcow2", cwd=d)
+        qemu.qemu_io(top, f"write -P 0x31 {5 * u} {4 * u}")
+    ours, theirs = tmp_path / "ours" / "top.qcow2", tmp_path / "theirs" / "top.qcow2"
+    before = raw_of(ours, tmp_path / "before.raw")
+    read = []
+    real = rebase_mod.read_guest
+
+    def read_guest(img, dst, offset):
+        read.append(len(dst))
+        return real(img, dst, offset)
+
+    monkeypatch.setattr(rebase_mod, "read_guest", read_guest)
+    rebase(ours, "mid.qcow2", backing_format="qcow2")
+    monkeypatch.undo()
+    qemu.qemu_img("rebase", "-q", "-b", "mid.qcow2", "-F", "qcow2", theirs, cwd=theirs.parent)
+    assert raw_of(ours, tmp_path / "after.raw") == before
+    assert_same(ours, theirs)
+    assert 0 < sum(read) <= 2 * 4 * u  # mid's 5 clusters not under top's, read in both chains
+    assert qemu.check_json(ours)[1] == 0
+
+
 def test_unsafe_rebase_header_only(make):
     orig, ours, theirs = make("deep3")
     shutil.copy(ours.base, ours.dir / "renamed.qcow2")
@@ -712,12 +748,27 @@ def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
         flushes.append(len(pending) + len(inside))
         return real_flush(self)
 
+    real_prepares = writer.Writer.prepare_writes
+
+    def prepares(self, ranges):
+        inside.append(1)
+        try:
+            runs = real_prepares(self, ranges)
+        finally:
+            inside.pop()
+        pending.update(h for _, h, _ in runs)
+        seen.extend(runs)
+        return runs
+
+    seen = []
     monkeypatch.setattr(writer.Writer, "prepare_write", prepare)
+    monkeypatch.setattr(writer.Writer, "prepare_writes", prepares)
     monkeypatch.setattr(writer.Writer, "flush", flush)
     monkeypatch.setattr(copier.fastcopy, "copy_runs", copy_runs)
     before = raw_of(top, tmp_path / "before.raw")
     commit(top)
     assert len(flushes) > 2 and set(flushes) == {0}, flushes
+    assert seen and not pending  # every prepared cluster was filled (the wrappers saw them)
     assert raw_of(top, tmp_path / "after.raw") == before
     assert qemu.check_json(base)[1] == 0
 

@@ -28,6 +28,8 @@ from qemu import compare, create, need, qemu_img, qemu_io
 from pyqcow import fastcopy
 from pyqcow.cli.main import main as cli
 from pyqcow.ops.commit import commit
+from pyqcow.ops.merge import merge
+from pyqcow.ops.rebase import rebase
 from pyqcow.ops.stream import stream
 
 KiB = 1024
@@ -179,6 +181,45 @@ def test_stream_shares_extents(wd: Path) -> None:
     stream(top)
     assert compare(view, top, fmt_a="raw", fmt_b="qcow2") == 0
     assert_shares(top, STREAMED)  # the base's clusters the top did not cover
+
+
+def test_safe_rebase_shares_extents(wd: Path) -> None:
+    """A safe rebase onto an empty image copies what the old backing shows where
+    the top has nothing: from the base's clusters, shared."""
+    base, top = chain(wd)
+    create(wd / "new.qcow2", 64 * MiB)
+    view = wd / "before.raw"
+    qemu_img("convert", "-O", "raw", top, view)
+    rebase(top, "new.qcow2", backing_format="qcow2")
+    assert compare(view, top, fmt_a="raw", fmt_b="qcow2") == 0
+    assert qemu.qemu_img_json("info", "--output=json", top)["backing-filename"] == "new.qcow2"
+    assert_shares(top, STREAMED)
+    assert qemu.check_json(top)[1] == 0
+
+
+@pytest.mark.parametrize("keep,via,kept,source,moved", [
+    ("base", "commit", "base.qcow2", "top.qcow2", TOP_DATA),
+    ("top", "stream", "top.qcow2", "base.qcow2", STREAMED),
+    ("top", "commit", "top.qcow2", "top.qcow2", TOP_DATA),
+    ("base", "stream", "base.qcow2", "base.qcow2", STREAMED),
+], ids=["commit-keep-base", "stream-keep-top", "commit-keep-top", "stream-keep-base"])
+def test_merge_shares_extents(wd: Path, keep: str, via: str, kept: str, source: str,
+                              moved: int) -> None:
+    """merge in both directions: the data it moves lands in shared extents.  The
+    file it moves the data from is removed at the end (its extents would then
+    be the result's alone): a reflinked witness copy of it, made before, keeps
+    them shared."""
+    base, top = chain(wd)
+    view = wd / "before.raw"
+    qemu_img("convert", "-O", "raw", top, view)
+    witness = wd / "aside" / "witness"  # (not beside the chain: not an overlay of it)
+    witness.parent.mkdir()
+    subprocess.run(["cp", "--reflink=always", str(wd / source), str(witness)], check=True)
+    merge(top, keep=keep, via=via)
+    result = wd / kept
+    assert compare(view, result, fmt_a="raw", fmt_b="qcow2") == 0
+    assert_shares(result, moved)
+    assert qemu.check_json(result)[1] == 0
 
 
 @pytest.mark.parametrize("fmt,opts,prealloc", [

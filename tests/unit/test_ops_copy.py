@@ -158,3 +158,27 @@ def test_convert_n_into_an_image_with_an_external_data_file(tmp_path):
         convert_to_qcow2(img, dst, opts=ConvertOptions(existing=True))
     assert qemu.compare(src, dst) == 0
     assert qemu.check_json(dst)[1] == 0
+
+
+@pytest.mark.parametrize("bits", [16, 1, 64])
+def test_alloc_scan_finds_the_first_free_clusters(tmp_path, bits):
+    """The allocation scan skips used clusters a block at a time: it still
+    returns the free clusters (holes) in order, then the end of the file."""
+    from pyqcow.chain import open_image
+
+    p = qemu.create(tmp_path / "a.qcow2", 8 * 1024 * KiB, f"refcount_bits={bits}")
+    qemu.qemu_io(p, "write -P 1 0 4M")
+    with open_image(str(p), "r+") as img:
+        rc = img.writer.refcounts
+        end = rc.end_cluster
+        used = [c for c in range(1, end) if rc.get(c)]
+        holes = used[10::7][:6]
+        assert len(holes) == 6
+        for c in holes:
+            rc.set(c, 0)  # (in memory only: abandoned below)
+        rc.free_hint = 1
+        got = [rc.alloc(1) >> img.cluster_bits for _ in holes]
+        assert got == holes
+        assert rc.alloc(2) >> img.cluster_bits == end
+        img.writer.abandon()  # nothing of this reaches the file
+    assert qemu.check_json(p)[1] == 0

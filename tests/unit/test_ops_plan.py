@@ -173,3 +173,73 @@ def test_plan_merge_tie_goes_to_the_direction_without_a_rename(tmp_path, keep, e
     assert plan.commit_bytes == plan.stream_bytes == C
     assert plan.via == expected
     assert not any("rename" in s for s in plan.steps)
+
+
+def _per_cluster(pieces: list[Piece]) -> dict[int, tuple]:
+    out = {}
+    for p in pieces:
+        for g in range(p.guest_offset, p.end, C):
+            host = None
+            if p.run is not None and p.run.host_offset is not None:
+                host = p.run.host_offset + (g - p.run.guest_offset)
+            # (the layer of a zero piece is not kept when _add merges zeros)
+            layer = p.layer.path if p.kind == "data" else None
+            out[g] = (p.kind, layer, host)
+    return out
+
+
+@pytest.mark.parametrize("base_layer", [None, "base"])
+def test_plan_stream_is_the_backing_seen_through_top_holes(tmp_path, base_layer):
+    """plan_stream walks the backing chain once and clips it to top's holes: the
+    same pieces (kind, layer, host offset per cluster) as a walk per hole."""
+    top_path = _chain(tmp_path)
+    with pyqcow.open(str(top_path)) as top:
+        base = top.backing.backing if base_layer else None
+        expected = []
+        for start, length in unallocated_ranges(top):
+            expected.extend(pieces_above(top.backing, base, start, length))
+        got = plan_stream(top, base)
+        assert len(unallocated_ranges(top)) > 1  # the clipping is exercised
+        assert _per_cluster(got) == _per_cluster(expected)
+        assert sum(p.length for p in got) == sum(n for _, n in unallocated_ranges(top))
+
+
+@pytest.mark.parametrize("opts", [(), ("extended_l2=on",), ("cluster_size=512",)])
+def test_prepare_writes_many_ranges_one_run(tmp_path, opts):
+    """prepare_writes: scattered ranges at once; private clusters kept in place, a
+    compressed one replaced, every other new cluster in one contiguous run
+    (512-byte clusters: broken only where a new L2 table took a cluster, which
+    happens before the data clusters are allocated, so not at all)."""
+    import os
+
+    from pyqcow.image import QcowImage
+
+    img_path = qemu.create(tmp_path / "d.qcow2", 4 * 1024 * KiB, *opts)
+    with pyqcow.open(str(img_path)) as probe:
+        cs = probe.cluster_size
+    qemu.qemu_io(img_path, f"write -P 0x11 {2 * cs} {2 * cs}", f"write -c -P 0x22 {5 * cs} {cs}")
+    n = 200 if cs == 512 else 12
+    # over the private 2-3 and the compressed 5, then ranges with gaps between them
+    ranges = [(0, 6 * cs)] + [(c * cs, cs * (1 + c % 3)) for c in range(10, 5 * n, 5)]
+    with QcowImage(str(img_path), "r+") as img:
+        with pytest.raises(ValueError, match="sorted"):
+            img.writer.prepare_writes([(cs, cs), (0, cs)])
+        old = {2: None, 3: None}
+        for c in old:
+            old[c] = img.runs(c * cs, cs)[0].host_offset
+        handle = img.writer.prepare_writes(ranges)
+        hosts = {(g + k) // cs: h + k for g, h, ln in handle for k in range(0, ln, cs)}
+        assert sorted(hosts) == sorted(c for g, ln in ranges for c in range(g // cs, (g + ln) // cs))
+        assert hosts[2] == old[2] and hosts[3] == old[3]
+        fresh = sorted(h for c, h in hosts.items() if c not in (2, 3))
+        if "extended_l2=on" not in opts:  # (the per-range path there)
+            assert fresh == list(range(fresh[0], fresh[0] + len(fresh) * cs, cs))
+        for c, h in hosts.items():
+            os.pwrite(img.data_hf.fd, bytes([0x40 + c % 64]) * cs, h)
+        handle.filled()
+        img.flush()
+    res, rc = qemu.check_json(img_path)
+    assert rc == 0 and not res.get("leaks"), res
+    for c in (0, 2, 5, 10, 5 * n - 5):
+        qemu.qemu_io(img_path, f"read -P {0x40 + c % 64:#x} {c * cs} {cs}", read_only=True)
+    qemu.qemu_io(img_path, f"read -P 0 {6 * cs} {4 * cs}", read_only=True)  # a gap: untouched
