@@ -55,3 +55,45 @@ def drop_source_cache(img) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except (OSError, AttributeError):
             pass
+
+
+KICK_BYTES = 16 << 20  # start the writeback of an output's new bytes in steps of this size
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages in the range to disk now
+    (asynchronously: POSIX_FADV_DONTNEED submits the writeback of dirty pages and
+    drops only clean ones), so that the final fsync of a durable convert finds
+    little left to wait for: the disk writes while the copy goes on, instead of
+    after it.  Only with the default cache mode (writeback): -t unsafe leaves the
+    pages to the kernel as qemu-img does, and the other modes write through or
+    around the page cache anyway.  Durability is unchanged: the fsyncs are where
+    they were."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def kick_writeback_wanted() -> bool:
+    from ..hostfile import cache_mode
+
+    return cache_mode() == "writeback"
+
+
+class WritebackKicker:
+    """start_writeback over the part of an output file that has grown since the
+    last call, once it is KICK_BYTES or more (qcow2 outputs allocate at the end)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.on = kick_writeback_wanted()
+        self.done = os.fstat(fd).st_size if self.on else 0
+
+    def __call__(self) -> None:
+        if not self.on:
+            return
+        end = os.fstat(self.fd).st_size
+        if end - self.done >= KICK_BYTES:
+            start_writeback(self.fd, self.done, end - self.done)
+            self.done = end

@@ -158,3 +158,69 @@ def test_convert_n_into_an_image_with_an_external_data_file(tmp_path):
         convert_to_qcow2(img, dst, opts=ConvertOptions(existing=True))
     assert qemu.compare(src, dst) == 0
     assert qemu.check_json(dst)[1] == 0
+
+
+# -- convert -B: only what lies above the backing's layer is read and compared -------------
+def _chain3(tmp_path):
+    """base <- mid <- top, 16 clusters; top also rewrites one cluster with the
+    bytes the base has there (a cluster that reads the same)."""
+    base = qemu.create(tmp_path / "base.qcow2", 16 * C)
+    qemu.qemu_io(base, f"write -P 1 0 {8 * C}", f"write -P 2 {12 * C} {C}")
+    mid = qemu.create(tmp_path / "mid.qcow2", 16 * C, backing=base, backing_fmt="qcow2")
+    qemu.qemu_io(mid, f"write -P 3 {2 * C} {C}", f"write -P 4 {9 * C} {C}")
+    top = qemu.create(tmp_path / "top.qcow2", 16 * C, backing=mid, backing_fmt="qcow2")
+    qemu.qemu_io(top, f"write -P 5 {4 * C} {2 * C}", f"write -P 1 {6 * C} {C}",
+                 f"write -z {12 * C} {C}", f"write -P 6 {15 * C} {C}")
+    return base, mid, top
+
+
+def _top_clusters(path) -> list[tuple[int, int, bool]]:
+    return [(e["start"], e["length"], e["zero"]) for e in qemu.map_json(path)
+            if e["depth"] == 0]
+
+
+@pytest.mark.parametrize("onto", ["base", "mid"])
+def test_convert_B_onto_a_layer_of_the_source(tmp_path, onto):
+    from pyqcow.ops.convert import convert_to_qcow2
+    from pyqcow.ops.convert_qcow2 import differing_candidates
+
+    base, mid, top = _chain3(tmp_path)
+    backing = {"base": base, "mid": mid}[onto]
+    dst = tmp_path / "dst.qcow2"
+    with pyqcow.open(str(top)) as img, pyqcow.open(str(backing)) as b:
+        plan, ranges = differing_candidates(img, b, C)
+        above = [(4 * C, 7 * C), (12 * C, 13 * C), (15 * C, 16 * C)]
+        if onto == "base":  # mid's clusters too
+            above = [(2 * C, 3 * C), (4 * C, 7 * C), (9 * C, 10 * C), *above[1:]]
+        assert ranges == above
+        # the plan holds the host data of exactly those layers' data clusters
+        assert all(s.fd is not None for s in plan.steps)
+        assert sum(s.length for s in plan.steps) == (3 + 1 + (2 if onto == "base" else 0)) * C
+        convert_to_qcow2(img, dst, backing=str(backing), backing_format="qcow2")
+    assert qemu.compare(top, dst) == 0
+    assert qemu.check_json(dst)[1] == 0
+    want = [(4 * C, 2 * C, False), (12 * C, C, True), (15 * C, C, False)]
+    if onto == "base":
+        want = [(2 * C, C, False), (4 * C, 2 * C, False), (9 * C, C, False), *want[1:]]
+    # the cluster at 6*C reads as the base's bytes: compared, not written
+    assert _top_clusters(dst) == want
+
+
+def test_convert_B_onto_a_copy_of_the_base_compares_everything(tmp_path):
+    """A backing that is not a layer of the source (here a copy of the base) may
+    differ anywhere: every cluster is compared, and the result is the same."""
+    import shutil
+
+    from pyqcow.ops.convert import convert_to_qcow2
+    from pyqcow.ops.convert_qcow2 import differing_candidates
+
+    base, _mid, top = _chain3(tmp_path)
+    copy = tmp_path / "copy.qcow2"
+    shutil.copy(base, copy)
+    qemu.qemu_io(copy, f"write -P 9 {14 * C} {C}")  # differs where the source has base data
+    dst = tmp_path / "dst.qcow2"
+    with pyqcow.open(str(top)) as img, pyqcow.open(str(copy)) as b:
+        assert differing_candidates(img, b, C)[1] == [(0, 16 * C)]
+        convert_to_qcow2(img, dst, backing=str(copy), backing_format="qcow2")
+    assert qemu.compare(top, dst) == 0
+    assert (14 * C, C, True) in _top_clusters(dst)  # zeros over the copy's new data
