@@ -231,13 +231,20 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
         out.flush()
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
     share = _sharing_fds(plan, out)
-    if share and opts.sparse_size <= cs:  # (-S over a cluster: blocks span chunks)
+    parts: dict[int, list[Chunk]] = {}
+    if share and opts.sparse_size <= cs:
         chunks = split_at_steps(plan, chunks, cs)
+    elif share:
+        # -S over a cluster: a chunk's zero blocks are decided over whole -S blocks,
+        # so the chunk stays whole (read through the image) and only its data is
+        # written part by part, each part that lies in host data file to file
+        parts = parts_by_chunk(chunks, split_at_steps(plan, chunks, cs))
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
         fill.share = share
+        fill.parts = parts
         written = fill.run(chunks, workers, progress)
     finally:
         if pool is not None:
@@ -289,6 +296,21 @@ def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
     return out
 
 
+def parts_by_chunk(chunks: list[Chunk], parts: list[Chunk]) -> dict[int, list[Chunk]]:
+    """``parts`` (``split_at_steps(plan, chunks, cs)``, in order) grouped by the chunk
+    of ``chunks`` each lies in, for the chunks that were cut."""
+    out: dict[int, list[Chunk]] = {}
+    i = 0
+    for g, n, _, _ in chunks:
+        mine = []
+        while i < len(parts) and parts[i][0] < g + n:
+            mine.append(parts[i])
+            i += 1
+        if len(mine) > 1:
+            out[g] = mine
+    return out
+
+
 def _aligned_parts(parts: list[Chunk], cs: int, end: int) -> list[Chunk]:
     """``parts`` with host data kept only where it spans whole clusters (or ends
     at ``end``); the rest merged into parts read through the image."""
@@ -315,6 +337,8 @@ class _PlainFill:
         self.pool = pool
         # host files whose data is copied file to file (reflink file systems)
         self.share: frozenset[int] = frozenset()
+        # chunk guest offset -> its parts (split_at_steps), where they differ
+        self.parts: dict[int, list[Chunk]] = {}
         self.writer = copier.BufferWriter(
             out, comp=comp, pool=pool if opts.out_of_order else None
         )
@@ -386,11 +410,26 @@ class _PlainFill:
                 length -= tail
                 if not length:
                     continue
-            if c[2] in self.share and self.writer.comp is None:
-                # plain host data: copied file to file (shared on reflink file systems)
-                wrote += self.writer.copy(g + off, length, c[2], c[3] + off)
+            wrote += self.put(c, g + off, data)
+        return wrote
+
+    def put(self, c: Chunk, goff: int, data: memoryview) -> int:
+        """Write ``data`` (cluster-aligned, at guest offset ``goff`` inside the chunk
+        ``c``): the parts that lie in plain host data of a sharing file are copied
+        file to file (shared extents on a reflink file system), the rest written."""
+        writer = self.writer
+        if writer.comp is not None or not self.share:
+            return writer.write(goff, data)
+        wrote = 0
+        end = goff + len(data)
+        for pg, pn, pfd, phost in self.parts.get(c[0]) or (c,):
+            a, b = max(goff, pg), min(end, pg + pn)
+            if a >= b:
+                continue
+            if pfd in self.share:
+                wrote += writer.copy(a, b - a, pfd, phost + (a - pg))
             else:
-                wrote += self.writer.write(g + off, data)
+                wrote += writer.write(a, data[a - goff : b - goff])
         return wrote
 
 
