@@ -97,3 +97,58 @@ class WritebackKicker:
         if end - self.done >= KICK_BYTES:
             start_writeback(self.fd, self.done, end - self.done)
             self.done = end
+
+
+class SourceMaps:
+    """Read-only mappings of the source's host files, for zero detection without a
+    copy: the scan reads the page cache in place, and the data then goes file to
+    file (copy_file_range: shared extents on a reflink file system, one in-kernel
+    copy elsewhere) or is written from the mapping (one copy instead of pread's
+    two).  A file that cannot be mapped is read with pread instead.
+
+    The range must lie inside the file as it was when mapped (a source shrinking
+    under a convert would raise SIGBUS; QEMU's locks, taken on every source, keep
+    writers out)."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, tuple[object, memoryview, int] | None] = {}
+
+    def view(self, fd: int, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes of ``fd`` at ``offset`` from its mapping, or None."""
+        entry = self.maps.get(fd, False)
+        if entry is False:
+            entry = self.maps[fd] = self._map(fd)
+        if entry is None or offset + length > entry[2]:
+            return None
+        return entry[1][offset : offset + length]
+
+    @staticmethod
+    def _map(fd: int):
+        import mmap
+        import stat
+
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None
+            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        return (mm, memoryview(mm), st.st_size)
+
+    def close(self) -> None:
+        for entry in self.maps.values():
+            if entry is not None:
+                mm, view, _ = entry
+                try:
+                    view.release()
+                    mm.close()
+                except BufferError:  # a view still in use: the collector unmaps it
+                    pass
+        self.maps.clear()
+
+    def __enter__(self) -> SourceMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

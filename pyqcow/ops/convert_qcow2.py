@@ -20,7 +20,13 @@ from .. import fastcopy
 from ..entries import ClusterType
 from . import copier
 from .common import read_guest
-from .convert_common import ConvertOptions, ProgressFn, WritebackKicker, drop_source_cache
+from .convert_common import (
+    ConvertOptions,
+    ProgressFn,
+    SourceMaps,
+    WritebackKicker,
+    drop_source_cache,
+)
 from .plan import (
     Chunk,
     CopyStep,
@@ -79,10 +85,12 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
     total = sum(c[1] for c in chunks)
     done = written = 0
     bbuf = bytearray(max((c[1] for c in chunks), default=0))
+    maps = SourceMaps()
     for g, n, fd, host in chunks:
-        if fd is not None:
+        view = maps.view(fd, host, n) if fd in share else None
+        if view is None and fd is not None:
             view = memoryview(copier.read_host(fd, host, n))
-        else:
+        elif view is None:
             view = memoryview(bytearray(n))
             src.readinto(view, g)
         bview = memoryview(bbuf)[:n]
@@ -94,6 +102,7 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
         done += n
         if progress:
             progress(done, total)
+    maps.close()
     writer.finish()
     return written
 
@@ -241,14 +250,15 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
         parts = parts_by_chunk(chunks, split_at_steps(plan, chunks, cs))
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
+    fill.share = share
+    fill.parts = parts
     try:
-        fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
-        fill.share = share
-        fill.parts = parts
         written = fill.run(chunks, workers, progress)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+        fill.maps.close()
     out.flush()
     drop_source_cache(src)
     return written
@@ -339,6 +349,7 @@ class _PlainFill:
         self.share: frozenset[int] = frozenset()
         # chunk guest offset -> its parts (split_at_steps), where they differ
         self.parts: dict[int, list[Chunk]] = {}
+        self.maps = SourceMaps()  # the sharing files' data, scanned in place
         self.writer = copier.BufferWriter(
             out, comp=comp, pool=pool if opts.out_of_order else None
         )
@@ -370,6 +381,8 @@ class _PlainFill:
     def read(self, c: Chunk):
         """The chunk's bytes, or a future of them (host data, with a pool)."""
         g, n, fd, host = c
+        if fd in self.share and (view := self.maps.view(fd, host, n)) is not None:
+            return view  # (only scanned for zeros: the data goes file to file)
         if fd is not None:
             if self.pool is not None:
                 return self.pool.submit(copier.read_host, fd, host, n)

@@ -27,6 +27,7 @@ from .convert_common import (
     DEFAULT_OPTIONS,
     ConvertOptions,
     ProgressFn,
+    SourceMaps,
     drop_source_cache,
     kick_writeback_wanted,
     refuse_source_as_destination,
@@ -139,6 +140,7 @@ def _write_raw(
     srcs = {s.fd for s in plan.steps if s.fd is not None}
     shares = {src: fastcopy.can_share(src, fd) for src in srcs}
     kick = kick_writeback_wanted()
+    maps = SourceMaps()
 
     def piece(item: Batch) -> int:
         src_fd, runs, _ = item
@@ -146,7 +148,7 @@ def _write_raw(
             done = sum(_copy_through_image(img, fd, CopyStep(g, n), sparse, dst)
                        for g, _, n in runs)
         elif sparse and shares[src_fd]:
-            done = sum(_copy_data_blocks(src_fd, *run, fd) for run in runs)
+            done = sum(_copy_data_blocks(src_fd, *run, fd, maps) for run in runs)
         else:
             done = fastcopy.copy_runs(src_fd, fd, runs, skip_zero=sparse)
         if kick:
@@ -154,7 +156,8 @@ def _write_raw(
             start_writeback(fd, start, runs[-1][1] + runs[-1][2] - start)
         return done
 
-    written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes, progress)
+    with maps:
+        written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes, progress)
     if regular and not opts.existing and os.fstat(fd).st_size != plan.virtual_size:
         os.ftruncate(fd, plan.virtual_size)
     hf.fsync()
@@ -203,13 +206,16 @@ def _run_pieces(piece, work: list[Batch], workers: int, total: int,
     return written
 
 
-def _copy_data_blocks(src_fd: int, src_offset: int, dst_offset: int, n: int, dst_fd: int) -> int:
+def _copy_data_blocks(src_fd: int, src_offset: int, dst_offset: int, n: int, dst_fd: int,
+                      maps: SourceMaps) -> int:
     """Copy the blocks of a host-data range that are not all zeros, as
     copy_file_range runs (``fastcopy.copy_runs``): on a reflink file system
     (XFS, btrfs) the destination then shares the source's extents, since the
     runs are whole ZERO_GRANULARITY blocks at cluster-aligned offsets.  Zero
     blocks stay holes (the destination reads as zeros there)."""
-    buf = read_host(src_fd, src_offset, n)
+    buf = maps.view(src_fd, src_offset, n)
+    if buf is None:
+        buf = read_host(src_fd, src_offset, n)
     runs = [
         (src_offset + off, dst_offset + off, length)
         for off, length, is_zero in fastcopy.zero_runs(buf, ZERO_GRANULARITY)
