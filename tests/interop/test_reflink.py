@@ -240,3 +240,20 @@ def test_convert_B_shares_extents(wd: Path, capsys, onto: str) -> None:
     assert compare(top, dst) == 0
     assert qemu.check_json(dst)[1] == 0
     assert_shares(dst, TOP_DATA)  # every cluster of the top differs from the base
+
+
+def test_convert_S1M_shares_and_allocates_as_qemu(wd: Path, capsys) -> None:
+    """-S larger than a cluster, from a chain whose layer changes every few
+    clusters: the zero blocks are decided over whole -S blocks as qemu-img does
+    (the same allocation map) while the data still goes as shared extents."""
+    _base, top = chain(wd)
+    q, p = wd / "q.qcow2", wd / "p.qcow2"
+    qemu_img("convert", "-O", "qcow2", "-S", "1M", top, q)
+    assert run(capsys, "convert", "-O", "qcow2", "-S", "1M", top, p) == 0
+
+    def shape(path: Path) -> list[tuple]:
+        return [(e["start"], e["length"], e["data"], e["zero"]) for e in qemu.map_json(path)]
+
+    assert shape(p) == shape(q)
+    assert compare(q, p) == 0
+    assert_shares(p, GUEST_DATA)
