@@ -100,52 +100,45 @@ class WritebackKicker:
 
 
 class SourceMaps:
-    """Read-only mappings of the source's host files, for zero detection without a
-    copy: the scan reads the page cache in place, and the data then goes file to
-    file (copy_file_range: shared extents on a reflink file system, one in-kernel
-    copy elsewhere) or is written from the mapping (one copy instead of pread's
-    two).  A file that cannot be mapped is read with pread instead.
+    """Read-only mappings of ranges of the source's host files, for zero detection
+    without a copy: the scan reads the page cache in place, and the data then
+    goes file to file (copy_file_range: shared extents on a reflink file system).
+    A file that cannot be mapped is read with pread instead.  Each view maps
+    only its own range, unmapped when the view is dropped (so the pages scanned
+    do not pile up in the process's resident set).
 
-    The range must lie inside the file as it was when mapped (a source shrinking
-    under a convert would raise SIGBUS; QEMU's locks, taken on every source, keep
-    writers out)."""
+    The range must lie inside the file as it was when first seen (a source
+    shrinking under a convert would raise SIGBUS; QEMU's locks, taken on every
+    source, keep writers out)."""
 
     def __init__(self) -> None:
-        self.maps: dict[int, tuple[object, memoryview, int] | None] = {}
+        self.sizes: dict[int, int | None] = {}
 
     def view(self, fd: int, offset: int, length: int) -> memoryview | None:
-        """``length`` bytes of ``fd`` at ``offset`` from its mapping, or None."""
-        entry = self.maps.get(fd, False)
-        if entry is False:
-            entry = self.maps[fd] = self._map(fd)
-        if entry is None or offset + length > entry[2]:
-            return None
-        return entry[1][offset : offset + length]
-
-    @staticmethod
-    def _map(fd: int):
+        """``length`` bytes of ``fd`` at ``offset`` from a mapping, or None."""
         import mmap
-        import stat
 
+        size = self.sizes.get(fd, -1)
+        if size == -1:
+            size = self.sizes[fd] = self._size(fd)
+        if size is None or offset + length > size or length <= 0:
+            return None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                return None
-            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+            mm = mmap.mmap(fd, offset + length - start, prot=mmap.PROT_READ, offset=start)
         except (OSError, ValueError):
             return None
-        return (mm, memoryview(mm), st.st_size)
+        return memoryview(mm)[offset - start :]
+
+    @staticmethod
+    def _size(fd: int) -> int | None:
+        import stat
+
+        st = os.fstat(fd)
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
 
     def close(self) -> None:
-        for entry in self.maps.values():
-            if entry is not None:
-                mm, view, _ = entry
-                try:
-                    view.release()
-                    mm.close()
-                except BufferError:  # a view still in use: the collector unmaps it
-                    pass
-        self.maps.clear()
+        self.sizes.clear()
 
     def __enter__(self) -> SourceMaps:
         return self
