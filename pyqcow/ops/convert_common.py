@@ -99,49 +99,82 @@ class WritebackKicker:
             self.done = end
 
 
-class SourceMaps:
-    """Read-only mappings of ranges of the source's host files, for zero detection
-    without a copy: the scan reads the page cache in place, and the data then
-    goes file to file (copy_file_range: shared extents on a reflink file system).
-    A file that cannot be mapped is read with pread instead.  Each view maps
-    only its own range, unmapped when the view is dropped (so the pages scanned
-    do not pile up in the process's resident set).
+DROP_BYTES = 16 << 20  # SourceMaps: scanned bytes after which the mapped pages are let go
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
-    The range must lie inside the file as it was when first seen (a source
-    shrinking under a convert would raise SIGBUS; QEMU's locks, taken on every
-    source, keep writers out)."""
+
+class SourceMaps:
+    """Read-only mappings of the source's host files, for zero detection without a
+    copy: the scan reads the page cache in place, and the data then goes file to
+    file (copy_file_range: shared extents on a reflink file system).  A file that
+    cannot be mapped is read with pread instead.
+
+    Each file is mapped once, whole (a mapping per range costs an mmap, a munmap
+    and a close each: slower than the pread it replaces); every DROP_BYTES
+    scanned its pages are let go (MADV_DONTNEED: they stay in the page cache, a
+    view still in use faults them in again), so they do not pile up in the
+    process's resident set.
+
+    The range must lie inside the file as it was when mapped (a source shrinking
+    under a convert would raise SIGBUS; QEMU's locks, taken on every source, keep
+    writers out)."""
 
     def __init__(self) -> None:
-        self.sizes: dict[int, int | None] = {}
+        # fd -> [mmap, its memoryview, size, bytes scanned since the last drop, lowest
+        # and highest offset scanned since then] or None
+        self.maps: dict[int, list | None] = {}
 
     def view(self, fd: int, offset: int, length: int) -> memoryview | None:
-        """``length`` bytes of ``fd`` at ``offset`` from a mapping, or None."""
-        import mmap
-
-        size = self.sizes.get(fd, -1)
-        if size == -1:
-            size = self.sizes[fd] = self._size(fd)
-        if size is None or offset + length > size or length <= 0:
+        """``length`` bytes of ``fd`` at ``offset`` from its mapping, or None."""
+        entry = self.maps.get(fd, False)
+        if entry is False:
+            entry = self.maps[fd] = self._map(fd)
+        if entry is None or offset + length > entry[2]:
             return None
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            mm = mmap.mmap(fd, offset + length - start, prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError):
-            return None
-        return memoryview(mm)[offset - start :]
+        if entry[3] >= DROP_BYTES:
+            lo = entry[4] - entry[4] % PAGE
+            try:
+                entry[0].madvise(_madv_dontneed(), lo, entry[5] - lo)
+            except (OSError, ValueError, AttributeError):
+                pass
+            entry[3:] = [0, offset, offset]
+        entry[3] += length
+        entry[4] = min(entry[4], offset)
+        entry[5] = max(entry[5], offset + length)
+        return entry[1][offset : offset + length]
 
     @staticmethod
-    def _size(fd: int) -> int | None:
+    def _map(fd: int) -> list | None:
+        import mmap
         import stat
 
-        st = os.fstat(fd)
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None
+            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        return [mm, memoryview(mm), st.st_size, 0, st.st_size, 0]
 
     def close(self) -> None:
-        self.sizes.clear()
+        for entry in self.maps.values():
+            if entry is not None:
+                try:
+                    entry[1].release()
+                    entry[0].close()
+                except BufferError:  # a view still in use: the collector unmaps it
+                    pass
+        self.maps.clear()
 
     def __enter__(self) -> SourceMaps:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _madv_dontneed() -> int:
+    import mmap
+
+    return mmap.MADV_DONTNEED

@@ -321,3 +321,22 @@ def test_parts_by_chunk_groups_cut_chunks_only():
     parts = [(0, C, 3, 100 * C), (C, 3 * C, None, None), (4 * C, 4 * C, 3, 0),
              (8 * C, 4 * C, None, None)]
     assert parts_by_chunk(chunks, parts) == {0: parts[:2]}
+
+
+def test_source_maps_let_scanned_pages_go_and_still_read_right(tmp_path, monkeypatch):
+    from pyqcow.ops import convert_common as cc
+
+    monkeypatch.setattr(cc, "DROP_BYTES", 8 * KiB)
+    data = os.urandom(64 * KiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with cc.SourceMaps() as maps:
+            kept = maps.view(fd, 0, 4 * KiB)
+            for off in range(0, 64 * KiB, 4 * KiB):  # drops every 8 KiB scanned
+                assert bytes(maps.view(fd, off, 4 * KiB)) == data[off : off + 4 * KiB]
+            assert bytes(kept) == data[: 4 * KiB]  # a view held across a drop
+            del kept
+    finally:
+        os.close(fd)
