@@ -1,34 +1,42 @@
 #!/usr/bin/env python3
-"""convert options benchmark: pyqcow convert beside qemu-img convert, same flags.
+"""convert benchmark: pyqcow convert beside qemu-img convert, same flags.
 
-    tools/bench convert [--size-gib 2] [--data-gib 1] [--rounds 3] [--dir DIR]
-                        [--cache-dir DIR] [--only plain,tiz,wm4,raw-wm4,tiz-u,wm4-u]
+    tools/bench convert [--size-gib 4] [--data-gib 2] [--rounds 3] [--dir DIR]
+                        [--cache-dir DIR] [--only raw,qcow2,B,raw-u,qcow2-u,tiz,wm4,...]
+                        [--json PATH]
 
-Builds (once, cached under --cache-dir) a qcow2 image of SIZE GiB (64 KiB
-clusters) holding DATA GiB of random bytes in 256 KiB chunks spread over the
-disk.  Then, --rounds times, it times qemu-img and pyqcow alternately (the
-order flips every round) on identical inputs (page cache hot):
+Builds (once, cached under --cache-dir, with ``tools/bench_chain.py``'s builder) a
+chain: a qcow2 base of SIZE GiB (64 KiB clusters) holding DATA GiB of random
+bytes in 256 KiB chunks spread over the disk, and a top in which 5% of the
+clusters were rewritten by qemu-io.  The chain is copied into the scratch
+directory (--dir; untimed), so that source and outputs share one file system (a
+reflink XFS there measures the copy-free paths).  Then, --rounds times, it times
+qemu-img and pyqcow alternately (the order flips every round), converting the
+top (the whole chain) with page cache hot:
 
-  plain    convert -O qcow2 SRC DST
-  tiz      convert -n --target-is-zero -O qcow2 SRC DST   (DST: a fresh empty qcow2,
-                                                            made untimed)
-  wm4      convert -W -m 4 -O qcow2 SRC DST
-  raw-wm4  convert -W -m 4 -O raw SRC DST
-  tiz-u, wm4-u  the same as tiz and wm4 with -t unsafe on both sides (qemu-img
-           convert's own default: it does not flush the output; pyqcow's default,
-           writeback, ends with an fsync)
+  raw      convert -O raw TOP DST                 durable on both sides: qemu-img
+  qcow2    convert -O qcow2 TOP DST               with -t writeback (it flushes at
+  B        convert -O qcow2 -B BASE -F qcow2 TOP DST    the end), pyqcow's default
+  tiz      convert -n --target-is-zero -O qcow2 TOP DST (DST: a fresh empty qcow2,
+                                                          made untimed)
+  wm4      convert -W -m 4 -O qcow2 TOP DST
+  raw-wm4  convert -W -m 4 -O raw TOP DST
+  raw-u, qcow2-u, tiz-u, wm4-u   the same with -t unsafe for pyqcow beside
+           qemu-img's default (which is unsafe for convert: no flush of the output)
 
 pyqcow runs as ``python -m pyqcow.cli.main convert ...`` (a fresh process, like
-qemu-img).  Reported: median wall time of each and the ratio pyqcow/qemu (goal
-<= 0.8).  The first round's outputs are checked with ``qemu-img compare``.  A
-benchmark, not a test: it always exits 0 unless its own set-up fails.
+qemu-img).  Reported: median wall time and CPU time (user+sys of the child) of
+each and the ratio pyqcow/qemu-img (goal <= 0.8 on ext4, <= 0.2 on a reflink
+file system).  The first round's outputs are checked with ``qemu-img compare``.
+``--json PATH`` writes the rows for ``tools/bench all``.  A benchmark, not a
+test: it always exits 0 unless its own set-up fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -37,23 +45,38 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_chain import build  # noqa: E402  (tools/ is not a package)
+
 REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
 GiB = 1 << 30
 CLUSTER = 64 * 1024
 CHUNK = 256 * 1024
 PY = sys.executable
+WB = ["-t", "writeback"]  # qemu-img convert's output is cache=unsafe unless told
+UNSAFE = ["-t", "unsafe"]
+BASE = "{base}"  # replaced by the base's path
 
-# qemu-img convert writes its output with cache=unsafe unless told otherwise (no
-# flush after the data: see strace); pyqcow's default is writeback (a final fsync).
-# The "-u" rows give both sides -t unsafe: the same durability, like for like.
-ROWS = {
-    "plain": ("qcow2", []),
-    "tiz": ("qcow2", ["-n", "--target-is-zero"]),
-    "wm4": ("qcow2", ["-W", "-m", "4"]),
-    "raw-wm4": ("raw", ["-W", "-m", "4"]),
-    "tiz-u": ("qcow2", ["-t", "unsafe", "-n", "--target-is-zero"]),
-    "wm4-u": ("qcow2", ["-t", "unsafe", "-W", "-m", "4"]),
+# name: (output format, qemu-img flags, pyqcow flags, JSON row name or None, group)
+# group "fs": ext4 or xfs by the file system of --dir; "convert": issue 15's rows
+ROWS: dict[str, tuple[str, list[str], list[str], str | None, str]] = {
+    "raw": ("raw", WB, [], "convert to raw", "fs"),
+    "qcow2": ("qcow2", WB, [], "convert to qcow2", "fs"),
+    "B": ("qcow2", [*WB, "-B", BASE, "-F", "qcow2"], ["-B", BASE, "-F", "qcow2"],
+          "convert -B", "fs"),
+    "raw-u": ("raw", [], UNSAFE, "convert -t unsafe", "fs"),
+    "qcow2-u": ("qcow2", [], UNSAFE, "convert to qcow2 -t unsafe", "fs"),
+    "tiz": ("qcow2", [*WB, "-n", "--target-is-zero"], ["-n", "--target-is-zero"],
+            "convert --target-is-zero -n", "convert"),
+    "wm4": ("qcow2", [*WB, "-W", "-m", "4"], ["-W", "-m", "4"], "convert -W -m 4", "convert"),
+    "raw-wm4": ("raw", [*WB, "-W", "-m", "4"], ["-W", "-m", "4"], None, "convert"),
+    "tiz-u": ("qcow2", ["-n", "--target-is-zero"], [*UNSAFE, "-n", "--target-is-zero"], None,
+              "convert"),
+    "wm4-u": ("qcow2", ["-W", "-m", "4"], [*UNSAFE, "-W", "-m", "4"], None, "convert"),
 }
+DEFAULT_ONLY = "raw,qcow2,B,raw-u,qcow2-u,tiz,wm4"
+REFLINK_FS = {"xfs", "btrfs", "bcachefs"}
 
 
 def log(msg: str) -> None:
@@ -64,93 +87,144 @@ def run(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in argv], check=True, **kw)
 
 
-def build(cache: Path, size: int, data: int, seed: int) -> Path:
-    d = cache / f"s{size}-d{data}-r{seed}"
-    img = d / "src.qcow2"
-    if (d / "done").exists():
-        return img
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    log(f"building {img} ({size / GiB:g} GiB, {data / GiB:g} GiB of data) ...")
-    rng = random.Random(seed)
-    raw = d / "src.raw"
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for c in sorted(rng.sample(range(size // CHUNK), data // CHUNK)):
-            f.seek(c * CHUNK)
-            f.write(os.urandom(CHUNK))
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img])
-    raw.unlink()
-    (d / "done").touch()
-    return img
+def fs_type(path: Path) -> str:
+    proc = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=False)
+    name = proc.stdout.strip()
+    return {"ext2/ext3": "ext4"}.get(name, name) or "unknown"
 
 
-def timed(argv) -> tuple[float, int, str]:
+def timed(argv) -> tuple[float, float, int, str]:
+    """(wall seconds, CPU seconds of the child, exit status, stderr)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # an installed pyqcow has its bytecode: do not compile every module on every run
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True,
-                          check=False)
-    return time.perf_counter() - t0, proc.returncode, proc.stderr
+    proc = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, ru = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t0
+    return dt, ru.ru_utime + ru.ru_stime, os.waitstatus_to_exitcode(status), err
+
+
+def copy_chain(src: dict[str, Path], dest: Path) -> tuple[Path, Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    for key in ("base", "top5"):
+        run(["cp", "--reflink=never", "--sparse=always", src[key], dest / src[key].name])
+    return dest / src["base"].name, dest / src["top5"].name
+
+
+def bench_row(name: str, base: Path, top: Path, scratch: Path, size: int, rounds: int) -> dict:
+    fmt, qflags, pflags, _, _ = ROWS[name]
+    times: dict[str, list[float]] = {"qemu": [], "pyqcow": []}
+    cpu: dict[str, list[float]] = {"qemu": [], "pyqcow": []}
+    problems = []
+    for rnd in range(rounds):
+        order = ("qemu", "pyqcow") if rnd % 2 == 0 else ("pyqcow", "qemu")
+        for who in order:
+            out = scratch / f"{who}.{fmt}"
+            if out.exists():
+                out.unlink()
+            flags = [str(base) if f == BASE else f for f in (qflags if who == "qemu" else pflags)]
+            if "-n" in flags:  # untimed: the empty target
+                run(["qemu-img", "create", "-q", "-f", fmt, out, str(size)])
+            cmd = (["qemu-img", "convert"] if who == "qemu"
+                   else [PY, "-m", "pyqcow.cli.main", "convert"])
+            os.sync()
+            secs, used, status, err = timed([*cmd, *flags, "-O", fmt, top, out])
+            if status:
+                problems.append(f"{who} exit {status}: {err.strip()[-300:]}")
+            times[who].append(secs)
+            cpu[who].append(used)
+            log(f"  {name} round {rnd + 1} {who}: {secs:.2f} s wall, {used:.2f} s CPU")
+        if rnd == 0 and not problems:
+            c = subprocess.run(["qemu-img", "compare", "-F", fmt, "-f", fmt,
+                                scratch / f"qemu.{fmt}", scratch / f"pyqcow.{fmt}"],
+                               capture_output=True, text=True, check=False)
+            if c.returncode:
+                problems.append(f"outputs differ: {c.stdout.strip()} {c.stderr.strip()}")
+    for who in ("qemu", "pyqcow"):
+        p = scratch / f"{who}.{fmt}"
+        if p.exists():
+            p.unlink()
+    q, p = statistics.median(times["qemu"]), statistics.median(times["pyqcow"])
+    return {"name": name, "qemu": q, "pyqcow": p, "ratio": p / q if q else float("inf"),
+            "qemu_cpu": statistics.median(cpu["qemu"]),
+            "pyqcow_cpu": statistics.median(cpu["pyqcow"]), "problems": problems}
+
+
+def json_rows(rows: list[dict], fs: str) -> list[dict]:
+    out = []
+    reflink = fs in REFLINK_FS
+    for r in rows:
+        fmt, qflags, _, title, group = ROWS[r["name"]]
+        if title is None:
+            continue
+        goal = 0.2 if group == "fs" and reflink else 0.8
+        durable = "-t" not in qflags or "writeback" in qflags
+        note = (f"-O {fmt}; CPU {r['pyqcow_cpu']:.2f} s vs {r['qemu_cpu']:.2f} s; "
+                + ("durable both (qemu-img -t writeback)" if durable
+                   else "pyqcow -t unsafe vs qemu-img default"))
+        if r["problems"]:
+            note += "; PROBLEM: " + r["problems"][0][:120]
+        out.append({"group": ("xfs" if reflink else "ext4") if group == "fs" else "convert",
+                    "row": title, "pyqcow": round(r["pyqcow"], 3), "anchor": round(r["qemu"], 3),
+                    "anchor_name": "qemu-img", "unit": "s", "ratio": round(r["ratio"], 3),
+                    "goal": f"<= {goal}", "ok": r["ratio"] <= goal and not r["problems"],
+                    "note": note})
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-gib", type=float, default=2)
-    ap.add_argument("--data-gib", type=float, default=1)
+    ap.add_argument("--size-gib", type=float, default=4)
+    ap.add_argument("--data-gib", type=float, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--dir", help="scratch directory for the outputs (default: a temp dir)")
+    ap.add_argument("--dir", help="scratch directory for the chain's copy and the outputs "
+                    "(default: a temp dir); on a reflink file system it measures the "
+                    "copy-free paths")
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pyqcow-bench/convert"))
-    ap.add_argument("--only", default=",".join(ROWS))
+    ap.add_argument("--only", default=DEFAULT_ONLY, help=f"rows among {','.join(ROWS)}")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     if shutil.which("qemu-img") is None:
         log("bench convert: qemu-img not found; nothing to compare with")
         return 0
+    names = args.only.split(",")
+    for name in names:
+        if name not in ROWS:
+            ap.error(f"unknown row {name!r} (rows: {', '.join(ROWS)})")
     size = int(args.size_gib * GiB) // CLUSTER * CLUSTER
     data = int(args.data_gib * GiB) // CHUNK * CHUNK
     src = build(Path(args.cache_dir), size, data, args.seed)
     scratch = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-convert-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=scratch))
+    fs = fs_type(work)
     rows = []
     try:
-        for name in args.only.split(","):
-            fmt, flags = ROWS[name]
-            times: dict[str, list[float]] = {"qemu": [], "pyqcow": []}
-            problems = []
-            for rnd in range(args.rounds):
-                order = ("qemu", "pyqcow") if rnd % 2 == 0 else ("pyqcow", "qemu")
-                for who in order:
-                    out = scratch / f"{who}.{fmt}"
-                    if out.exists():
-                        out.unlink()
-                    if "-n" in flags:  # untimed: the empty target
-                        run(["qemu-img", "create", "-q", "-f", fmt, out, str(size)])
-                    cmd = (["qemu-img", "convert"] if who == "qemu"
-                           else [PY, "-m", "pyqcow.cli.main", "convert"])
-                    secs, status, err = timed([*cmd, *flags, "-O", fmt, src, out])
-                    if status:
-                        problems.append(f"{who} exit {status}: {err.strip()}")
-                    times[who].append(secs)
-                if rnd == 0:
-                    c = subprocess.run(["qemu-img", "compare", "-F", fmt,
-                                        scratch / f"qemu.{fmt}", scratch / f"pyqcow.{fmt}"],
-                                       capture_output=True, text=True, check=False)
-                    if c.returncode:
-                        problems.append(f"outputs differ: {c.stdout.strip()} {c.stderr.strip()}")
-            q, p = statistics.median(times["qemu"]), statistics.median(times["pyqcow"])
-            rows.append((name, " ".join(flags) or "-", fmt, q, p, p / q, problems))
+        base, top = copy_chain(src, work / "chain")
+        for name in names:
+            rows.append(bench_row(name, base, top, work, size, args.rounds))
     finally:
+        shutil.rmtree(work, ignore_errors=True)
         if not args.dir:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(f"convert of {src} ({args.size_gib:g} GiB, {args.data_gib:g} GiB data), "
-          f"median of {args.rounds} rounds")
-    print(f"{'row':<8} {'flags':<34} {'-O':<6} {'qemu-img s':>10} {'pyqcow s':>9} {'ratio':>6}")
-    for name, flags, fmt, q, p, ratio, problems in rows:
-        print(f"{name:<8} {flags:<34} {fmt:<6} {q:>10.3f} {p:>9.3f} {ratio:>6.2f}")
-        for msg in problems:
+    print(f"convert of a chain (base + 5% top), {args.size_gib:g} GiB disk, {args.data_gib:g} "
+          f"GiB data, on {fs}; median of {args.rounds} rounds")
+    print(f"{'row':<8} {'pyqcow flags':<28} {'-O':<6} {'qemu-img s':>10} {'pyqcow s':>9} "
+          f"{'ratio':>6} {'qemu CPU':>8} {'py CPU':>7}")
+    for r in rows:
+        fmt, _, pflags, _, _ = ROWS[r["name"]]
+        flags = " ".join("BASE" if f == BASE else f for f in pflags) or "-"
+        print(f"{r['name']:<8} {flags:<28} {fmt:<6} {r['qemu']:>10.3f} {r['pyqcow']:>9.3f} "
+              f"{r['ratio']:>6.2f} {r['qemu_cpu']:>8.2f} {r['pyqcow_cpu']:>7.2f}")
+        for msg in r["problems"]:
             print(f"  ! {msg}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": json_rows(rows, fs)}, indent=1) + "\n")
     return 0
 
 

@@ -55,3 +55,126 @@ def drop_source_cache(img) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except (OSError, AttributeError):
             pass
+
+
+KICK_BYTES = 16 << 20  # start the writeback of an output's new bytes in steps of this size
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages in the range to disk now
+    (asynchronously: POSIX_FADV_DONTNEED submits the writeback of dirty pages and
+    drops only clean ones), so that the final fsync of a durable convert finds
+    little left to wait for: the disk writes while the copy goes on, instead of
+    after it.  Only with the default cache mode (writeback): -t unsafe leaves the
+    pages to the kernel as qemu-img does, and the other modes write through or
+    around the page cache anyway.  Durability is unchanged: the fsyncs are where
+    they were."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def kick_writeback_wanted() -> bool:
+    from ..hostfile import cache_mode
+
+    return cache_mode() == "writeback"
+
+
+class WritebackKicker:
+    """start_writeback over the part of an output file that has grown since the
+    last call, once it is KICK_BYTES or more (qcow2 outputs allocate at the end)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.on = kick_writeback_wanted()
+        self.done = os.fstat(fd).st_size if self.on else 0
+
+    def __call__(self) -> None:
+        if not self.on:
+            return
+        end = os.fstat(self.fd).st_size
+        if end - self.done >= KICK_BYTES:
+            start_writeback(self.fd, self.done, end - self.done)
+            self.done = end
+
+
+DROP_BYTES = 16 << 20  # SourceMaps: scanned bytes after which the mapped pages are let go
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class SourceMaps:
+    """Read-only mappings of the source's host files, for zero detection without a
+    copy: the scan reads the page cache in place, and the data then goes file to
+    file (copy_file_range: shared extents on a reflink file system).  A file that
+    cannot be mapped is read with pread instead.
+
+    Each file is mapped once, whole (a mapping per range costs an mmap, a munmap
+    and a close each: slower than the pread it replaces); every DROP_BYTES
+    scanned its pages are let go (MADV_DONTNEED: they stay in the page cache, a
+    view still in use faults them in again), so they do not pile up in the
+    process's resident set.
+
+    The range must lie inside the file as it was when mapped (a source shrinking
+    under a convert would raise SIGBUS; QEMU's locks, taken on every source, keep
+    writers out)."""
+
+    def __init__(self) -> None:
+        # fd -> [mmap, its memoryview, size, bytes scanned since the last drop, lowest
+        # and highest offset scanned since then] or None
+        self.maps: dict[int, list | None] = {}
+
+    def view(self, fd: int, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes of ``fd`` at ``offset`` from its mapping, or None."""
+        entry = self.maps.get(fd, False)
+        if entry is False:
+            entry = self.maps[fd] = self._map(fd)
+        if entry is None or offset + length > entry[2]:
+            return None
+        if entry[3] >= DROP_BYTES:
+            lo = entry[4] - entry[4] % PAGE
+            try:
+                entry[0].madvise(_madv_dontneed(), lo, entry[5] - lo)
+            except (OSError, ValueError, AttributeError):
+                pass
+            entry[3:] = [0, offset, offset]
+        entry[3] += length
+        entry[4] = min(entry[4], offset)
+        entry[5] = max(entry[5], offset + length)
+        return entry[1][offset : offset + length]
+
+    @staticmethod
+    def _map(fd: int) -> list | None:
+        import mmap
+        import stat
+
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None
+            mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        return [mm, memoryview(mm), st.st_size, 0, st.st_size, 0]
+
+    def close(self) -> None:
+        for entry in self.maps.values():
+            if entry is not None:
+                try:
+                    entry[1].release()
+                    entry[0].close()
+                except BufferError:  # a view still in use: the collector unmaps it
+                    pass
+        self.maps.clear()
+
+    def __enter__(self) -> SourceMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _madv_dontneed() -> int:
+    import mmap
+
+    return mmap.MADV_DONTNEED

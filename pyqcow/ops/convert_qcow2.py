@@ -12,14 +12,30 @@ backing only the clusters that differ from the backing's are written.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 
 from .. import fastcopy
+from ..entries import ClusterType
 from . import copier
 from .common import read_guest
-from .convert_common import ConvertOptions, ProgressFn, drop_source_cache
-from .plan import Chunk, cluster_ranges, copy_chunks, plan_raw
+from .convert_common import (
+    ConvertOptions,
+    ProgressFn,
+    SourceMaps,
+    WritebackKicker,
+    drop_source_cache,
+)
+from .plan import (
+    Chunk,
+    CopyStep,
+    RawPlan,
+    cluster_ranges,
+    copy_chunks,
+    pieces_above,
+    plan_raw,
+)
 
 QCOW2_CHUNK = 4 << 20
 
@@ -50,37 +66,113 @@ def _compressor_for(out, compress: bool):
 # ---------------------------------------------------------------- over a -B backing
 def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> int:
     """Write into ``out`` (whose backing is compared) the clusters where ``src``
-    reads differently from ``out``'s backing."""
+    reads differently from ``out``'s backing.
+
+    Where ``out``'s backing is a layer of ``src``'s own chain (the same files, as
+    with ``qemu-img convert -B`` onto the source's base), the guest ranges that
+    nothing above that layer allocates read the same on both sides: they are not
+    read at all.  The rest is read and compared cluster by cluster; differing
+    clusters that lie in a host file of the source go file to file on a reflink
+    file system (shared extents), the others are written from the buffer."""
     cs = out.cluster_size
-    size = src.virtual_size
     writer = copier.BufferWriter(out, comp=_compressor_for(out, compress))
-    # everything is visited: zeros may differ from the backing's data
-    ranges = [(0, size)]
-    total = sum(b - a for a, b in ranges)
+    kick = WritebackKicker(out.data_hf.fd)
+    plan, ranges = differing_candidates(src, out.backing, cs)
+    chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
+    share = _sharing_fds(plan, out) if not compress else frozenset()
+    if share:
+        chunks = split_at_steps(plan, chunks, cs)
+    total = sum(c[1] for c in chunks)
     done = written = 0
-    chunk = max(cs, QCOW2_CHUNK)
-    buf = bytearray(chunk)
-    bbuf = bytearray(chunk)
-    for start, end in ranges:
-        pos = start
-        while pos < end:
-            n = min(chunk, end - pos)
-            view = memoryview(buf)[:n]
-            src.readinto(view, pos)
-            bview = memoryview(bbuf)[:n]
-            read_guest(out.backing, bview, pos)
-            written += _write_differing(writer, view, bview, pos)
-            writer.checkpoint()
-            pos += n
-            done += n
-            if progress:
-                progress(done, total)
+    bbuf = bytearray(max((c[1] for c in chunks), default=0))
+    maps = SourceMaps()
+    for g, n, fd, host in chunks:
+        view = maps.view(fd, host, n) if fd in share else None
+        if view is None and fd is not None:
+            view = memoryview(copier.read_host(fd, host, n))
+        elif view is None:
+            view = memoryview(bytearray(n))
+            src.readinto(view, g)
+        bview = memoryview(bbuf)[:n]
+        read_guest(out.backing, bview, g)
+        origin = (fd, host) if fd in share else None
+        written += _write_differing(writer, view, bview, g, origin)
+        writer.checkpoint()
+        kick()
+        done += n
+        if progress:
+            progress(done, total)
+    maps.close()
     writer.finish()
     return written
 
 
-def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: int) -> int:
-    """Write the clusters of ``view`` that differ from ``bview`` (the backing's view)."""
+def differing_candidates(src, backing, cs: int) -> tuple[RawPlan, list[tuple[int, int]]]:
+    """The (start, end) guest ranges, widened to ``cs`` clusters, where ``src`` may
+    read differently from ``backing``, and the plan of where their data lies:
+    everything, unless ``backing`` opens the same files as a layer of ``src``'s
+    chain, when only what the layers above that layer hold (read from their
+    tables only)."""
+    size = src.virtual_size
+    layer = _same_layer(src, backing) if size else None
+    if layer is None:
+        return plan_raw(src), ([(0, size)] if size else [])
+    plan = RawPlan(size)
+    ranges: list[tuple[int, int]] = []
+    for p in pieces_above(src, layer, 0, size):
+        if p.kind == "below":
+            continue
+        run = p.run
+        if p.kind == "data" and run.type == ClusterType.NORMAL and run.host_offset is not None:
+            hf = getattr(p.layer, "data_hf", None) or p.layer.hf
+            host = run.host_offset + (p.guest_offset - run.guest_offset)
+            plan.steps.append(CopyStep(p.guest_offset, p.length, hf.fd, host))
+        a = p.guest_offset // cs * cs
+        b = min(size, -(-p.end // cs) * cs)
+        if ranges and ranges[-1][1] >= a:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], b))
+        else:
+            ranges.append((a, b))
+    return plan, ranges
+
+
+def _file_id(img) -> tuple[int, int] | None:
+    hf = getattr(img, "hf", None)
+    if hf is None or getattr(img, "format", None) not in ("qcow2", "raw"):
+        return None
+    st = os.fstat(hf.fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _same_layer(src, backing):
+    """The layer of ``src``'s chain (below ``src``) that is ``backing``: the same
+    file in the same format, over the same files all the way down; or None."""
+    if backing is None:
+        return None
+    want = [(_file_id(i), i.format) for i in backing.chain]
+    if any(fid is None for fid, _ in want):
+        return None
+    chain = list(getattr(src, "chain", None) or [])
+    if not chain or chain[0] is not src:  # (a snapshot view: compare everything)
+        return None
+    layers = chain[1:]
+    for k, layer in enumerate(layers):
+        if [(_file_id(i), getattr(i, "format", None)) for i in layers[k:]] == want:
+            return layer
+    return None
+
+
+def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: int,
+                     origin: tuple[int, int] | None = None) -> int:
+    """Write the clusters of ``view`` that differ from ``bview`` (the backing's view);
+    with ``origin`` (fd, host offset of ``view``'s first byte), data clusters are
+    copied from that file (shared extents on a reflink file system)."""
+
+    def put(a: int, b: int) -> int:
+        if origin is None:
+            return writer.write(guest_offset + a, view[a:b])
+        return writer.copy(guest_offset + a, b - a, origin[0], origin[1] + a)
+
     out = writer.dest
     cs = out.cluster_size
     written = 0
@@ -96,7 +188,7 @@ def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: 
             if zero:
                 # flush a pending data run, then make this cluster a zero cluster
                 if run_start is not None:
-                    written += writer.write(guest_offset + run_start, view[run_start:pos])
+                    written += put(run_start, pos)
                     run_start = None
                 out.write_zeroes(guest_offset + pos, m)
                 written += m
@@ -106,7 +198,7 @@ def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: 
             if run_start is None:
                 run_start = pos
         elif run_start is not None:
-            written += writer.write(guest_offset + run_start, view[run_start:pos])
+            written += put(run_start, pos)
             run_start = None
         if pos >= n:
             break
@@ -148,17 +240,25 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
         out.flush()
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
     share = _sharing_fds(plan, out)
-    if share and opts.sparse_size <= cs:  # (-S over a cluster: blocks span chunks)
+    parts: dict[int, list[Chunk]] = {}
+    if share and opts.sparse_size <= cs:
         chunks = split_at_steps(plan, chunks, cs)
+    elif share:
+        # -S over a cluster: a chunk's zero blocks are decided over whole -S blocks,
+        # so the chunk stays whole (read through the image) and only its data is
+        # written part by part, each part that lies in host data file to file
+        parts = parts_by_chunk(chunks, split_at_steps(plan, chunks, cs))
     workers = max(1, opts.coroutines)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
+    fill.share = share
+    fill.parts = parts
     try:
-        fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
-        fill.share = share
         written = fill.run(chunks, workers, progress)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+        fill.maps.close()
     out.flush()
     drop_source_cache(src)
     return written
@@ -206,6 +306,21 @@ def split_at_steps(plan, chunks: list[Chunk], cs: int) -> list[Chunk]:
     return out
 
 
+def parts_by_chunk(chunks: list[Chunk], parts: list[Chunk]) -> dict[int, list[Chunk]]:
+    """``parts`` (``split_at_steps(plan, chunks, cs)``, in order) grouped by the chunk
+    of ``chunks`` each lies in, for the chunks that were cut."""
+    out: dict[int, list[Chunk]] = {}
+    i = 0
+    for g, n, _, _ in chunks:
+        mine = []
+        while i < len(parts) and parts[i][0] < g + n:
+            mine.append(parts[i])
+            i += 1
+        if len(mine) > 1:
+            out[g] = mine
+    return out
+
+
 def _aligned_parts(parts: list[Chunk], cs: int, end: int) -> list[Chunk]:
     """``parts`` with host data kept only where it spans whole clusters (or ends
     at ``end``); the rest merged into parts read through the image."""
@@ -232,12 +347,16 @@ class _PlainFill:
         self.pool = pool
         # host files whose data is copied file to file (reflink file systems)
         self.share: frozenset[int] = frozenset()
+        # chunk guest offset -> its parts (split_at_steps), where they differ
+        self.parts: dict[int, list[Chunk]] = {}
+        self.maps = SourceMaps()  # the sharing files' data, scanned in place
         self.writer = copier.BufferWriter(
             out, comp=comp, pool=pool if opts.out_of_order else None
         )
 
     def run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None) -> int:
         total = sum(c[1] for c in chunks)
+        kick = WritebackKicker(self.out.data_hf.fd)
         in_flight: deque = deque()
         done = written = 0
         for c in chunks:
@@ -249,6 +368,7 @@ class _PlainFill:
                 if progress:
                     progress(done, total)
                 self.writer.checkpoint()  # data before the L2 entries that point at it
+                kick()
         while in_flight:
             c0, r = in_flight.popleft()
             written += self.consume(c0, r.result() if hasattr(r, "result") else r)
@@ -261,6 +381,8 @@ class _PlainFill:
     def read(self, c: Chunk):
         """The chunk's bytes, or a future of them (host data, with a pool)."""
         g, n, fd, host = c
+        if fd in self.share and (view := self.maps.view(fd, host, n)) is not None:
+            return view  # (only scanned for zeros: the data goes file to file)
         if fd is not None:
             if self.pool is not None:
                 return self.pool.submit(copier.read_host, fd, host, n)
@@ -301,11 +423,26 @@ class _PlainFill:
                 length -= tail
                 if not length:
                     continue
-            if c[2] in self.share and self.writer.comp is None:
-                # plain host data: copied file to file (shared on reflink file systems)
-                wrote += self.writer.copy(g + off, length, c[2], c[3] + off)
+            wrote += self.put(c, g + off, data)
+        return wrote
+
+    def put(self, c: Chunk, goff: int, data: memoryview) -> int:
+        """Write ``data`` (cluster-aligned, at guest offset ``goff`` inside the chunk
+        ``c``): the parts that lie in plain host data of a sharing file are copied
+        file to file (shared extents on a reflink file system), the rest written."""
+        writer = self.writer
+        if writer.comp is not None or not self.share:
+            return writer.write(goff, data)
+        wrote = 0
+        end = goff + len(data)
+        for pg, pn, pfd, phost in self.parts.get(c[0]) or (c,):
+            a, b = max(goff, pg), min(end, pg + pn)
+            if a >= b:
+                continue
+            if pfd in self.share:
+                wrote += writer.copy(a, b - a, pfd, phost + (a - pg))
             else:
-                wrote += self.writer.write(g + off, data)
+                wrote += writer.write(a, data[a - goff : b - goff])
         return wrote
 
 

@@ -182,3 +182,185 @@ def test_alloc_scan_finds_the_first_free_clusters(tmp_path, bits):
         assert rc.alloc(2) >> img.cluster_bits == end
         img.writer.abandon()  # nothing of this reaches the file
     assert qemu.check_json(p)[1] == 0
+
+
+# -- convert -B: only what lies above the backing's layer is read and compared -------------
+def _chain3(tmp_path):
+    """base <- mid <- top, 16 clusters; top also rewrites one cluster with the
+    bytes the base has there (a cluster that reads the same)."""
+    base = qemu.create(tmp_path / "base.qcow2", 16 * C)
+    qemu.qemu_io(base, f"write -P 1 0 {8 * C}", f"write -P 2 {12 * C} {C}")
+    mid = qemu.create(tmp_path / "mid.qcow2", 16 * C, backing=base, backing_fmt="qcow2")
+    qemu.qemu_io(mid, f"write -P 3 {2 * C} {C}", f"write -P 4 {9 * C} {C}")
+    top = qemu.create(tmp_path / "top.qcow2", 16 * C, backing=mid, backing_fmt="qcow2")
+    qemu.qemu_io(top, f"write -P 5 {4 * C} {2 * C}", f"write -P 1 {6 * C} {C}",
+                 f"write -z {12 * C} {C}", f"write -P 6 {15 * C} {C}")
+    return base, mid, top
+
+
+def _top_clusters(path) -> list[tuple[int, int, bool]]:
+    return [(e["start"], e["length"], e["zero"]) for e in qemu.map_json(path)
+            if e["depth"] == 0]
+
+
+@pytest.mark.parametrize("onto", ["base", "mid"])
+def test_convert_B_onto_a_layer_of_the_source(tmp_path, onto):
+    from pyqcow.ops.convert import convert_to_qcow2
+    from pyqcow.ops.convert_qcow2 import differing_candidates
+
+    base, mid, top = _chain3(tmp_path)
+    backing = {"base": base, "mid": mid}[onto]
+    dst = tmp_path / "dst.qcow2"
+    with pyqcow.open(str(top)) as img, pyqcow.open(str(backing)) as b:
+        plan, ranges = differing_candidates(img, b, C)
+        above = [(4 * C, 7 * C), (12 * C, 13 * C), (15 * C, 16 * C)]
+        if onto == "base":  # mid's clusters too
+            above = [(2 * C, 3 * C), (4 * C, 7 * C), (9 * C, 10 * C), *above[1:]]
+        assert ranges == above
+        # the plan holds the host data of exactly those layers' data clusters
+        assert all(s.fd is not None for s in plan.steps)
+        assert sum(s.length for s in plan.steps) == (3 + 1 + (2 if onto == "base" else 0)) * C
+        convert_to_qcow2(img, dst, backing=str(backing), backing_format="qcow2")
+    assert qemu.compare(top, dst) == 0
+    assert qemu.check_json(dst)[1] == 0
+    want = [(4 * C, 2 * C, False), (12 * C, C, True), (15 * C, C, False)]
+    if onto == "base":
+        want = [(2 * C, C, False), (4 * C, 2 * C, False), (9 * C, C, False), *want[1:]]
+    # the cluster at 6*C reads as the base's bytes: compared, not written
+    assert _top_clusters(dst) == want
+
+
+def test_convert_B_onto_a_copy_of_the_base_compares_everything(tmp_path):
+    """A backing that is not a layer of the source (here a copy of the base) may
+    differ anywhere: every cluster is compared, and the result is the same."""
+    import shutil
+
+    from pyqcow.ops.convert import convert_to_qcow2
+    from pyqcow.ops.convert_qcow2 import differing_candidates
+
+    base, _mid, top = _chain3(tmp_path)
+    copy = tmp_path / "copy.qcow2"
+    shutil.copy(base, copy)
+    qemu.qemu_io(copy, f"write -P 9 {14 * C} {C}")  # differs where the source has base data
+    dst = tmp_path / "dst.qcow2"
+    with pyqcow.open(str(top)) as img, pyqcow.open(str(copy)) as b:
+        assert differing_candidates(img, b, C)[1] == [(0, 16 * C)]
+        convert_to_qcow2(img, dst, backing=str(copy), backing_format="qcow2")
+    assert qemu.compare(top, dst) == 0
+    assert (14 * C, C, True) in _top_clusters(dst)  # zeros over the copy's new data
+
+
+# -- convert -O raw: batches, the output's truncation, writeback as it goes ----------------
+def test_raw_split_batches_runs_of_one_file():
+    from pyqcow.ops.convert_raw import RAW_PIECE, Batch, _split
+
+    plan = RawPlan(64 * C + RAW_PIECE * 2, [
+        CopyStep(0, C, 5, 10 * C),
+        CopyStep(2 * C, C, 5, 11 * C),  # same file: same batch
+        CopyStep(3 * C, C, 6, 0),  # another file: a new batch
+        CopyStep(4 * C, C),  # through the image
+        CopyStep(5 * C, C),
+        CopyStep(8 * C, RAW_PIECE + C, 5, 40 * C),  # cut at RAW_PIECE
+    ])
+    work, gaps = _split(plan)
+    assert work == [
+        Batch(5, [(10 * C, 0, C), (11 * C, 2 * C, C)], 2 * C),
+        Batch(6, [(0, 3 * C, C)], C),
+        Batch(None, [(4 * C, 4 * C, C), (5 * C, 5 * C, C)], 2 * C),
+        Batch(5, [(40 * C, 8 * C, RAW_PIECE)], RAW_PIECE),
+        Batch(5, [(40 * C + RAW_PIECE, 8 * C + RAW_PIECE, C)], C),
+    ]
+    assert all(b.length <= RAW_PIECE for b in work)
+    assert gaps == [(C, C), (6 * C, 2 * C), (9 * C + RAW_PIECE, plan.virtual_size - 9 * C - RAW_PIECE)]
+
+
+def test_convert_raw_over_an_existing_bigger_file(tmp_path):
+    """The output is emptied first (no stale bytes in the holes) and takes the
+    source's size."""
+    from pyqcow.ops.convert import convert_to_raw
+
+    src = qemu.create(tmp_path / "s.qcow2", 8 * C)
+    qemu.qemu_io(src, f"write -P 7 {C} {C}")
+    dst = tmp_path / "d.raw"
+    dst.write_bytes(b"\xee" * (20 * C))
+    with pyqcow.open(str(src)) as img:
+        convert_to_raw(img, dst)
+    assert dst.read_bytes() == bytes(C) + b"\x07" * C + bytes(6 * C)
+
+
+def test_writeback_started_as_the_output_grows(tmp_path, monkeypatch):
+    from pyqcow import hostfile
+    from pyqcow.ops import convert_common as cc
+
+    calls = []
+    monkeypatch.setattr(cc.os, "posix_fadvise", lambda fd, off, n, adv: calls.append((off, n)))
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        kick = cc.WritebackKicker(f.fileno())
+        f.write(b"y" * (cc.KICK_BYTES - 1))
+        f.flush()
+        kick()
+        assert calls == []  # not enough new bytes yet
+        f.write(b"z")
+        f.flush()
+        kick()
+        assert calls == [(4096, cc.KICK_BYTES)]
+        monkeypatch.setattr(hostfile, "_cache", {"write": "unsafe", "read": "writeback"})
+        f.write(b"w" * cc.KICK_BYTES)
+        f.flush()
+        unsafe = cc.WritebackKicker(f.fileno())
+        f.write(b"w" * cc.KICK_BYTES)
+        f.flush()
+        unsafe()
+        assert calls == [(4096, cc.KICK_BYTES)]  # -t unsafe: left to the kernel
+
+
+def test_source_maps_view_inside_the_file_only(tmp_path):
+    from pyqcow.ops.convert_common import SourceMaps
+
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with SourceMaps() as maps:
+            assert bytes(maps.view(fd, 256, 4)) == b"\x00\x01\x02\x03"
+            assert maps.view(fd, 16 * KiB - 4, 8) is None  # past the end: pread instead
+        r, w = os.pipe()
+        try:
+            with SourceMaps() as maps:
+                assert maps.view(r, 0, 1) is None  # not a regular file
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(fd)
+
+
+def test_parts_by_chunk_groups_cut_chunks_only():
+    from pyqcow.ops.convert_qcow2 import parts_by_chunk
+
+    chunks = [(0, 4 * C, None, None), (4 * C, 4 * C, 3, 0), (8 * C, 4 * C, None, None)]
+    parts = [(0, C, 3, 100 * C), (C, 3 * C, None, None), (4 * C, 4 * C, 3, 0),
+             (8 * C, 4 * C, None, None)]
+    assert parts_by_chunk(chunks, parts) == {0: parts[:2]}
+
+
+def test_source_maps_let_scanned_pages_go_and_still_read_right(tmp_path, monkeypatch):
+    from pyqcow.ops import convert_common as cc
+
+    monkeypatch.setattr(cc, "DROP_BYTES", 8 * KiB)
+    data = os.urandom(64 * KiB)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with cc.SourceMaps() as maps:
+            kept = maps.view(fd, 0, 4 * KiB)
+            for off in range(0, 64 * KiB, 4 * KiB):  # drops every 8 KiB scanned
+                assert bytes(maps.view(fd, off, 4 * KiB)) == data[off : off + 4 * KiB]
+            assert bytes(kept) == data[: 4 * KiB]  # a view held across a drop
+            del kept
+    finally:
+        os.close(fd)
