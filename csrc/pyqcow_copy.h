@@ -75,3 +75,14 @@ int pyqcow_map_read(void *map, char *dst, int64_t length, int64_t offset);
 
 /* Unmap and free a handle from pyqcow_map_open (NULL: nothing). */
 void pyqcow_map_close(void *map);
+
+/* --- added by h-scale */
+/*
+ * Indices of the entries that are not all zero among `count` entries of `width`
+ * 64-bit words each at buf (either byte order: only zero-ness is tested), from
+ * entry `start` on, in order, written to out (room for out_capacity).  Returns
+ * how many were written (out_capacity: there may be more after the last one),
+ * -EINVAL for width 0.
+ */
+int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size_t start,
+                               int64_t *out, size_t out_capacity);

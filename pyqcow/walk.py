@@ -38,9 +38,6 @@ forensic's ``dump`` and ``orphans`` consume the records.
 from __future__ import annotations
 
 import functools
-import itertools
-import operator
-import re
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +45,7 @@ from typing import NamedTuple
 
 from . import entries, layout, spec
 from .errors import CorruptImageError, QcowError
+from .tablescan import nonzero_indices
 
 __all__ = [
     "Problem",
@@ -299,7 +297,7 @@ def _walk_l2(img, w: ReferenceWalk, table, owner: str, l1_index: int, disk_size:
     # pending merged run
     pk = None
     ph = pg = pl = 0
-    for j in itertools.compress(range(len(descriptors)), descriptors):  # nonzero, in C
+    for j in nonzero_indices(descriptors):  # nonzero, in C
         e = descriptors[j]
         if is_compressed(e):
             host, nbytes = entries.decode_compressed(e, cb)
@@ -369,30 +367,7 @@ def snapshot_entry_end(sn) -> int:
     return sn.table_offset + layout.SNAPSHOT_FIXED_SIZE + len(sn.extra_data) + raw_len
 
 
-
-_NONZERO_BYTE = re.compile(rb"[^\x00]")
-
-
-def nonzero_entries(table: array, extended: bool):
-    """Indices of the L2 entries that are not all zero (the scans run in C).
-
-    A mostly-zero table (the common case for a sparse image, and for the garbage
-    tables a broken L1 points at) is searched for its non-zero bytes instead of
-    turning every entry into a Python int.
-    """
-    raw = table.tobytes()
-    zero_bytes = raw.count(0)
-    if zero_bytes == len(raw):
-        return ()
-    if zero_bytes * 8 >= len(raw) * 7:
-        width = 16 if extended else 8
-        out = []
-        m = _NONZERO_BYTE.search(raw)
-        while m is not None:
-            i = m.start() // width
-            out.append(i)
-            m = _NONZERO_BYTE.search(raw, (i + 1) * width)
-        return out
-    if extended:
-        return itertools.compress(itertools.count(), map(operator.or_, table[0::2], table[1::2]))
-    return itertools.compress(itertools.count(), table)
+def nonzero_entries(table: array, extended: bool) -> list[int]:
+    """Indices of the L2 entries that are not all zero (pyqcow.tablescan: the scan
+    runs in C, so a sparse image's empty entries never become Python ints)."""
+    return nonzero_indices(table, 2 if extended else 1)
