@@ -31,17 +31,20 @@ def nonzero_indices(table: Any, width: int = 1) -> list[int]:
     native = fastcopy._native_for_call()
     if native is None:
         return _py_nonzero(view, size, width)
+    if not size:
+        return []
     ffi, lib = native.ffi, native.lib
-    out = ffi.new("int64_t[]", _OUT_CAPACITY)
+    capacity = min(size, _OUT_CAPACITY)
+    out = ffi.new("int64_t[]", capacity)
     src = ffi.from_buffer(view)
     found: list[int] = []
     start = 0
     while True:
-        n = lib.pyqcow_nonzero_entries(src, size, width, start, out, _OUT_CAPACITY)
+        n = lib.pyqcow_nonzero_entries(src, size, width, start, out, capacity)
         if n < 0:
             raise ValueError(f"pyqcow_nonzero_entries failed ({n})")
         found += ffi.unpack(out, n)
-        if n < _OUT_CAPACITY:
+        if n < capacity or found[-1] + 1 >= size:
             return found
         start = found[-1] + 1
 

@@ -7,9 +7,9 @@ from array import array
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_fastcopy import mode  # noqa: F401  (the native/python fixture)
 
 from pyqcow import tablescan
-from test_fastcopy import mode  # noqa: F401  (the native/python fixture)
 
 
 def _naive(raw: bytes, width: int) -> list[int]:
