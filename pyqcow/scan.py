@@ -29,7 +29,7 @@ from . import entries, spec
 from .check_result import CheckFailed, CheckResult, Fatal, Res, collector, result
 from .entries import ClusterType
 from .errors import QcowError
-from .walk import nonzero_entries, read_snapshots, snapshot_entry_end
+from .walk import nonzero_entries, prefetch_l2_tables, read_snapshots, snapshot_entry_end
 
 __all__ = ["CheckFailed", "CheckResult", "Scanner", "scan"]
 
@@ -198,6 +198,7 @@ class Scanner:
             return
         self.inc(l1_offset, l1_size * 8)
         l1 = entries.decode_u64_table(self.hf.pread(l1_size * 8, l1_offset))
+        prefetch_l2_tables(self.img, l1)
         for e in l1:
             if not e:
                 continue

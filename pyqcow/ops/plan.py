@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run, chain_status
 from ..tablescan import nonzero_indices
+from ..walk import prefetch_l2_tables
 
 
 @dataclass(slots=True)
@@ -145,6 +146,8 @@ def merge_costs(top, base) -> tuple[int, int]:
     l1 = top.l1
     nspans = -(-size // span)
     used = nonzero_indices(memoryview(l1)[:nspans]) if nspans else []
+    for layer in (top, base):
+        prefetch_l2_tables(layer)
     commit = stream = 0
     pos = 0  # guest bytes before pos are counted
     for index in used:
