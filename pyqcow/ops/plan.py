@@ -154,18 +154,50 @@ def merge_costs(top, base) -> tuple[int, int]:
         start = index * span
         end = min(size, start + span)
         stream += _data_bytes_in(base, pos, start)  # TOP maps nothing there
-        gap = pos = start
+        holes: list[tuple[int, int]] = []  # where TOP allocates nothing, in [start, end)
+        gap = start
         for r in top.runs(start, end - start):
             if r.type in UNALLOCATED_TYPES:
                 continue
             if _is_data(r.type):
                 commit += r.length
-            stream += _data_bytes_in(base, gap, r.guest_offset)
+            if r.guest_offset > gap:
+                holes.append((gap, r.guest_offset - gap))
             gap = r.end
-        stream += _data_bytes_in(base, gap, end)
+        if end > gap:
+            holes.append((gap, end - gap))
+        stream += _data_bytes_over(base, holes)
         pos = end
     stream += _data_bytes_in(base, pos, size)
     return commit, stream
+
+
+def _data_bytes_over(layer, holes: list[tuple[int, int]]) -> int:
+    """Bytes of ``layer``'s own data runs inside ``holes`` (sorted (start, length)
+    ranges of one L2 span), from one lookup of the span."""
+    if not holes:
+        return 0
+    start = holes[0][0]
+    end = min(holes[-1][0] + holes[-1][1], layer.virtual_size)
+    if end <= start:
+        return 0
+    data = [(r.guest_offset, r.length) for r in layer.runs(start, end - start)
+            if _is_data(r.type)]
+    return _overlap(data, holes)
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Bytes in both of two sorted lists of disjoint (start, length) ranges."""
+    total = i = j = 0
+    while i < len(a) and j < len(b):
+        a0, a1 = a[i][0], a[i][0] + a[i][1]
+        b0, b1 = b[j][0], b[j][0] + b[j][1]
+        total += max(0, min(a1, b1) - max(a0, b0))
+        if a1 <= b1:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 # ---------------------------------------------------------------- the whole guest view
