@@ -87,3 +87,14 @@ int pyqcow_start_writeback(int fd, int64_t offset, int64_t length);
  * -ENOSPC, -EINVAL. */
 int64_t pyqcow_diff_runs(const void *a, const void *b, size_t length, size_t first,
                          size_t block, int64_t *out, size_t capacity);
+
+/* --- added by h-scale */
+/*
+ * Indices of the entries that are not all zero among `count` entries of `width`
+ * 64-bit words each at buf (either byte order: only zero-ness is tested), from
+ * entry `start` on, in order, written to out (room for out_capacity).  Returns
+ * how many were written (out_capacity: there may be more after the last one),
+ * -EINVAL for width 0.
+ */
+int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size_t start,
+                               int64_t *out, size_t out_capacity);

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from . import entries
 from .entries import ClusterType
 from .errors import CorruptImageError, QcowError
+from .tablescan import nonzero_indices
 
 ALLOCATED_TYPES = (
     ClusterType.NORMAL,
@@ -112,29 +113,33 @@ def merge_runs(runs: list[Run]) -> list[Run]:
 # ``l2_table(offset)`` returns the L2 table at a host offset (the caller's cache
 # and I/O); ``check_host(host, entry)`` raises on a host offset that cannot be.
 def layer_runs(geo, l1, l2_table, check_host, guest_offset: int, length: int) -> list[Run]:
-    """Runs of one layer over [guest_offset, guest_offset+length)."""
+    """Runs of one layer over [guest_offset, guest_offset+length).
+
+    Empty L1 and L2 entries are skipped in bulk (pyqcow.tablescan), so the time
+    is proportional to the allocated entries, not to the length."""
     out: list[Run] = []
     cb = geo.cluster_bits
     span_shift = geo.l2_bits + cb
     end = guest_offset + length
+    if length <= 0:
+        return out
+    first = guest_offset >> span_shift
+    stop = min(len(l1), ((end - 1) >> span_shift) + 1)  # L1 indices [first, stop)
+    used = nonzero_indices(memoryview(l1)[first:stop]) if first < stop else []
     pos = guest_offset
-    while pos < end:
-        l1_index = pos >> span_shift
-        l2_span_end = min(end, (l1_index + 1) << span_shift)
-        l1e = l1[l1_index] if l1_index < len(l1) else 0
-        l2_offset = entries.l1_l2_offset(l1e)
+    for k in used:
+        l1_index = first + k
+        l2_offset = entries.l1_l2_offset(l1[l1_index])
         if not l2_offset:
-            # one run for all the all-zero L1 entries that follow (sparse disks)
-            last = min(len(l1), ((end - 1) >> span_shift) + 1)
-            if l1_index + 1 < last:
-                tail = l1[l1_index + 1 : last].tobytes()
-                l1_index += (len(tail) - len(tail.lstrip(b"\0"))) // 8
-                l2_span_end = min(end, (l1_index + 1) << span_shift)
-            out.append(Run(pos, l2_span_end - pos, ClusterType.UNALLOCATED))
-            pos = l2_span_end
-            continue
-        _table_runs(geo, l2_table(l2_offset), check_host, pos, l2_span_end, out)
+            continue  # (only reserved bits set: unallocated)
+        span_start = max(pos, l1_index << span_shift)
+        if span_start > pos:  # the empty L1 entries before it: one run
+            out.append(Run(pos, span_start - pos, ClusterType.UNALLOCATED))
+        l2_span_end = min(end, (l1_index + 1) << span_shift)
+        _table_runs(geo, l2_table(l2_offset), check_host, span_start, l2_span_end, out)
         pos = l2_span_end
+    if pos < end:
+        out.append(Run(pos, end - pos, ClusterType.UNALLOCATED))
     return merge_runs(out)
 
 
@@ -143,22 +148,25 @@ def _table_runs(geo, table, check_host, pos: int, l2_span_end: int, out: list[Ru
     cb = geo.cluster_bits
     cs = 1 << cb
     l2_mask = geo.l2_entries - 1
-    entry_words = 2 if geo.extended_l2 else 1
+    words = 2 if geo.extended_l2 else 1
     data_file = geo.has_data_file
+    first = (pos >> cb) & l2_mask
+    last_index = ((l2_span_end - 1) >> cb) & l2_mask
+    # the entries that are not all zero, found in bulk; the rest is unallocated
+    used = nonzero_indices(memoryview(table)[words * first : words * (last_index + 1)], words)
+    k = 0
     while pos < l2_span_end:
         cluster = pos >> cb
         l2_index = cluster & l2_mask
-        cl_end = min(l2_span_end, (cluster + 1) << cb)
-        first = entry_words * l2_index
-        if not table[first] and not table[first + entry_words - 1]:
-            # skip a run of all-zero (unallocated) entries in one step
-            stop = (((l2_span_end - 1) >> cb) & l2_mask) + 1
-            seg = table[entry_words * l2_index : entry_words * stop].tobytes()
-            count = (len(seg) - len(seg.lstrip(b"\0"))) // (8 * entry_words)
-            run_end = min(l2_span_end, (cluster + count) << cb)
+        while k < len(used) and first + used[k] < l2_index:
+            k += 1
+        nxt = first + used[k] if k < len(used) else last_index + 1
+        if nxt > l2_index:  # a run of all-zero (unallocated) entries, in one step
+            run_end = min(l2_span_end, (cluster + nxt - l2_index) << cb)
             out.append(Run(pos, run_end - pos, ClusterType.UNALLOCATED))
             pos = run_end
             continue
+        cl_end = min(l2_span_end, (cluster + 1) << cb)
         if geo.extended_l2:
             _extended_runs(geo, check_host, out, pos, cl_end, cluster,
                            table[2 * l2_index], table[2 * l2_index + 1])
@@ -174,7 +182,6 @@ def _table_runs(geo, table, check_host, pos: int, l2_span_end: int, out: list[Ru
             # a stretch of entries whose host clusters follow each other (equal
             # flags, offsets one cluster apart) is one run: compare raw entries,
             # check only the last host (the largest)
-            last_index = ((l2_span_end - 1) >> cb) & l2_mask
             j = l2_index + 1
             expect = e + cs
             while j <= last_index and table[j] == expect:

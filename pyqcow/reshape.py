@@ -10,6 +10,7 @@ from array import array
 from . import entries, spec
 from .errors import FormatError, OperationError, QcowError
 from .header import size_to_l1
+from .tablescan import nonzero_indices
 
 
 def resize(w, new_size: int) -> None:
@@ -61,7 +62,8 @@ def _unlink_table(w, l1_index: int, l2_off: int) -> None:
     w.l1_dirty = True
     w.l2_cache.drop(l2_off)
     step = 2 if img.extended_l2 else 1
-    for e in table[::step] if step == 2 else table:
+    for j in nonzero_indices(table, step):  # (empty entries skipped in bulk)
+        e = table[step * j]
         if e:
             w._free_entry_allocation(e)
     w.refcounts.free_later(l2_off)

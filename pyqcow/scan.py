@@ -29,7 +29,7 @@ from . import entries, spec
 from .check_result import CheckFailed, CheckResult, Fatal, Res, collector, result
 from .entries import ClusterType
 from .errors import QcowError
-from .walk import nonzero_entries, read_snapshots, snapshot_entry_end
+from .walk import nonzero_entries, prefetch_l2_tables, read_snapshots, snapshot_entry_end
 
 __all__ = ["CheckFailed", "CheckResult", "Scanner", "scan"]
 
@@ -41,6 +41,9 @@ _UNALLOCATED = ClusterType.UNALLOCATED
 _ZERO_ALLOC = ClusterType.ZERO_ALLOC
 _NORMAL = ClusterType.NORMAL
 _COMPRESSED = ClusterType.COMPRESSED
+# check_oflag_copied reuses at most this many data entries that the scan of the
+# active L2 tables kept (8 bytes each: 32 MiB), and reads the other tables again
+_COPIED_CACHE_ENTRIES = 4 << 20
 
 
 class RefcountReadError(Exception):
@@ -66,6 +69,11 @@ class Scanner:
         self.has_data_file = h.has_data_file
         self.res = Res()
         self.imrt = array("Q")
+        #: active L2 offset -> its data entries (NORMAL / ZERO_ALLOC), kept by a
+        #: scan that repairs nothing for check_oflag_copied, which then reads no
+        #: L2 table a second time (None: not kept)
+        self.copied_cache: dict[int, array] = {}
+        self.copied_budget = _COPIED_CACHE_ENTRIES
         self.load_metadata()
 
     # -- metadata --------------------------------------------------------------
@@ -190,6 +198,7 @@ class Scanner:
             return
         self.inc(l1_offset, l1_size * 8)
         l1 = entries.decode_u64_table(self.hf.pread(l1_size * 8, l1_offset))
+        prefetch_l2_tables(self.img, l1)
         for e in l1:
             if not e:
                 continue
@@ -197,7 +206,7 @@ class Scanner:
                 self.log(f"ERROR found L1 entry with reserved bits set: {e:x}")
                 self.res.corruptions += 1
             l2_offset = entries.l1_l2_offset(e)
-            self.inc(l2_offset, self.cs)
+            self.inc_cluster(l2_offset)
             if l2_offset & (self.cs - 1):
                 self.log(
                     f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
@@ -218,6 +227,7 @@ class Scanner:
         decode = entries.l2_decode
         cb = self.cb
         rc_max = self.refcount_max
+        kept = self._keep_for_copied(l2_offset, active, fix)
         for i in nonzero_entries(table, ext):
             e = table[i * step]
             bm = table[i * step + 1] if ext else 0
@@ -254,6 +264,8 @@ class Scanner:
                             f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
                             "L2 entry corrupted."
                         )
+                if kept is not None:
+                    kept.append(e)
                 if active:
                     res.allocated_clusters += 1
                     if next_contiguous and offset != next_contiguous:
@@ -269,6 +281,17 @@ class Scanner:
             elif t == _UNALLOCATED and bm and entries.subclusters_allocated(bm):
                 res.corruptions += 1
                 self.log("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        if kept is not None:
+            self.copied_budget -= len(kept)
+
+    def _keep_for_copied(self, l2_offset: int, active: bool, fix: int) -> array | None:
+        """The array check_l2 fills with the data entries of an active table (for
+        check_oflag_copied), or None: not kept (a repair, or over the budget)."""
+        cache = self.copied_cache
+        if not active or fix or l2_offset in cache or self.copied_budget < self.l2_entries:
+            return None  # (over the budget: the second pass reads the table again)
+        kept = cache[l2_offset] = array("Q")
+        return kept
 
     def count_compressed(self, i: int, e: int, bm: int, copied: bool, active: bool) -> None:
         """L2 entry ``i``, compressed: check it, count the clusters its bytes touch."""
@@ -369,6 +392,8 @@ class Scanner:
     def calculate(self, fix: int) -> bool:
         h = self.img.header
         self.imrt = array("Q", bytes(8 * self.size_to_clusters(self.file_length())))
+        self.copied_cache = {}
+        self.copied_budget = _COPIED_CACHE_ENTRIES
         self.inc(0, self.cs)
         self.check_l1(h.l1_table_offset, h.l1_size, True, fix)
         if self.has_data_file and self.snapshots:
@@ -482,6 +507,10 @@ class Scanner:
                 )
                 if repair:
                     self.fix_l1_copied(l1, i, entries.with_copied(l1e, refcount == 1))
+            kept = None if fix else self.copied_cache.get(l2_offset)
+            if kept is not None:  # the data entries the scan kept: nothing to repair
+                self._check_copied_kept(kept, word)
+                continue
             table = self.read_l2(l2_offset)
             l2_dirty = 0
             for j in nonzero_entries(table, ext):
@@ -511,6 +540,24 @@ class Scanner:
                     return
                 res.corruptions -= l2_dirty
                 res.corruptions_fixed += l2_dirty
+
+    def _check_copied_kept(self, kept: array, word: str) -> None:
+        """check_oflag_copied's test of the data entries ``kept`` (no repair)."""
+        res = self.res
+        ext, data_file, cb = self.extended, self.has_data_file, self.cb
+        decode, stored = entries.l2_decode, self.stored
+        for e in kept:
+            _, offset, _, copied = decode(e, ext, data_file)
+            if data_file:
+                refcount = 1
+            else:
+                try:
+                    refcount = stored(offset >> cb)
+                except RefcountReadError:
+                    continue
+            if (refcount == 1) != copied:
+                res.corruptions += 1
+                self.log(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={refcount}")
 
     # -- the whole refcount check (qcow2_check_refcounts, without repair) ---------
     def scan_refcounts(self) -> Res:

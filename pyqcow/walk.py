@@ -38,9 +38,7 @@ forensic's ``dump`` and ``orphans`` consume the records.
 from __future__ import annotations
 
 import functools
-import itertools
-import operator
-import re
+import os
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from typing import NamedTuple
 
 from . import entries, layout, spec
 from .errors import CorruptImageError, QcowError
+from .tablescan import nonzero_indices
 
 __all__ = [
     "Problem",
@@ -56,6 +55,7 @@ __all__ = [
     "cluster_references",
     "l1_tree",
     "nonzero_entries",
+    "prefetch_l2_tables",
     "read_snapshots",
     "refuse_problems",
     "snapshot_entry_end",
@@ -299,7 +299,7 @@ def _walk_l2(img, w: ReferenceWalk, table, owner: str, l1_index: int, disk_size:
     # pending merged run
     pk = None
     ph = pg = pl = 0
-    for j in itertools.compress(range(len(descriptors)), descriptors):  # nonzero, in C
+    for j in nonzero_indices(descriptors):  # nonzero, in C
         e = descriptors[j]
         if is_compressed(e):
             host, nbytes = entries.decode_compressed(e, cb)
@@ -369,30 +369,26 @@ def snapshot_entry_end(sn) -> int:
     return sn.table_offset + layout.SNAPSHOT_FIXED_SIZE + len(sn.extra_data) + raw_len
 
 
+def prefetch_l2_tables(img, l1=None) -> None:
+    """Ask the kernel to read the L2 tables of ``l1`` (default: ``img``'s active L1)
+    ahead, in host order (posix_fadvise WILLNEED: asynchronous, many reads in
+    flight), so that a walk over a cold page cache does not wait for one table
+    at a time.  Only advice: nothing happens for other formats or on error."""
+    if l1 is None:
+        l1 = getattr(img, "l1", None)
+    advise = getattr(os, "posix_fadvise", None)
+    if l1 is None or advise is None or getattr(img, "format", None) != "qcow2":
+        return
+    cs = img.cluster_size
+    offsets = sorted({entries.l1_l2_offset(l1[i]) for i in nonzero_indices(l1)} - {0})
+    try:
+        for off in offsets:
+            advise(img.hf.fd, off, cs, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
 
-_NONZERO_BYTE = re.compile(rb"[^\x00]")
 
-
-def nonzero_entries(table: array, extended: bool):
-    """Indices of the L2 entries that are not all zero (the scans run in C).
-
-    A mostly-zero table (the common case for a sparse image, and for the garbage
-    tables a broken L1 points at) is searched for its non-zero bytes instead of
-    turning every entry into a Python int.
-    """
-    raw = table.tobytes()
-    zero_bytes = raw.count(0)
-    if zero_bytes == len(raw):
-        return ()
-    if zero_bytes * 8 >= len(raw) * 7:
-        width = 16 if extended else 8
-        out = []
-        m = _NONZERO_BYTE.search(raw)
-        while m is not None:
-            i = m.start() // width
-            out.append(i)
-            m = _NONZERO_BYTE.search(raw, (i + 1) * width)
-        return out
-    if extended:
-        return itertools.compress(itertools.count(), map(operator.or_, table[0::2], table[1::2]))
-    return itertools.compress(itertools.count(), table)
+def nonzero_entries(table: array, extended: bool) -> list[int]:
+    """Indices of the L2 entries that are not all zero (pyqcow.tablescan: the scan
+    runs in C, so a sparse image's empty entries never become Python ints)."""
+    return nonzero_indices(table, 2 if extended else 1)

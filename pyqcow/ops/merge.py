@@ -35,7 +35,7 @@ from ..hostfile import LOCK_WRITE, fsync_dir, lock_conflict
 from . import commit as commit_mod
 from . import stream as stream_mod
 from .common import dependents, reopen_rw, same_file
-from .plan import data_bytes
+from .plan import merge_costs
 
 
 @dataclass
@@ -247,8 +247,7 @@ def _plan(top, keep: str, via: str, force: bool, probe_locks: bool, retarget=(),
     if costs is not None:
         commit_bytes, stream_bytes = costs  # from the plan just shown (informational)
     else:
-        commit_bytes = data_bytes(commit_mod.plan_commit(top, base))
-        stream_bytes = stream_mod.stream_bytes(top, base.backing)
+        commit_bytes, stream_bytes = merge_costs(top, base)
     retarget = [os.fspath(p) for p in retarget]
     per_dir = {d: _direction_refusals(top, base, keep, d) for d in ("commit", "stream")}
     if retarget:

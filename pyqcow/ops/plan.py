@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run, chain_status
+from ..tablescan import nonzero_indices
+from ..walk import prefetch_l2_tables
 
 
 @dataclass(slots=True)
@@ -113,6 +115,88 @@ def data_bytes_within(pieces: list[Piece], ranges: list[tuple[int, int]]) -> int
             r0, r1 = ranges[k][0], ranges[k][0] + ranges[k][1]
             total += min(end, r1) - max(start, r0)
             k += 1
+    return total
+
+
+def _is_data(t) -> bool:
+    """A run type that _walk turns into a "data" piece."""
+    return t not in UNALLOCATED_TYPES and t not in ZERO_TYPES
+
+
+def _data_bytes_in(layer, start: int, end: int) -> int:
+    """Bytes of ``layer``'s own data runs inside [start, end) (clipped to its size)."""
+    end = min(end, layer.virtual_size)
+    if end <= start:
+        return 0
+    return sum(r.length for r in layer.runs(start, end - start) if _is_data(r.type))
+
+
+def merge_costs(top, base) -> tuple[int, int]:
+    """(commit bytes, stream bytes) of merging qcow2 ``top`` with its backing ``base``:
+    what ``data_bytes(plan_commit(top, base))`` and ``stream_bytes(top,
+    base.backing)`` say, counted without building the plans.
+
+    One pass over TOP's L1: each L2 table of either layer is read at most once,
+    and none where an L1 entry is 0 (a run of TOP's empty L1 entries is one
+    lookup in BASE, a run of BASE's is none), so the time follows the allocated
+    metadata, not the virtual size.  Commit copies TOP's data; stream copies
+    BASE's data where TOP allocates nothing."""
+    size = top.virtual_size
+    span = 1 << (top.cluster_bits + top.l2_bits)
+    l1 = top.l1
+    nspans = -(-size // span)
+    used = nonzero_indices(memoryview(l1)[:nspans]) if nspans else []
+    for layer in (top, base):
+        prefetch_l2_tables(layer)
+    commit = stream = 0
+    pos = 0  # guest bytes before pos are counted
+    for index in used:
+        start = index * span
+        end = min(size, start + span)
+        stream += _data_bytes_in(base, pos, start)  # TOP maps nothing there
+        holes: list[tuple[int, int]] = []  # where TOP allocates nothing, in [start, end)
+        gap = start
+        for r in top.runs(start, end - start):
+            if r.type in UNALLOCATED_TYPES:
+                continue
+            if _is_data(r.type):
+                commit += r.length
+            if r.guest_offset > gap:
+                holes.append((gap, r.guest_offset - gap))
+            gap = r.end
+        if end > gap:
+            holes.append((gap, end - gap))
+        stream += _data_bytes_over(base, holes)
+        pos = end
+    stream += _data_bytes_in(base, pos, size)
+    return commit, stream
+
+
+def _data_bytes_over(layer, holes: list[tuple[int, int]]) -> int:
+    """Bytes of ``layer``'s own data runs inside ``holes`` (sorted (start, length)
+    ranges of one L2 span), from one lookup of the span."""
+    if not holes:
+        return 0
+    start = holes[0][0]
+    end = min(holes[-1][0] + holes[-1][1], layer.virtual_size)
+    if end <= start:
+        return 0
+    data = [(r.guest_offset, r.length) for r in layer.runs(start, end - start)
+            if _is_data(r.type)]
+    return _overlap(data, holes)
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Bytes in both of two sorted lists of disjoint (start, length) ranges."""
+    total = i = j = 0
+    while i < len(a) and j < len(b):
+        a0, a1 = a[i][0], a[i][0] + a[i][1]
+        b0, b1 = b[j][0], b[j][0] + b[j][1]
+        total += max(0, min(a1, b1) - max(a0, b0))
+        if a1 <= b1:
+            i += 1
+        else:
+            j += 1
     return total
 
 
