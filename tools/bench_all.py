@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every performance goal of issue 14 in one run, printed as one table.
 
-    tools/bench all [--quick] [--no-xfs] [--only GROUPS] [--json PATH]
+    tools/bench all [--quick] [--rounds N] [--no-xfs] [--only GROUPS] [--json PATH]
 
 Runs the benchmarks one after another, each with ``--json`` into a scratch
 file, and prints one table: each row pyqcow beside its anchor (qemu-img,
@@ -109,10 +109,11 @@ class Xfs:
 def plan(args, scratch: Path) -> list[tuple[str, str, list[str]]]:
     """(group, bench name, arguments) in the order they run."""
     q = args.quick
-    big = ["--size-gib", "0.25", "--data-gib", "0.125", "--rounds", "1"] if q else \
-        ["--size-gib", "4", "--data-gib", "2", "--rounds", "3"]
-    mid = ["--size-gib", "0.25", "--data-gib", "0.125", "--rounds", "1"] if q else \
-        ["--size-gib", "2", "--data-gib", "1", "--rounds", "3"]
+    rounds = ["--rounds", str(args.rounds or (1 if q else 3))]
+    big = ["--size-gib", "0.25", "--data-gib", "0.125", *rounds] if q else \
+        ["--size-gib", "4", "--data-gib", "2", *rounds]
+    mid = ["--size-gib", "0.25", "--data-gib", "0.125", *rounds] if q else \
+        ["--size-gib", "2", "--data-gib", "1", *rounds]
     out = [
         ("startup", "startup", ["--runs", "5" if q else "20"]),
         ("ext4", "chain", [*big, "--dir", str(scratch / "ext4-chain")]),
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="small sizes: a smoke run of every benchmark, not the goals' sizes")
+    ap.add_argument("--rounds", type=int,
+                    help="rounds of the chain and convert benchmarks (default 3; 1 with --quick)")
     ap.add_argument("--no-xfs", action="store_true", help="leave out the XFS reflink group")
     ap.add_argument("--only", default=",".join(GROUPS),
                     help=f"comma list of groups (default: all: {','.join(GROUPS)})")
