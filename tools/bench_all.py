@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+FS_CONVERT = "raw,qcow2,B,raw-u,qcow2-u"  # bench convert's rows per file system
 GROUPS = ("startup", "ext4", "xfs", "convert", "read", "scale")
 
 
@@ -117,13 +118,14 @@ def plan(args, scratch: Path) -> list[tuple[str, str, list[str]]]:
     out = [
         ("startup", "startup", ["--runs", "5" if q else "20"]),
         ("ext4", "chain", [*big, "--dir", str(scratch / "ext4-chain")]),
-        ("ext4", "convert", [*big, "--dir", str(scratch / "ext4-convert"), "--only", "chain"]),
+        ("ext4", "convert", [*big, "--dir", str(scratch / "ext4-convert"), "--only", FS_CONVERT]),
         ("xfs", "chain", [*mid, "--dir", "{xfs}/chain"]),
-        ("xfs", "convert", [*mid, "--dir", "{xfs}/convert", "--only", "chain"]),
-        ("convert", "convert", [*mid, "--dir", str(scratch / "convert"), "--only", "issue15"]),
+        ("xfs", "convert", [*mid, "--dir", "{xfs}/convert", "--only", FS_CONVERT]),
+        ("convert", "convert", [*mid, "--dir", str(scratch / "convert"), "--only", "tiz,wm4"]),
         ("read", "read", (["--size-gib", "0.25", "--data-gib", "0.125", "--random-reads", "2000",
                            "--repeat", "1"] if q else []) + ["--dir", str(scratch / "read")]),
-        ("scale", "scale", ["--quick"] if q else []),
+        ("scale", "scale", ["--size-tib", "0.25", "--top-l2", "256", "--rounds", "1"] if q else
+         ["--rounds", str(args.rounds or 3)]),
     ]
     return [step for step in out if step[0] in args.only]
 
