@@ -170,6 +170,14 @@ class _Batch:
         self.progress = progress
         self.unreported = 0  # progress is reported once the bytes are really there
         self.slicer = Slicer()
+        # the L2 tables the pending ranges will dirty: the batch drains before they
+        # pass the cache's dirty limit, so the tables of one batch are never all
+        # pinned at once (clusters scattered one per table: a 256 MiB batch would
+        # otherwise hold thousands of dirty tables, and their memory)
+        self.tables: set[int] = set()
+        cache = getattr(getattr(dest, "writer", None), "l2_cache", None)  # None: raw
+        self.table_shift = dest.cluster_bits + dest.l2_bits if cache is not None else 63
+        self.table_limit = cache.dirty_limit if cache is not None else 1 << 62
         # start the write-back of what each slice copied at once, so that the
         # disk writes while the next slice is copied and the final fsync finds
         # little left (not with -t unsafe: nothing waits for the disk then)
@@ -191,7 +199,9 @@ class _Batch:
     def add(self, src_fd: int, src_offset: int, guest_offset: int, length: int) -> None:
         self.pending.append((guest_offset, length, src_fd, src_offset))
         self.bytes += length
-        if self.bytes >= BATCH_BYTES:
+        shift = self.table_shift
+        self.tables.update(range(guest_offset >> shift, ((guest_offset + length - 1) >> shift) + 1))
+        if self.bytes >= BATCH_BYTES or len(self.tables) >= self.table_limit:
             self.drain()
 
     def drain(self) -> None:
@@ -199,6 +209,7 @@ class _Batch:
             pend = sorted(self.pending)
             self.pending = []
             self.bytes = 0
+            self.tables.clear()
             handle = self.dest.writer.prepare_writes([(g, n) for g, n, _, _ in pend])
             dst_fd = self.dest.data_hf.fd
             for fd, runs in _source_runs(handle, pend).items():
