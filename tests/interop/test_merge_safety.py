@@ -327,6 +327,23 @@ def world_dir():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _load_every_module() -> None:
+    """Import every pyqcow module (and so what each imports at its top) while root:
+    this Python lives under /root, which nobody cannot read, so a module first
+    imported during the call as nobody would fail to load (start-up imports
+    lazily: a command loads only what it needs, when it needs it)."""
+    import importlib
+    import pkgutil
+
+    import pyqcow
+
+    for mod in pkgutil.walk_packages(pyqcow.__path__, "pyqcow."):
+        try:
+            importlib.import_module(mod.name)
+        except ImportError:  # an optional dependency (fuse, libvirt): not on this path
+            pass
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_permission_refusal_shown_in_dry_run(world_dir, capsys):
     """As an unprivileged user who cannot write BASE, the dry run shows the refusal
@@ -341,6 +358,7 @@ def test_permission_refusal_shown_in_dry_run(world_dir, capsys):
     os.chmod(top, 0o644)
     before = snapshot_of(d)
     results = []
+    _load_every_module()
     os.setegid(65534)
     os.seteuid(65534)
     try:
