@@ -7,31 +7,23 @@ messages; ``Res`` is QEMU's ``BdrvCheckResult`` the scan and the repair fill.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .errors import QcowError
+from .record import Record
 
 __all__ = ["CheckFailed", "CheckResult"]
 
 
-@dataclass
-class CheckResult:
-    """What qemu-img check reports (QAPI ``ImageCheck``), plus the messages."""
+class CheckResult(Record):
+    """What qemu-img check reports (QAPI ``ImageCheck``), plus the messages
+    (``messages``: the lines qemu-img prints on stderr while checking and
+    repairing).  Every field but ``filename`` defaults to 0 (format: qcow2)."""
 
-    filename: str
-    format: str = "qcow2"
-    check_errors: int = 0
-    image_end_offset: int = 0
-    corruptions: int = 0
-    leaks: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    # the lines qemu-img prints on stderr while checking (and repairing)
-    messages: list[str] = field(default_factory=list)
+    __slots__ = ("filename", "format", "check_errors", "image_end_offset", "corruptions",
+                 "leaks", "corruptions_fixed", "leaks_fixed", "total_clusters",
+                 "allocated_clusters", "fragmented_clusters", "compressed_clusters", "messages")
+    _defaults = {"format": "qcow2", **dict.fromkeys(__slots__[2:-1], 0)}
+    _factories = {"messages": list}
 
     @property
     def clean(self) -> bool:
@@ -85,20 +77,13 @@ class CheckFailed(QcowError):
         self.messages = messages
 
 
-@dataclass
-class Res:
-    """QEMU's BdrvCheckResult."""
+class Res(Record):
+    """QEMU's BdrvCheckResult (every field 0 to begin with)."""
 
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
+    __slots__ = ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed",
+                 "image_end_offset", "total_clusters", "allocated_clusters",
+                 "fragmented_clusters", "compressed_clusters")
+    _defaults = dict.fromkeys(__slots__, 0)
 
 
 class Fatal(Exception):

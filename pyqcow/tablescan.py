@@ -5,29 +5,39 @@ table's 8,192 entries into a Python int costs more than the rest of a check.
 ``nonzero_indices`` finds the entries that are not all zero with the C helper
 (``pyqcow_nonzero_entries``, through pyqcow.fastcopy's backend choice), or in
 Python by comparing 1 KiB slices with zeros and looking only inside the slices
-that are not.  Only zero-ness is tested, so the table may be raw (big-endian)
+that are not.  The C helper comes with cffi, whose import costs about as much as
+a few hundred tables scanned in Python: a command that has not loaded it yet
+(``info``, ``map`` or ``check`` of a small image) scans its first
+``_PYTHON_TABLES`` tables in Python and loads it only past them.  Only zero-ness is tested, so the table may be raw (big-endian)
 bytes or a decoded ``array('Q')``; nothing here knows what an entry's bits mean
 (that is pyqcow.entries).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from . import fastcopy
+import sys
 
 __all__ = ["nonzero_indices"]
 
 _OUT_CAPACITY = 1024  # indices per C call (a table with more takes several calls)
 _SLICE = 1024  # bytes per zero comparison of the fallback
 _ZEROS = bytes(_SLICE)
+_PYTHON_TABLES = 256  # tables scanned in Python before the C helper is worth loading
+_scanned = 0
 
 
-def nonzero_indices(table: Any, width: int = 1) -> list[int]:
+def nonzero_indices(table: object, width: int = 1) -> list[int]:
     """Indices, in order, of the entries of ``table`` (a buffer of 64-bit words,
     ``width`` words per entry: 2 for extended L2 entries) that are not all zero."""
+    global _scanned
     view = memoryview(table).cast("B")
     size = view.nbytes // (8 * width)
+    fastcopy = sys.modules.get("pyqcow.fastcopy")
+    if fastcopy is None:
+        if _scanned < _PYTHON_TABLES:
+            _scanned += 1
+            return _py_nonzero(view, size, width)
+        from . import fastcopy
     native = fastcopy._native_for_call()
     if native is None:
         return _py_nonzero(view, size, width)

@@ -40,12 +40,11 @@ from __future__ import annotations
 import functools
 import os
 from array import array
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import Counter, namedtuple
 
 from . import entries, layout, spec
 from .errors import CorruptImageError, QcowError
+from .record import FrozenRecord, Record
 from .tablescan import nonzero_indices
 
 __all__ = [
@@ -63,7 +62,9 @@ __all__ = [
 ]
 
 
-class Reference(NamedTuple):
+class Reference(namedtuple("Reference", ("host_offset", "length", "kind", "owner",
+                                         "guest_offset", "in_data_file"),
+                            defaults=(None, False))):
     """``length`` bytes at ``host_offset`` that ``owner`` points to as ``kind``.
 
     kind: header, refcount_table, refcount_block, l1_table, l2_table, data,
@@ -74,15 +75,11 @@ class Reference(NamedTuple):
     first guest byte an L2 table maps.  in_data_file: the range lies in the
     external data file, not in the image file.  (A NamedTuple, not a frozen
     dataclass: the walk makes one per run of data clusters, and a frozen
-    dataclass is four times slower to build.)
+    dataclass is four times slower to build; collections' namedtuple, not
+    typing's NamedTuple: typing costs milliseconds at start-up.)
     """
 
-    host_offset: int
-    length: int
-    kind: str
-    owner: str
-    guest_offset: int | None = None
-    in_data_file: bool = False
+    __slots__ = ()
 
     def as_json(self) -> dict:
         d: dict = {"host_offset": self.host_offset, "length": self.length, "kind": self.kind,
@@ -99,8 +96,7 @@ class Reference(NamedTuple):
 _ref = functools.partial(tuple.__new__, Reference)
 
 
-@dataclass(frozen=True, slots=True)
-class Problem:
+class Problem(FrozenRecord):
     """A pointer of an L1 tree that cannot be counted (see the module's rules).
 
     kind: "l2_table" (unaligned or past the end of the file), "l2_read" (reading
@@ -108,24 +104,21 @@ class Problem:
     pointer points; entry: the raw L2 entry (data, compressed).
     """
 
-    kind: str
-    owner: str
-    l1_index: int
-    host_offset: int
-    entry: int = 0
-    error: QcowError | None = None
+    __slots__ = ("kind", "owner", "l1_index", "host_offset", "entry", "error")
+    _fields = __slots__
+    _defaults = {"entry": 0, "error": None}
 
 
-@dataclass
-class ReferenceWalk:
-    references: list[Reference] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    snapshots: list = field(default_factory=list)  # SnapshotInfo
-    snapshot_l1: dict[str, array] = field(default_factory=dict)  # id -> L1
-    bitmaps: list | None = None  # BitmapInfo, None: no valid bitmaps
-    bitmap_tables: dict[str, array] = field(default_factory=dict)
-    l2_owners: dict[int, list[tuple[str, int]]] = field(default_factory=dict)  # off -> [(owner, l1 idx)]
+class ReferenceWalk(Record):
+    """references, errors, problems (Problem), snapshots (SnapshotInfo),
+    snapshot_l1 (id -> L1), bitmaps (BitmapInfo; None: no valid bitmaps),
+    bitmap_tables (name -> table), l2_owners (L2 offset -> [(owner, L1 index)])."""
+
+    __slots__ = ("references", "errors", "problems", "snapshots", "snapshot_l1", "bitmaps",
+                 "bitmap_tables", "l2_owners")
+    _defaults = {"bitmaps": None}
+    _factories = {"references": list, "errors": list, "problems": list, "snapshots": list,
+                  "snapshot_l1": dict, "bitmap_tables": dict, "l2_owners": dict}
 
 
 def _snapshot_owner(sn) -> str:

@@ -3,6 +3,8 @@ obvious per-entry loop."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from array import array
 
 from hypothesis import HealthCheck, given, settings
@@ -52,3 +54,21 @@ def test_decoded_array_and_raw_bytes_agree(mode) -> None:  # noqa: F811
     assert tablescan.nonzero_indices(table) == [0, 7, 8, 4095, 8191]
     assert tablescan.nonzero_indices(table.tobytes()) == [0, 7, 8, 4095, 8191]
     assert tablescan.nonzero_indices(bytes(65536)) == []
+
+
+def test_c_helper_loaded_only_past_the_python_tables() -> None:
+    """A process that has not loaded the C helper scans its first tables in Python
+    (cffi's import costs more than they do), then loads it; the answers agree."""
+    code = (
+        "import sys\n"
+        "from pyqcow import tablescan\n"
+        "t = bytearray(65536); t[800:808] = b'x' * 8; t[-8:] = b'y' * 8\n"
+        "for i in range(tablescan._PYTHON_TABLES):\n"
+        "    assert tablescan.nonzero_indices(t) == [100, 8191]\n"
+        "assert 'pyqcow.fastcopy' not in sys.modules\n"
+        "assert tablescan.nonzero_indices(t) == [100, 8191]\n"
+        "assert 'pyqcow.fastcopy' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
