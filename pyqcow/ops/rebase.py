@@ -178,9 +178,9 @@ def _copy_differences(top, old, new, progress) -> int:
     cs = top.cluster_size
     old_buf, new_buf = bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK)
     todo: list = []  # pieces of the old chain to copy: executed together, in batches
-    # both chains are read through GuestReaders: the mmap-backed C path where it
-    # applies (measured: about 30% less CPU than image.readinto for 4 MiB chunks)
-    old_r, new_r = _reader(old), _reader(new)
+    # both chains are read with image.readinto (pread), not the mmap-backed
+    # reader: it took about 30% less CPU, but every page it touched stayed mapped,
+    # so the peak RSS grew with the data compared (3.5 GiB on a 4 GiB chain)
     try:
         for start, length, same in _to_compare(ranges, old, new):
             if same:
@@ -191,8 +191,8 @@ def _copy_differences(top, old, new, progress) -> int:
             while pos < end:
                 n = min(COMPARE_CHUNK, end - pos)
                 ov, nv = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
-                _read(old_r, old, ov, pos)
-                _read(new_r, new, nv, pos)
+                _read(old, ov, pos)
+                _read(new, nv, pos)
                 runs = copier.diff_runs(ov, nv, -pos % cs, cs)
                 if runs:
                     copied += _write_differences(top, old, pos, ov, runs, copier, todo)
@@ -208,32 +208,18 @@ def _copy_differences(top, old, new, progress) -> int:
         # may be half updated; leave the file as after its last flush
         copier.abandon(top)
         raise
-    finally:
-        for r in (old_r, new_r):
-            if r is not None:
-                r.close()
     return copied
 
 
-def _reader(img):
-    return None if img is None else img.reader()
-
-
-def _read(reader, img, view, pos: int) -> None:
-    """Guest bytes of ``img`` at ``pos`` into ``view`` through its ``reader``
-    (zeros past its end, or if there is no image)."""
+def _read(img, view, pos: int) -> None:
+    """Guest bytes of ``img`` at ``pos`` into ``view`` (zeros past its end, or if
+    there is no image)."""
     n = len(view)
     inside = 0 if img is None else max(0, min(n, img.virtual_size - pos))
-    got = 0
     if inside:
-        reader.seek(pos)
-        while got < inside:
-            k = reader.readinto(view[got:inside])
-            if not k:
-                break
-            got += k
-    if got < n:
-        view[got:] = bytes(n - got)
+        img.readinto(view[:inside], pos)
+    if inside < n:
+        view[inside:] = bytes(n - inside)
 
 
 def _to_compare(ranges, old, new):
