@@ -162,7 +162,7 @@ def json_rows(rows: list[dict], fs: str) -> list[dict]:
         if title is None:
             continue
         goal = 0.2 if group == "fs" and reflink else 0.8
-        durable = "-t" not in qflags or "writeback" in qflags
+        durable = "writeback" in qflags  # the unsafe rows give qemu-img no -t (its default)
         note = (f"-O {fmt}; CPU {r['pyqcow_cpu']:.2f} s vs {r['qemu_cpu']:.2f} s; "
                 + ("durable both (qemu-img -t writeback)" if durable
                    else "pyqcow -t unsafe vs qemu-img default"))
