@@ -64,7 +64,15 @@ def remove_later(d: str) -> None:
         if not _REMOVER or not _REMOVER[0].is_alive():
             t = threading.Thread(target=_remover, name="pyqcow-testing-cleanup", daemon=True)
             _REMOVER[:] = [t]
-            t.start()
+            # the thread starts with SIGTERM and SIGINT blocked (it inherits this
+            # mask), so the kernel delivers them to the main thread: one delivered
+            # to this thread left a main thread asleep in a system call unaware of
+            # it, and the clean-up handler did not run until that call returned
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))
+            try:
+                t.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
     _QUEUE.put(d)
 
 

@@ -499,6 +499,28 @@ def test_sigterm_removes_the_directories(tmp_path):
     assert _dirs(tmp_path) == []
 
 
+def test_cleanup_thread_leaves_sigterm_to_the_main_thread(tmp_path):
+    """The background remover blocks SIGTERM and SIGINT: the kernel then delivers
+    them to the main thread, whose handler cleans up even while it sleeps in a
+    system call (test_sigterm_removes_the_directories timed out when the signal
+    went to the remover)."""
+    from pyqcow.testing import _files
+
+    d = tmp_path / "gone"
+    d.mkdir()
+    _files.remove_later(str(d))
+    _files.drain()  # the thread has run; start a fresh one to look at
+    d.mkdir()
+    _files.remove_later(str(d))
+    tid = _files._REMOVER[0].native_id
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    blocked = int(next(ln for ln in status.splitlines() if ln.startswith("SigBlk:")).split()[1], 16)
+    _files.drain()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        assert blocked & (1 << (sig - 1)), f"{sig.name} not blocked in the remover: {blocked:#x}"
+    assert not d.exists()
+
+
 def test_tmp_path_with_data_draw(tmp_path):
     @settings(max_examples=3, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
