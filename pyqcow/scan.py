@@ -488,9 +488,9 @@ class Scanner:
             return
         l1 = entries.decode_u64_table(self.hf.pread(h.l1_size * 8, h.l1_table_offset))
         word = "Repairing" if repair else "ERROR"
-        ext, data_file, cb = self.extended, self.has_data_file, self.cb
+        ext, data_file = self.extended, self.has_data_file
         step = 2 if ext else 1
-        decode, stored = entries.l2_decode, self.stored
+        decode = entries.l2_decode
         for i, l1e in enumerate(l1):
             l2_offset = entries.l1_l2_offset(l1e)
             if not l2_offset:
@@ -520,14 +520,8 @@ class Scanner:
                 t, offset, _, copied = decode(e, ext, data_file)
                 if t not in (_NORMAL, _ZERO_ALLOC):
                     continue
-                if data_file:
-                    refcount = 1
-                else:
-                    try:
-                        refcount = stored(offset >> cb)
-                    except RefcountReadError:
-                        continue
-                if (refcount == 1) != copied:
+                refcount = self._copied_wrong(offset, copied)
+                if refcount is not None:
                     res.corruptions += 1
                     self.log(
                         f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={refcount}"
@@ -544,20 +538,27 @@ class Scanner:
     def _check_copied_kept(self, kept: array, word: str) -> None:
         """check_oflag_copied's test of the data entries ``kept`` (no repair)."""
         res = self.res
-        ext, data_file, cb = self.extended, self.has_data_file, self.cb
-        decode, stored = entries.l2_decode, self.stored
+        ext, data_file = self.extended, self.has_data_file
+        decode = entries.l2_decode
         for e in kept:
             _, offset, _, copied = decode(e, ext, data_file)
-            if data_file:
-                refcount = 1
-            else:
-                try:
-                    refcount = stored(offset >> cb)
-                except RefcountReadError:
-                    continue
-            if (refcount == 1) != copied:
+            refcount = self._copied_wrong(offset, copied)
+            if refcount is not None:
                 res.corruptions += 1
                 self.log(f"{word} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={refcount}")
+
+    def _copied_wrong(self, offset: int, copied: bool) -> int | None:
+        """The refcount of the data cluster at ``offset`` when its OFLAG_COPIED bit
+        (``copied``) disagrees with it; None when they agree or the refcount cannot
+        be read (an external data file's clusters count 1)."""
+        if self.has_data_file:
+            refcount = 1
+        else:
+            try:
+                refcount = self.stored(offset >> self.cb)
+            except RefcountReadError:
+                return None
+        return None if (refcount == 1) == copied else refcount
 
     # -- the whole refcount check (qcow2_check_refcounts, without repair) ---------
     def scan_refcounts(self) -> Res:

@@ -8,7 +8,7 @@ from .. import spec
 from ..chain import header_chain, open_image, probe_format, resolve_backing
 from ..errors import BackingChainError, FormatError, OperationError, QcowError
 from ..image import QcowImage
-from .common import check_backing_target, open_chain, same_file
+from .common import check_backing_target, open_chain, read_guest, same_file
 
 COMPARE_CHUNK = 4 * 1024 * 1024
 COPY_BATCH = 64 * 1024 * 1024  # differing data handed to the copier at once
@@ -191,8 +191,8 @@ def _copy_differences(top, old, new, progress) -> int:
             while pos < end:
                 n = min(COMPARE_CHUNK, end - pos)
                 ov, nv = memoryview(old_buf)[:n], memoryview(new_buf)[:n]
-                _read(old, ov, pos)
-                _read(new, nv, pos)
+                read_guest(old, ov, pos)
+                read_guest(new, nv, pos)
                 runs = copier.diff_runs(ov, nv, -pos % cs, cs)
                 if runs:
                     copied += _write_differences(top, old, pos, ov, runs, copier, todo)
@@ -210,16 +210,6 @@ def _copy_differences(top, old, new, progress) -> int:
         raise
     return copied
 
-
-def _read(img, view, pos: int) -> None:
-    """Guest bytes of ``img`` at ``pos`` into ``view`` (zeros past its end, or if
-    there is no image)."""
-    n = len(view)
-    inside = 0 if img is None else max(0, min(n, img.virtual_size - pos))
-    if inside:
-        img.readinto(view[:inside], pos)
-    if inside < n:
-        view[inside:] = bytes(n - inside)
 
 
 def _to_compare(ranges, old, new):

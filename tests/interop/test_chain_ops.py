@@ -410,13 +410,13 @@ def test_safe_rebase_onto_an_overlay_of_the_old_backing(tmp_path, monkeypatch):
     ours, theirs = tmp_path / "ours" / "top.qcow2", tmp_path / "theirs" / "top.qcow2"
     before = raw_of(ours, tmp_path / "before.raw")
     read = []
-    real = rebase_mod._read
+    real = rebase_mod.read_guest
 
     def read_guest(img, dst, offset):
         read.append(len(dst))
         return real(img, dst, offset)
 
-    monkeypatch.setattr(rebase_mod, "_read", read_guest)
+    monkeypatch.setattr(rebase_mod, "read_guest", read_guest)
     rebase(ours, "mid.qcow2", backing_format="qcow2")
     monkeypatch.undo()
     qemu.qemu_img("rebase", "-q", "-b", "mid.qcow2", "-F", "qcow2", theirs, cwd=theirs.parent)
