@@ -21,6 +21,7 @@ memory-limited child.  tools/fuzz has an atheris harness over ``exercise``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -213,6 +214,7 @@ _CORPUS: list[tuple[str, bytes, list[tuple[int, int]]]] = []
 def corpus() -> list[tuple[str, bytes, list[tuple[int, int]]]]:
     if not _CORPUS:
         d = tempfile.mkdtemp(prefix="pyqcow-fuzz-corpus-")
+        atexit.register(shutil.rmtree, d, True)
         for p in build_corpus(d):
             with open(p, "rb") as f:
                 data = f.read()
@@ -259,6 +261,20 @@ def test_fuzz_mutated_images(case):
                 f.write(json.dumps([os.path.basename(name), repr(muts), str(e)]) + "\n")
             return
         raise AssertionError(f"{os.path.basename(name)} with {muts}: {e}") from None
+
+
+def test_corpus_directory_removed_at_exit():
+    """The corpus (and the cases written beside it) live in a temporary directory
+    that is gone once the process exits: each run left 4 MiB in /tmp before."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]);"
+            "import test_fuzz; print(test_fuzz.corpus()[0][0])")
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", code, here, os.path.dirname(here)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = os.path.dirname(r.stdout.strip())
+    assert d.startswith(tempfile.gettempdir()), d
+    assert not os.path.exists(d), f"{d} left behind"
 
 
 def test_corpus_is_valid():
