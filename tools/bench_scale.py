@@ -64,6 +64,7 @@ def timed(argv, cwd=None, timeout: float | None = None) -> tuple[float, float, i
     """(wall s, cpu s, peak RSS bytes, exit status, stderr) of one child process;
     killed after ``timeout`` seconds (exit status None)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # users have bytecode caches
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
