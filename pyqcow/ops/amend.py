@@ -203,7 +203,10 @@ def _set_lazy(path: str, on: bool) -> None:
         img.flush()
         h = img.header
         feats = h.compatible_features
-        feats = feats | spec.Compat.LAZY_REFCOUNTS if on else feats & ~spec.Compat.LAZY_REFCOUNTS
+        # ~ on the flag would stay inside the bits the class defines (LAZY_REFCOUNTS
+        # alone: ~ is 0) and clear every other compatible bit; qemu keeps those
+        lazy = int(spec.Compat.LAZY_REFCOUNTS)
+        feats = feats | lazy if on else feats & ~lazy
         if feats != h.compatible_features:
             img.switch_header(h.replace(compatible_features=feats))
 

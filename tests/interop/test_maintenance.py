@@ -656,6 +656,33 @@ def test_amend_lazy_refcounts_and_errors(tmp_path: Path, capsys) -> None:
     assert check_json(img)[1] == 0
 
 
+def _compat_bits(p: Path) -> int:
+    with open(p, "rb") as f:
+        f.seek(80)  # compatible_features (v3 header)
+        return int.from_bytes(f.read(8), "big")
+
+
+def _set_compat_bits(p: Path, bits: int) -> None:
+    with open(p, "r+b") as f:
+        f.seek(80)
+        f.write(bits.to_bytes(8, "big"))
+
+
+@pytest.mark.parametrize("opts", ["lazy_refcounts=off", "lazy_refcounts=on"])
+def test_amend_lazy_refcounts_keeps_unknown_compatible_bits(tmp_path: Path, opts: str,
+                                                             capsys) -> None:
+    """A compatible feature bit pyqcow does not know survives amend, as in qemu-img
+    (pyqcow's amend cleared every compatible bit but lazy_refcounts)."""
+    ours = create(tmp_path / "a.qcow2", 4 * MiB, "lazy_refcounts=on")
+    _set_compat_bits(ours, _compat_bits(ours) | 1 << 5)
+    theirs = tmp_path / "b.qcow2"
+    shutil.copyfile(ours, theirs)
+    assert run(capsys, "amend", "-o", opts, ours)[0] == 0
+    qemu_img("amend", "-o", opts, theirs)
+    assert _compat_bits(ours) == _compat_bits(theirs)
+    assert _compat_bits(ours) & 1 << 5
+
+
 def test_amend_downgrade_expands_zero_clusters(tmp_path: Path, capsys) -> None:
     """v2 has no zero flag: zero clusters over a backing file become written zeros."""
     base = create(tmp_path / "base.qcow2", 4 * MiB)
