@@ -232,12 +232,13 @@ def open_image(
 
 
 def _open_one(path: str, fmt: str, mode: str, force_share: bool, root: str | None = None):
-    from .image import QcowImage
-    from .raw import RawImage
-
     if fmt == "qcow2":
+        from .image import QcowImage
+
         return QcowImage(path, mode, force_share=force_share, data_root=root)
     if fmt == "raw":
+        from .raw import RawImage  # (a module less to load for a qcow2 chain: start-up)
+
         return RawImage(path, mode, force_share=force_share)
     raise FormatError(path, f"unsupported image format {fmt!r}")
 

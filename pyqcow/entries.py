@@ -6,16 +6,16 @@ construct declarations in layout.py.
 
 from __future__ import annotations
 
-import enum
 import sys
 from array import array
 
 from . import spec
+from .intenum import IntEnum  # (not enum's: start-up time)
 
 _LITTLE = sys.byteorder == "little"
 
 
-class ClusterType(enum.IntEnum):
+class ClusterType(IntEnum):
     """QEMU's QCow2SubclusterType, for one (sub)cluster."""
 
     UNALLOCATED = 0  # reads from the backing file (or zeros)

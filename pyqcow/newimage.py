@@ -5,7 +5,6 @@ and ``OutputFile``, the locked output a create or convert writes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 
@@ -453,7 +452,12 @@ def create(
         _dry_run(path, force)
         return probed
     out = _output if _output is not None else OutputFile(path, all_errors=True)
-    with out if _output is None else contextlib.nullcontext():
+    owned = out
+    if _output is not None:  # the caller's output: the caller closes it
+        import contextlib  # (start-up time: only then is it needed)
+
+        owned = contextlib.nullcontext()
+    with owned:
         _write(path, out, metadata, cluster_size, size, preallocation, force)
     return probed
 

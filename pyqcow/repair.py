@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 from array import array
 from collections.abc import Callable, Iterator
 
@@ -273,6 +272,8 @@ class Repairer(Scanner):
 
     # -- the whole check, repairing (qcow2_check_refcounts) -------------------------
     def check_refcounts(self, fix: int) -> Res:
+        import copy  # (with weakref: only a repair needs it, not every check's start-up)
+
         h = self.img.header
         res = self.res
         total_bytes = -(-h.size // 512) * 512

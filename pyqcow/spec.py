@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import enum
+from .intenum import IntEnum, IntFlag  # (not enum's: start-up time)
 
 QCOW_MAGIC = 0x514649FB
 QCOW_MAGIC_BYTES = b"QFI\xfb"
@@ -38,7 +38,7 @@ QCOW_OFLAG_ZERO = 1 << 0
 SUBCLUSTERS_PER_CLUSTER = 32
 
 
-class Incompat(enum.IntFlag):
+class Incompat(IntFlag):
     DIRTY = 1 << 0
     CORRUPT = 1 << 1
     DATA_FILE = 1 << 2
@@ -46,11 +46,11 @@ class Incompat(enum.IntFlag):
     EXTL2 = 1 << 4
 
 
-class Compat(enum.IntFlag):
+class Compat(IntFlag):
     LAZY_REFCOUNTS = 1 << 0
 
 
-class Autoclear(enum.IntFlag):
+class Autoclear(IntFlag):
     BITMAPS = 1 << 0
     DATA_FILE_RAW = 1 << 1
 
@@ -71,18 +71,18 @@ FEATURE_NAMES = {
 }
 
 
-class CryptMethod(enum.IntEnum):
+class CryptMethod(IntEnum):
     NONE = 0
     AES = 1
     LUKS = 2
 
 
-class CompressionType(enum.IntEnum):
+class CompressionType(IntEnum):
     ZLIB = 0
     ZSTD = 1
 
 
-class ExtType(enum.IntEnum):
+class ExtType(IntEnum):
     END = 0x00000000
     BACKING_FORMAT = 0xE2792ACA
     FEATURE_TABLE = 0x6803F857

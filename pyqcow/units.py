@@ -8,13 +8,11 @@ with a suffix).  ``format_size`` is qemu's ``size_to_str`` ("852 KiB").
 
 from __future__ import annotations
 
-import re
-
 __all__ = ["SUFFIXES", "format_size", "parse_size"]
 
 SUFFIXES = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _INT64_MAX = (1 << 63) - 1
-_SIZE_RE = re.compile(
+_SIZE_PATTERN = (
     r"\s*(?:(?P<hex>0[xX][0-9a-fA-F]+)|(?P<int>[0-9]+)(?P<frac>\.[0-9]*)?)\s*(?P<suffix>[a-zA-Z]*)\s*"
 )
 
@@ -25,7 +23,9 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         if text < 0:
             raise ValueError(f"invalid {what} {text!r}: must not be negative")
         return text
-    m = _SIZE_RE.fullmatch(text)
+    import re  # (on first use: re is milliseconds of a command's start-up)
+
+    m = re.fullmatch(_SIZE_PATTERN, text)
     if not m:
         raise ValueError(
             f"invalid {what} {text!r}: expected a number of bytes, optionally followed by "

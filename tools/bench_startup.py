@@ -20,7 +20,10 @@ whether pyqcow meets the goal (<= 35 ms):
 pyqcow is the installed ``pyqcow`` command (default: the one beside this Python,
 i.e. .venv/bin/pyqcow, the sh launcher), run as a user runs it: with bytecode
 caching (PYTHONDONTWRITEBYTECODE is removed from its environment) after one
-untimed warm-up run per command.  Also printed: the median CPU time (user+sys)
+untimed warm-up run per command.  Also printed: how many modules each pyqcow command
+imports (one more untimed run, -X importtime), and whether argparse or enum were
+among them (signs that the command left its fast path: pyqcow.cli.fastargs,
+pyqcow.intenum); the median CPU time (user+sys)
 of each, less sensitive to a busy machine than wall-clock time, and the floor:
 ``python -S -c pass``, ``python -I -c pass`` and ``python -c pass`` with the
 same interpreter.  It also says how that interpreter has pyqcow installed: a
@@ -131,12 +134,30 @@ def _install_mode(python: str) -> str:
     return proc.stdout.strip() or f"unknown ({proc.stderr.strip()[-200:]})"
 
 
+#: modules whose import says a command left its fast path (argparse: the command line
+#: was not read by pyqcow.cli.fastargs; enum: something brought the enum module back)
+_SLOW_SIGNS = ("argparse", "enum")
+
+
+def _imports(argv: list[str], cwd: str, env: dict[str, str],
+             before=None) -> tuple[int, list[str]]:
+    """(modules imported, which of _SLOW_SIGNS) of one untimed run: -X importtime's list."""
+    if before:
+        before(cwd)
+    proc = subprocess.run(argv, cwd=cwd, env={**env, "PYTHONPROFILEIMPORTTIME": "1"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          check=False)
+    names = [line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+             if line.startswith("import time:") and "|" in line]
+    return len(names), [m for m in _SLOW_SIGNS if m in names]
+
+
 def _row(name: str, pw: float, qw: float, pc: float, qc: float, goal_ms: float,
-         floor: str) -> dict:
+         floor: str, modules: str) -> dict:
     return {"group": "startup", "row": name, "pyqcow": round(pw, 1), "anchor": round(qw, 1),
             "anchor_name": "qemu-img", "unit": "ms", "ratio": round(pw / qw, 2),
             "goal": f"<= {goal_ms:g} ms", "ok": pw <= goal_ms,
-            "note": f"cpu {pc:.1f} vs {qc:.1f} ms; {floor}"}
+            "note": f"cpu {pc:.1f} vs {qc:.1f} ms; {modules}; {floor}"}
 
 
 def main() -> int:
@@ -175,6 +196,7 @@ def main() -> int:
             "editable+finder" if "finder" in install else
             "editable path" if "editable" in install else "wheel")
         rows = []
+        modules: dict[str, str] = {}
         print()
         head = (f"{'command':<10} {'pyqcow ms':>10} {'qemu-img ms':>12} {'ratio':>7} "
                 f"{'goal':>10}   {'pyqcow cpu':>10} {'qemu-img cpu':>12}")
@@ -190,6 +212,9 @@ def main() -> int:
                     t = _run(argv, work, env)
                     if i:
                         times[key].append(t)
+            count, signs = _imports(pq, work, env, before)
+            modules[name] = f"{count} modules" + (
+                f" ({', '.join(signs)} loaded)" if signs else "")
             pw = statistics.median(w for w, _ in times["p"])
             qw = statistics.median(w for w, _ in times["q"])
             pc = statistics.median(c for _, c in times["p"])
@@ -197,7 +222,8 @@ def main() -> int:
             goal = f"<= {args.goal_ms:.0f} " + ("ok" if pw <= args.goal_ms else "MISS")
             print(f"{name:<10} {pw:>10.1f} {qw:>12.1f} {pw / qw:>7.2f} {goal:>10}   "
                   f"{pc:>10.1f} {qc:>12.1f}")
-            rows.append(_row(name, pw, qw, pc, qc, args.goal_ms, floor_note))
+            rows.append(_row(name, pw, qw, pc, qc, args.goal_ms, floor_note, modules[name]))
+        print("imports: " + "; ".join(f"{k} {v}" for k, v in modules.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)

@@ -8,7 +8,6 @@ stderr and the same exit status (0 clean, 1 the check could not complete,
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..chain import probe_format
@@ -16,6 +15,10 @@ from ..check_result import CheckResult
 from ..errors import FormatError
 from ..ops.check import check
 from .output import qemu_json
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    import argparse  # (argparse loads only when pyqcow.cli.fastargs cannot read the line)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ planned before IMAGE is created; ``--dry-run`` prints them and creates nothing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -29,6 +28,8 @@ from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
 
 TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
 if TYPE_CHECKING:
+    import argparse  # (loaded only when pyqcow.cli.fastargs cannot read the line)
+
     from ..libvirt import ChainElement
 
 

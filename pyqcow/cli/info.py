@@ -10,11 +10,14 @@ JSON is byte-for-byte qemu-img's.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..info import chain_info
 from .output import human_info, qemu_json
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    import argparse  # (argparse loads only when pyqcow.cli.fastargs cannot read the line)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -15,20 +15,27 @@ Adding a subcommand: write ``pyqcow/cli/<name>.py`` with
 as ``compare`` does) and append ``"<name>"`` to ``SUBCOMMANDS`` below.  ``run``
 raises ``QcowError`` (or lets ``OSError`` through) for failures; ``main`` turns
 them into one ``pyqcow: <file>: <what is wrong>`` line on stderr.
+
+The command line of the small commands (``FAST_COMMANDS``) is read without argparse
+when its meaning is certain (pyqcow.cli.fastargs: the subcommand's ``register`` runs
+against a recorder, so the options are still declared once); anything else, help and
+errors included, goes through argparse (pyqcow.cli.parser), loaded only then.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
-from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import QcowError
 
-__all__ = ["SUBCOMMANDS", "ArgumentParser", "build_parser", "entry", "main"]
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["FAST_COMMANDS", "SUBCOMMANDS", "build_parser", "entry", "main"]
 
 #: Subcommand modules under pyqcow.cli, in the order ``--help`` lists them.
 SUBCOMMANDS: list[str] = ["info", "map", "check", "convert", "compare", "dump", "orphans", "hash"]
@@ -38,109 +45,85 @@ SUBCOMMANDS += ["snapshot"]  # internal snapshots
 SUBCOMMANDS += ["mount"]  # read-only FUSE mount (pyqcow[fuse])
 SUBCOMMANDS += ["resize", "measure", "amend", "bitmap"]  # offline maintenance (issue 15)
 
+#: The subcommands whose command line pyqcow.cli.fastargs reads without argparse when
+#: it can (the small commands scripts run in loops: start-up time, issue 14)
+FAST_COMMANDS = frozenset({"info", "map", "check", "create", "rebase"})
+
 EXIT_INTERRUPTED = 130
 
 
-class UsageError(Exception):
-    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
-        super().__init__(message)
-        self.parser = parser
-        self.message = message
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so ``main`` picks the status."""
-
-    error_status = 1
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(self, message)
-
-    def _get_formatter(self):
-        # argparse builds a formatter for every add_argument (to check metavars), and
-        # its width comes from shutil.get_terminal_size: shutil (with bz2, lzma,
-        # fnmatch) is a few ms of start-up.  Same width, same rules, without it.
-        return self.formatter_class(prog=self.prog, width=_terminal_columns() - 2)
-
-
-def _terminal_columns() -> int:
-    """``shutil.get_terminal_size().columns`` (COLUMNS, then stdout's terminal, then 80)."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-        columns = columns or 80
-    return columns
-
-
-def _message_languages() -> list[str]:
-    """The languages gettext looks up messages in, read as ``gettext.find`` reads them."""
-    for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
-        value = os.environ.get(var)
-        if value:
-            return value.split(":")
-    return []
-
-
-def _argparse_without_catalogue() -> None:
-    """argparse passes each of its messages through gettext, which searches the file
-    system for a catalogue at every call (a dozen stats per parser, and ``locale``'s
-    import): milliseconds of a command's start-up.  When no catalogue exists for
-    argparse's domain, as almost always, those calls return their argument: make
-    them do only that.  Same messages, byte for byte; with a catalogue, untouched."""
-    import gettext
-
-    if argparse._ is not gettext.gettext or argparse.ngettext is not gettext.ngettext:
-        return  # done already (or someone else's choice)
-    languages = _message_languages()
-    if languages and languages[0] != "C":  # gettext stops at "C": no lookup at all
-        domain = gettext.textdomain()
-        if gettext.find(domain, gettext.bindtextdomain(domain)):
-            return
-    argparse._ = _untranslated
-    argparse.ngettext = _untranslated_n
-
-
-def _untranslated(message: str) -> str:
-    return message
-
-
-def _untranslated_n(singular: str, plural: str, n: int) -> str:
-    return singular if n == 1 else plural
-
-
-def build_parser(only: str | None = None) -> ArgumentParser:
-    """The full parser, or (``only``) one that imports and knows just that subcommand."""
-    _argparse_without_catalogue()
-    parser = ArgumentParser(
-        prog="pyqcow",
-        description="Inspect, convert and manage qcow2 images and backing chains.",
-    )
+def _add_root(parser):
+    """The root's options and its subcommands' action, on an argparse parser or on a
+    fastargs.Recorder (one declaration for both)."""
     parser.add_argument(
         "--debug", action="store_true", help="show a Python traceback when something fails"
     )
     parser.add_argument("--version", action="version", version=f"pyqcow {__version__}")
     # prog given: argparse would otherwise build a help formatter (and import shutil)
     # just to compute it; "pyqcow" is what it computes (the root has no positionals)
-    subparsers = parser.add_subparsers(
+    return parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, prog=parser.prog
     )
+
+
+def _add_subcommand(subparsers, name: str, suppress: str):
+    """Import pyqcow.cli.NAME and register its parser (argparse's, or a Recorder's;
+    ``suppress``: argparse.SUPPRESS, or fastargs' for a recorder)."""
+    # (__import__, not importlib.import_module: importlib is one import less)
+    __import__(f"{__package__}.{name}")
+    module = sys.modules[f"{__package__}.{name}"]
+    sub = module.register(subparsers)
+    sub.error_status = getattr(module, "ERROR_STATUS", 1)
+    sub.set_defaults(_run=module.run, _error_status=sub.error_status)
+    if not any("--debug" in a.option_strings for a in sub._actions):
+        sub.add_argument("--debug", action="store_true", default=suppress, help=suppress)
+    return sub
+
+
+def build_parser(only: str | None = None):
+    """The full argparse parser, or (``only``) one that imports and knows just that
+    subcommand."""
+    from .parser import SUPPRESS, new_root_parser  # argparse: only now (start-up time)
+
+    parser = new_root_parser(
+        prog="pyqcow",
+        description="Inspect, convert and manage qcow2 images and backing chains.",
+    )
+    subparsers = _add_root(parser)
     for name in SUBCOMMANDS if only is None else [only]:
-        # (__import__, not importlib.import_module: importlib is one import less)
-        __import__(f"{__package__}.{name}")
-        module = sys.modules[f"{__package__}.{name}"]
-        sub = module.register(subparsers)
-        sub.error_status = getattr(module, "ERROR_STATUS", 1)
-        sub.set_defaults(_run=module.run, _error_status=sub.error_status)
-        if not any("--debug" in a.option_strings for a in sub._actions):
-            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help=argparse.SUPPRESS)
+        _add_subcommand(subparsers, name, SUPPRESS)
     return parser
+
+
+def _fast_parse(argv: list[str], name: str):
+    """argv read without argparse (pyqcow.cli.fastargs), or None: argparse's turn."""
+    from . import fastargs
+
+    try:
+        root = fastargs.Recorder()
+        sub = _add_subcommand(_add_root(root), name, fastargs.SUPPRESS)
+        return fastargs.parse(argv, name, sub, root)
+    except Exception:  # noqa: BLE001 - whatever it is, argparse decides
+        return None
+
+
+def _parse(argv: list[str], only: str | None):
+    """(namespace, None), or (None, exit status) when argparse printed help or an error."""
+    if only in FAST_COMMANDS:
+        args = _fast_parse(argv, only)
+        if args is not None:
+            return args, None
+    from .parser import UsageError
+
+    parser = build_parser(only)
+    try:
+        return parser.parse_args(argv), None
+    except UsageError as e:
+        sys.stderr.write(e.parser.format_usage())
+        sys.stderr.write(f"{e.parser.prog}: error: {e.message}\n")
+        return None, e.parser.error_status
+    except SystemExit as e:  # --help, --version
+        return None, e.code if isinstance(e.code, int) else 0
 
 
 def _one_line(text: str) -> str:
@@ -191,15 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         set_cache_mode("writeback")
         set_cache_mode("writeback", source=True)
-        parser = build_parser(only)
-        try:
-            args = parser.parse_args(argv)
-        except UsageError as e:
-            sys.stderr.write(e.parser.format_usage())
-            sys.stderr.write(f"{e.parser.prog}: error: {e.message}\n")
-            return e.parser.error_status
-        except SystemExit as e:  # --help, --version
-            return e.code if isinstance(e.code, int) else 0
+        args, status = _parse(argv, only)
+        if args is None:
+            return status
         error_status = args._error_status
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -251,9 +228,9 @@ def _on_sigint(signum, frame) -> None:
     turns it into one line and status 130); later ones are ignored while the
     operation stops, so that no second KeyboardInterrupt can interrupt the
     clean-up or the message and show a traceback."""
-    import signal
+    import _signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -266,20 +243,22 @@ def entry() -> None:
     covers the interpreter's own start-up: a Ctrl-C that came meanwhile stays
     pending and is delivered here, once the handler is in place.
     """
-    import signal
+    # _signal, not signal: the signal module turns its constants into enums at import
+    # (enum, functools, collections: milliseconds of start-up); same functions
+    import _signal
 
     status = EXIT_INTERRUPTED
     try:
-        signal.signal(signal.SIGINT, _on_sigint)
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        _signal.signal(_signal.SIGINT, _on_sigint)
+        if hasattr(_signal, "pthread_sigmask"):
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})
         status = main()
     except KeyboardInterrupt:  # outside main's own try (its first or last lines)
         _error("interrupted")
         status = EXIT_INTERRUPTED
     finally:
         # the work is done (or abandoned): a Ctrl-C now must not change the outcome
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     sys.exit(status)
 
 

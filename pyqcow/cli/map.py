@@ -6,13 +6,16 @@ The chain's allocation map, merged into extents exactly as ``qemu-img map``
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..chain import open_image
 from ..errors import OperationError
 from ..mapping import chain_status
 from .output import map_human, map_json, parse_size
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    import argparse  # (argparse loads only when pyqcow.cli.fastargs cannot read the line)
 
 INT64_MAX = (1 << 63) - 1
 
@@ -22,6 +25,8 @@ def _size(what: str):
         try:
             return parse_size(text, what=what)
         except ValueError as e:
+            import argparse  # (argparse reports it: pyqcow.cli.fastargs declines)
+
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse

@@ -12,7 +12,6 @@ line.  A disabled bar costs one comparison per callback.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -20,6 +19,7 @@ from ..units import format_size
 
 TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
 if TYPE_CHECKING:
+    import argparse  # (loaded only when pyqcow.cli.fastargs cannot read the line)
     from typing import TextIO
 
 __all__ = ["ProgressBar", "add_progress_args", "notice", "progress_from_args"]

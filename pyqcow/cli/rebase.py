@@ -15,7 +15,6 @@ the XML diff, and touches nothing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,6 +24,10 @@ from ..ops import rebase as rebase_op
 from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args, image_chain
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    import argparse  # (argparse loads only when pyqcow.cli.fastargs cannot read the line)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

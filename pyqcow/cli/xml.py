@@ -37,7 +37,6 @@ raw disk); the backing formats come from the images' headers.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -48,6 +47,8 @@ from ..errors import DomainXMLError, OperationError
 
 TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
 if TYPE_CHECKING:  # pyqcow.libvirt (and lxml) load on first use
+    import argparse  # (loaded only when pyqcow.cli.fastargs cannot read the line)
+
     from ..libvirt import ChainElement
 
 __all__ = ["DomainXmlUpdate", "add_domain_xml_args", "image_chain", "register", "run"]
@@ -221,6 +222,8 @@ class DomainXmlUpdate:
 
 # -- xml sync ------------------------------------------------------------------------------
 def register(subparsers) -> argparse.ArgumentParser:
+    import argparse  # (start-up time: create and rebase import this module)
+
     p = subparsers.add_parser(
         "xml",
         help="keep a libvirt domain XML true to the image chains",

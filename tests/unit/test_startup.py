@@ -4,7 +4,7 @@ Timing is tools/bench startup's job; these tests guard the cause without a clock
 a fresh interpreter runs one command through ``pyqcow.cli.main.main`` and
 reports ``sys.modules``.  construct (~17 ms), lxml, the check/snapshot/bitmap
 code and the test libraries must not load for a command on an image that does
-not need them.  Also: every subcommand's ``--help`` still works on its own, and
+not need them, nor argparse when pyqcow.cli.fastargs reads the command line.  Also: every subcommand's ``--help`` still works on its own, and
 layout.py's compiled (struct) form agrees with its construct declarations.
 """
 
@@ -39,8 +39,7 @@ STDLIB_NEVER = ("pathlib", "urllib", "tempfile", "shutil", "subprocess", "thread
                 "pyqcow.compressed", "pyqcow.ops.copier", "pyqcow.fastcopy", "pyqcow.reader",
                 "pyqcow.libyal")
 #: dataclasses imports inspect (ast, dis, tokenize...); typing: both cost milliseconds.
-#: `info` and `create` are free of them; map, check and rebase still load them through
-#: modules outside the CLI (mapping.Run, check_result, walk, ops.rebase.RebaseResult).
+#: None of the five start-up commands loads them (test_small_commands_load_no_argparse).
 DATACLASSES = ("dataclasses", "inspect", "ast", "typing")
 
 # (io and sys are loaded by every interpreter, and argparse by every command; the
@@ -136,12 +135,56 @@ def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
         assert loaded(mods, DATACLASSES) == []
 
 
-@pytest.mark.parametrize("argv", [
+#: What the five start-up commands do not load when their command line is read without
+#: argparse (pyqcow.cli.fastargs): argparse and its re and gettext, main's argparse half
+#: (pyqcow.cli.parser); signal (it makes enums of its constants: entry uses _signal);
+#: enum (spec and entries declare their constants with pyqcow.intenum).
+FAST_NEVER = ("argparse", "re", "gettext", "locale", "signal", "pyqcow.cli.parser", "enum")
+
+# (no argparse here: the list is the command's own; sys.modules written without json,
+# which imports re)
+_FAST_PROBE = r"""
+import io, sys
+from pyqcow.cli.main import main
+stdout, stderr = sys.stdout, sys.stderr
+sys.stdout, sys.stderr = out, err = io.StringIO(), io.StringIO()
+try:
+    status = main(sys.argv[1:])
+finally:
+    sys.stdout, sys.stderr = stdout, stderr
+sys.stdout.write(f"{status}\n{err.getvalue()!r}\n" + "\n".join(sorted(sys.modules)))
+"""
+
+#: tools/bench startup's command lines
+BENCH_ARGV = [
     ("info", "top.qcow2"),
     ("map", "top.qcow2"),
     ("check", "top.qcow2"),
     ("create", "-q", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"),
     ("rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"),
+]
+
+
+@pytest.mark.parametrize("argv", [*BENCH_ARGV, ("info", "--output=json", "top.qcow2"),
+                                  ("map", "--output", "json", "-U", "top.qcow2")], ids=" ".join)
+def test_small_commands_load_no_argparse(chain, argv) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run([sys.executable, "-c", _FAST_PROBE, *argv], cwd=chain, env=env,
+                          capture_output=True, text=True, check=True)
+    status, stderr, *modules = proc.stdout.split("\n")
+    assert (status, stderr) == ("0", "''")
+    assert loaded(set(modules), FAST_NEVER + HEAVY + STDLIB_NEVER + DATACLASSES) == []
+    assert f"pyqcow.cli.{argv[0]}" in modules
+
+
+@pytest.mark.parametrize("argv", [
+    # (each line in a form the fast reading leaves to argparse: an abbreviated option,
+    # "-xVALUE" with "=", an option with its own argparse action)
+    ("info", "--outp=human", "top.qcow2"),
+    ("map", "--outp=human", "top.qcow2"),
+    ("check", "--outp=human", "top.qcow2"),
+    ("create", "-q", "-ocluster_size=64k", "-b", "base.qcow2", "-F", "qcow2", "new.qcow2"),
+    ("rebase", "-t", "writeback", "-u", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"),
 ], ids=" ".join)
 def test_a_command_builds_only_its_own_parser(chain, argv) -> None:
     """Not a subparser for each of the other commands (nor imports their modules)."""
@@ -149,6 +192,15 @@ def test_a_command_builds_only_its_own_parser(chain, argv) -> None:
     assert result["subparsers"] == [argv[0]]
     others = {f"pyqcow.cli.{c}" for c in SUBCOMMANDS} - {f"pyqcow.cli.{argv[0]}"}
     # (create and rebase use cli/xml.py's --domain-xml helpers, not the xml command)
+    others -= {"pyqcow.cli.xml"} if argv[0] in ("create", "rebase") else set()
+    assert sorted(others & set(result["modules"])) == []
+
+
+@pytest.mark.parametrize("argv", BENCH_ARGV, ids=" ".join)
+def test_the_fast_reading_builds_no_argparse_parser(chain, argv) -> None:
+    result = probe(chain, *argv)
+    assert result["subparsers"] == []  # (the probe loads argparse itself, to see this)
+    others = {f"pyqcow.cli.{c}" for c in SUBCOMMANDS} - {f"pyqcow.cli.{argv[0]}"}
     others -= {"pyqcow.cli.xml"} if argv[0] in ("create", "rebase") else set()
     assert sorted(others & set(result["modules"])) == []
 
@@ -191,7 +243,7 @@ def test_the_installed_command_imports_no_finder_runpy_or_dataclasses(chain, arg
     # no setuptools import-hook finder (tools/_setup.sh installs with editable_mode=compat),
     # no runpy (the launcher runs -c, not -m), no dataclasses/inspect, no typing
     assert sorted(m for m in imported if m.startswith("__editable__")) == []
-    assert loaded(imported, ("runpy", "pathlib", "urllib") + DATACLASSES) == []
+    assert loaded(imported, ("runpy", "pathlib", "urllib") + DATACLASSES + FAST_NEVER) == []
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
