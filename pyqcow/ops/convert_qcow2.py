@@ -381,8 +381,8 @@ class _PlainFill:
     def read(self, c: Chunk):
         """The chunk's bytes, or a future of them (host data, with a pool)."""
         g, n, fd, host = c
-        if fd in self.share and (view := self.maps.view(fd, host, n)) is not None:
-            return view  # (only scanned for zeros: the data goes file to file)
+        if fd is not None and (view := self.maps.view(fd, host, n)) is not None:
+            return view  # scanned in place; written from the mapping or file to file
         if fd is not None:
             if self.pool is not None:
                 return self.pool.submit(copier.read_host, fd, host, n)
