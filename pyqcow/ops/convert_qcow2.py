@@ -71,40 +71,106 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
     Where ``out``'s backing is a layer of ``src``'s own chain (the same files, as
     with ``qemu-img convert -B`` onto the source's base), the guest ranges that
     nothing above that layer allocates read the same on both sides: they are not
-    read at all.  The rest is read and compared cluster by cluster; differing
-    clusters that lie in a host file of the source go file to file on a reflink
-    file system (shared extents), the others are written from the buffer."""
+    read at all.  The rest is read and compared cluster by cluster (in C); the
+    differing clusters of a batch of chunks are allocated together
+    (``prepare_writes``) and those that lie in a host file of the source go file
+    to file (copy_file_range: shared extents on a reflink file system, one
+    in-kernel copy elsewhere), the others are written from the buffer."""
     cs = out.cluster_size
     writer = copier.BufferWriter(out, comp=_compressor_for(out, compress))
-    kick = WritebackKicker(out.data_hf.fd)
+    kick = WritebackKicker(out.data_hf.fd, background=True)
     plan, ranges = differing_candidates(src, out.backing, cs)
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
-    share = _sharing_fds(plan, out) if not compress else frozenset()
-    if share:
+    if not compress:
         chunks = split_at_steps(plan, chunks, cs)
     total = sum(c[1] for c in chunks)
     done = written = 0
     bbuf = bytearray(max((c[1] for c in chunks), default=0))
     maps = SourceMaps()
-    for g, n, fd, host in chunks:
-        view = maps.view(fd, host, n) if fd in share else None
-        if view is None and fd is not None:
-            view = memoryview(copier.read_host(fd, host, n))
-        elif view is None:
-            view = memoryview(bytearray(n))
-            src.readinto(view, g)
-        bview = memoryview(bbuf)[:n]
-        read_guest(out.backing, bview, g)
-        origin = (fd, host) if fd in share else None
-        written += _write_differing(writer, view, bview, g, origin)
-        writer.checkpoint()
-        kick()
-        done += n
-        if progress:
+    batch: list[tuple[int, int, object]] = []
+    size = 0
+    try:
+        for g, n, fd, host in chunks:
+            view = maps.view(fd, host, n) if fd is not None else None
+            if view is None and fd is not None:
+                view = memoryview(copier.read_host(fd, host, n))
+            elif view is None:
+                view = memoryview(bytearray(n))
+                src.readinto(view, g)
+            bview = memoryview(bbuf)[:n]
+            read_guest(out.backing, bview, g)
+            origin = (fd, host) if fd is not None and not compress else None
+            written += _differing(out, view, bview, g, origin, batch)
+            size += n
+            done += n
+            if size >= QCOW2_CHUNK:
+                written += _write_batch(out, writer, batch)
+                batch.clear()
+                size = 0
+                writer.checkpoint()
+                kick()
+                if progress:
+                    progress(done, total)
+        written += _write_batch(out, writer, batch)
+        if progress and total:
             progress(done, total)
-    maps.close()
+    finally:
+        kick.close()
+        maps.close()
     writer.finish()
     return written
+
+
+def _differing(out, view: memoryview, bview: memoryview, guest_offset: int,
+               origin: tuple[int, int] | None, batch: list) -> int:
+    """Queue in ``batch`` the data clusters of ``view`` that differ from ``bview``
+    (the backing's view): (guest offset, length, (fd, host offset) or the bytes);
+    differing clusters of zeros become zero clusters at once.  Returns the bytes
+    made zero clusters."""
+    cs = out.cluster_size
+    zeroed = 0
+    for a, ln in copier.diff_runs(view, bview, 0, cs):
+        for off, m, zero in fastcopy.zero_runs(view[a : a + ln], cs):
+            g = guest_offset + a + off
+            if zero:
+                out.write_zeroes(g, m)
+                zeroed += m
+            elif origin is None:
+                batch.append((g, m, view[a + off : a + off + m]))
+            else:
+                batch.append((g, m, (origin[0], origin[1] + a + off)))
+    return zeroed
+
+
+def _write_batch(out, writer, batch: list) -> int:
+    """Write the queued ``(guest offset, length, source)`` clusters (sorted) into
+    fresh clusters allocated together; a source is ``(fd, host offset)`` (copied
+    file to file) or a buffer (written; compressed with ``writer.comp``)."""
+    if not batch:
+        return 0
+    if writer.comp is not None:
+        return sum(writer.write(g, data) for g, _, data in batch)
+    handle = out.writer.prepare_writes([(g, n) for g, n, _ in batch])
+    hf = out.data_hf
+    copies: dict[int, list[tuple[int, int, int]]] = {}
+    i = 0
+    for g, host, n in handle:
+        pos, end = g, g + n
+        while pos < end:
+            while batch[i][0] + batch[i][1] <= pos:
+                i += 1
+            ig, ilen, source = batch[i]
+            stop = min(end, ig + ilen)
+            if isinstance(source, tuple):
+                copies.setdefault(source[0], []).append(
+                    (source[1] + (pos - ig), host + (pos - g), stop - pos))
+            else:
+                hf.pwrite(source[pos - ig : stop - ig], host + (pos - g))
+            pos = stop
+    for fd, runs in copies.items():
+        fastcopy.copy_runs(fd, hf.fd, runs)
+    handle.filled()
+    return sum(n for _, n, _ in batch)
 
 
 def differing_candidates(src, backing, cs: int) -> tuple[RawPlan, list[tuple[int, int]]]:
@@ -160,50 +226,6 @@ def _same_layer(src, backing):
         if [(_file_id(i), getattr(i, "format", None)) for i in layers[k:]] == want:
             return layer
     return None
-
-
-def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: int,
-                     origin: tuple[int, int] | None = None) -> int:
-    """Write the clusters of ``view`` that differ from ``bview`` (the backing's view);
-    with ``origin`` (fd, host offset of ``view``'s first byte), data clusters are
-    copied from that file (shared extents on a reflink file system)."""
-
-    def put(a: int, b: int) -> int:
-        if origin is None:
-            return writer.write(guest_offset + a, view[a:b])
-        return writer.copy(guest_offset + a, b - a, origin[0], origin[1] + a)
-
-    out = writer.dest
-    cs = out.cluster_size
-    written = 0
-    run_start = None
-    pos = 0
-    n = len(view)
-    while pos <= n:
-        differs = False
-        if pos < n:
-            m = min(cs, n - pos)
-            differs = bytes(view[pos : pos + m]) != bytes(bview[pos : pos + m])
-            zero = differs and fastcopy.is_zero(view[pos : pos + m])
-            if zero:
-                # flush a pending data run, then make this cluster a zero cluster
-                if run_start is not None:
-                    written += put(run_start, pos)
-                    run_start = None
-                out.write_zeroes(guest_offset + pos, m)
-                written += m
-                pos += m
-                continue
-        if differs:
-            if run_start is None:
-                run_start = pos
-        elif run_start is not None:
-            written += put(run_start, pos)
-            run_start = None
-        if pos >= n:
-            break
-        pos += min(cs, n - pos)
-    return written
 
 
 # ---------------------------------------------------------------- no -B
@@ -355,8 +377,15 @@ class _PlainFill:
         )
 
     def run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None) -> int:
+        kick = WritebackKicker(self.out.data_hf.fd, background=True)
+        try:
+            return self._run(chunks, workers, progress, kick)
+        finally:
+            kick.close()
+
+    def _run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None,
+             kick: WritebackKicker) -> int:
         total = sum(c[1] for c in chunks)
-        kick = WritebackKicker(self.out.data_hf.fd)
         in_flight: deque = deque()
         done = written = 0
         for c in chunks:
