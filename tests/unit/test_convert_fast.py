@@ -129,3 +129,15 @@ def test_raw_groups_keep_order_and_size():
     groups = _groups(work)
     assert groups == [work[:2], [work[2]], [work[3]]]
     assert [b for g in groups for b in g] == work
+
+
+def test_lean_zero_runs_equal_fastcopys():
+    from pyqcow.ops.convert_qcow2 import _zero_runs
+
+    buf = bytearray(os.urandom(64 * KiB))
+    buf[8 * KiB : 24 * KiB] = bytes(16 * KiB)
+    buf[60 * KiB :] = bytes(4 * KiB)
+    want = fastcopy.zero_runs(buf, 4 * KiB)
+    assert _zero_runs(fastcopy._native_for_call(), memoryview(buf), 4 * KiB) == want
+    assert _zero_runs(None, memoryview(buf), 4 * KiB) == want
+    assert (8 * KiB, 16 * KiB, True) in want
