@@ -81,7 +81,8 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
     kick = WritebackKicker(out.data_hf.fd, background=True)
     plan, ranges = differing_candidates(src, out.backing, cs)
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
-    if not compress:
+    share = _sharing_fds(plan, out) if not compress else frozenset()
+    if share:
         chunks = split_at_steps(plan, chunks, cs)
     total = sum(c[1] for c in chunks)
     done = written = 0
@@ -99,7 +100,7 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
                 src.readinto(view, g)
             bview = memoryview(bbuf)[:n]
             read_guest(out.backing, bview, g)
-            origin = (fd, host) if fd is not None and not compress else None
+            origin = (fd, host) if fd in share else None
             written += _differing(out, view, bview, g, origin, batch)
             size += n
             done += n
@@ -322,8 +323,11 @@ def _sharing_fds(plan, out) -> frozenset[int]:
     from ..hostfile import cache_mode
 
     fds = {st.fd for st in plan.steps if st.fd is not None}
-    if fastcopy._native_for_call() is not None and cache_mode() in ("writeback", "unsafe"):
-        return frozenset(fds)  # (-t none/directsync: written from buffers, O_DIRECT)
+    if (fastcopy._native_for_call() is not None and cache_mode() in ("writeback", "unsafe")
+            and not out.data_hf.is_block_device):
+        # (-t none/directsync: written from buffers, O_DIRECT; a block device: through
+        # the host file, which knows the device's end)
+        return frozenset(fds)
     dst = out.data_hf.fd
     return frozenset(fd for fd in fds if fastcopy.can_share(fd, dst))
 

@@ -147,7 +147,9 @@ def _write_raw(
     # source fd -> copy_file_range may share extents (asked once per file: fstatfs)
     srcs = {s.fd for s in plan.steps if s.fd is not None}
     shares = {src: fastcopy.can_share(src, fd) for src in srcs}
-    writeback = BackgroundWriteback(fd) if kick_writeback_wanted() else None
+    # (where every source shares its extents, the copies dirty no page: nothing to start)
+    writeback = (BackgroundWriteback(fd)
+                 if kick_writeback_wanted() and not (shares and all(shares.values())) else None)
     maps = SourceMaps()
 
     def batch(item: Batch) -> int:
