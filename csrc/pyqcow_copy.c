@@ -597,3 +597,107 @@ int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size
     }
     return (int64_t)n;
 }
+
+/* --- added by h-convert */
+/*
+ * Copy runs of a mapped source file, leaving out the ZERO_CHUNK_SIZE blocks
+ * (aligned to destination offsets) that are all zeros: the zero scan reads the
+ * page cache in place through the read-only mapping src_map (map_size bytes of
+ * src_fd), and the data goes file to file (copy_file_range: one in-kernel copy
+ * on ext4, shared extents on a reflink file system), or is written from the
+ * mapping where copy_file_range is refused.  runs: (source offset, destination
+ * offset, length) triples, each inside the mapping.  The destination must read
+ * as zeros where nothing is written.  A fault on the mapping (the file shrank)
+ * returns -EFAULT.  Returns the bytes written or -errno.
+ */
+static int copy_mapped_data(struct copier *c, int src_fd, const unsigned char *src_map,
+                            int64_t src_offset, int dst_fd, int64_t dst_offset,
+                            int64_t length)
+{
+    while (length > 0 && !c->no_cfr) {
+        int64_t done = try_copy_file_range(src_fd, src_offset, dst_fd, dst_offset,
+                                           (size_t)length);
+        if (done == -EINTR)
+            continue;
+        if (done < 0 && cfr_unsupported((int)-done)) {
+            c->no_cfr = 1;
+            break;
+        }
+        if (done < 0)
+            return (int)done;
+        if (done == 0)
+            break;
+        c->written += done;
+        src_offset += done;
+        dst_offset += done;
+        length -= done;
+    }
+    if (length > 0) {
+        int rc = pwrite_full(dst_fd, (const char *)src_map + src_offset, (size_t)length,
+                             dst_offset);
+        if (rc < 0)
+            return rc;
+        c->written += length;
+    }
+    return 0;
+}
+
+static int copy_mapped_run(struct copier *c, int src_fd, const unsigned char *src_map,
+                           int64_t src_offset, int dst_fd, int64_t dst_offset,
+                           int64_t length)
+{
+    int64_t pos = 0, start = -1;
+
+    while (pos < length) {
+        int64_t chunk = (int64_t)ZERO_CHUNK_SIZE -
+                        (dst_offset + pos) % (int64_t)ZERO_CHUNK_SIZE;
+        int zero;
+
+        if (chunk > length - pos)
+            chunk = length - pos;
+        zero = pyqcow_is_zero(src_map + src_offset + pos, (size_t)chunk);
+        if (!zero && start < 0)
+            start = pos;
+        if (zero && start >= 0) {
+            int rc = copy_mapped_data(c, src_fd, src_map, src_offset + start, dst_fd,
+                                      dst_offset + start, pos - start);
+            if (rc < 0)
+                return rc;
+            start = -1;
+        }
+        pos += chunk;
+    }
+    if (start >= 0)
+        return copy_mapped_data(c, src_fd, src_map, src_offset + start, dst_fd,
+                                dst_offset + start, length - start);
+    return 0;
+}
+
+int64_t pyqcow_copy_mapped_runs(int src_fd, const void *src_map, int64_t map_size,
+                                int dst_fd, const int64_t *runs, size_t run_count)
+{
+    struct copier c = {NULL, 0, 0};
+    sigjmp_buf jump;
+    volatile int rc;
+    volatile size_t i;
+
+    for (i = 0; i < run_count; i++)
+        if (runs[3 * i] < 0 || runs[3 * i + 1] < 0 || runs[3 * i + 2] < 0 ||
+            runs[3 * i] + runs[3 * i + 2] > map_size)
+            return -EINVAL;
+    rc = install_bus_handler();
+    if (rc < 0)
+        return rc;
+    if (sigsetjmp(jump, 0)) {
+        guard_active = 0;
+        return -EFAULT;
+    }
+    guard_jump = &jump;
+    guard_active = 1;
+    rc = 0;
+    for (i = 0; i < run_count && rc == 0; i++)
+        rc = copy_mapped_run(&c, src_fd, (const unsigned char *)src_map, runs[3 * i],
+                             dst_fd, runs[3 * i + 1], runs[3 * i + 2]);
+    guard_active = 0;
+    return rc < 0 ? rc : c.written;
+}

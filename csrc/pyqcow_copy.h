@@ -98,3 +98,7 @@ int64_t pyqcow_diff_runs(const void *a, const void *b, size_t length, size_t fir
  */
 int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size_t start,
                                int64_t *out, size_t out_capacity);
+
+/* --- added by h-convert */
+int64_t pyqcow_copy_mapped_runs(int src_fd, const void *src_map, int64_t map_size,
+                                int dst_fd, const int64_t *runs, size_t run_count);

@@ -3,7 +3,7 @@
 
     tools/bench convert [--size-gib 4] [--data-gib 2] [--rounds 3] [--dir DIR]
                         [--cache-dir DIR] [--only raw,qcow2,B,raw-u,qcow2-u,tiz,wm4,...]
-                        [--json PATH]
+                        [--json PATH] [--repo DIR]
 
 Builds (once, cached under --cache-dir, with ``tools/bench_chain.py``'s builder) a
 chain: a qcow2 base of SIZE GiB (64 KiB clusters) holding DATA GiB of random
@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chain import build  # noqa: E402  (tools/ is not a package)
 
 REPO = Path(__file__).resolve().parent.parent
+PYQCOW_REPO = REPO  # --repo: the pyqcow checkout timed (e.g. an older commit's tree)
 MiB = 1 << 20
 GiB = 1 << 30
 CLUSTER = 64 * 1024
@@ -96,7 +97,7 @@ def fs_type(path: Path) -> str:
 
 def timed(argv) -> tuple[float, float, int, str]:
     """(wall seconds, CPU seconds of the child, exit status, stderr)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(PYQCOW_REPO))
     # an installed pyqcow has its bytecode: do not compile every module on every run
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     t0 = time.perf_counter()
@@ -188,7 +189,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/pyqcow-bench/convert"))
     ap.add_argument("--only", default=DEFAULT_ONLY, help=f"rows among {','.join(ROWS)}")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    ap.add_argument("--repo", metavar="DIR", help="time the pyqcow of this checkout (its "
+                    "package directory first on PYTHONPATH; compiled helpers built there), "
+                    "e.g. an export of an older commit, for before/after figures")
     args = ap.parse_args(argv)
+    if args.repo:
+        global PYQCOW_REPO
+        PYQCOW_REPO = Path(args.repo).resolve()
     if shutil.which("qemu-img") is None:
         log("bench convert: qemu-img not found; nothing to compare with")
         return 0

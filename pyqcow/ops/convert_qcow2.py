@@ -71,12 +71,14 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
     Where ``out``'s backing is a layer of ``src``'s own chain (the same files, as
     with ``qemu-img convert -B`` onto the source's base), the guest ranges that
     nothing above that layer allocates read the same on both sides: they are not
-    read at all.  The rest is read and compared cluster by cluster; differing
-    clusters that lie in a host file of the source go file to file on a reflink
-    file system (shared extents), the others are written from the buffer."""
+    read at all.  The rest is read and compared cluster by cluster (in C); the
+    differing clusters of a batch of chunks are allocated together
+    (``prepare_writes``) and those that lie in a host file of the source go file
+    to file (copy_file_range: shared extents on a reflink file system, one
+    in-kernel copy elsewhere), the others are written from the buffer."""
     cs = out.cluster_size
     writer = copier.BufferWriter(out, comp=_compressor_for(out, compress))
-    kick = WritebackKicker(out.data_hf.fd)
+    kick = WritebackKicker(out.data_hf.fd, background=True)
     plan, ranges = differing_candidates(src, out.backing, cs)
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
     share = _sharing_fds(plan, out) if not compress else frozenset()
@@ -86,25 +88,112 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
     done = written = 0
     bbuf = bytearray(max((c[1] for c in chunks), default=0))
     maps = SourceMaps()
-    for g, n, fd, host in chunks:
-        view = maps.view(fd, host, n) if fd in share else None
-        if view is None and fd is not None:
-            view = memoryview(copier.read_host(fd, host, n))
-        elif view is None:
-            view = memoryview(bytearray(n))
-            src.readinto(view, g)
-        bview = memoryview(bbuf)[:n]
-        read_guest(out.backing, bview, g)
-        origin = (fd, host) if fd in share else None
-        written += _write_differing(writer, view, bview, g, origin)
-        writer.checkpoint()
-        kick()
-        done += n
-        if progress:
+    batch: list[tuple[int, int, object]] = []
+    size = 0
+    try:
+        for g, n, fd, host in chunks:
+            view = maps.view(fd, host, n) if fd is not None else None
+            if view is None and fd is not None:
+                view = memoryview(copier.read_host(fd, host, n))
+            elif view is None:
+                view = memoryview(bytearray(n))
+                src.readinto(view, g)
+            bview = memoryview(bbuf)[:n]
+            read_guest(out.backing, bview, g)
+            origin = (fd, host) if fd in share else None
+            written += _differing(out, view, bview, g, origin, batch)
+            size += n
+            done += n
+            if size >= QCOW2_CHUNK:
+                written += _write_batch(out, writer, batch)
+                batch.clear()
+                size = 0
+                writer.checkpoint()
+                kick()
+                if progress:
+                    progress(done, total)
+        written += _write_batch(out, writer, batch)
+        if progress and total:
             progress(done, total)
-    maps.close()
+    finally:
+        kick.close()
+        maps.close()
     writer.finish()
     return written
+
+
+def _differing(out, view: memoryview, bview: memoryview, guest_offset: int,
+               origin: tuple[int, int] | None, batch: list) -> int:
+    """Queue in ``batch`` the data clusters of ``view`` that differ from ``bview``
+    (the backing's view): (guest offset, length, (fd, host offset) or the bytes);
+    differing clusters of zeros become zero clusters at once.  Returns the bytes
+    made zero clusters."""
+    cs = out.cluster_size
+    zeroed = 0
+    for a, ln in copier.diff_runs(view, bview, 0, cs):
+        for off, m, zero in fastcopy.zero_runs(view[a : a + ln], cs):
+            g = guest_offset + a + off
+            if zero:
+                out.write_zeroes(g, m)
+                zeroed += m
+            elif origin is None:
+                batch.append((g, m, view[a + off : a + off + m]))
+            else:
+                batch.append((g, m, (origin[0], origin[1] + a + off)))
+    return zeroed
+
+
+def _write_batch(out, writer, batch: list) -> int:
+    """Write the queued ``(guest offset, length, source)`` clusters (sorted) into
+    fresh clusters allocated together; a source is ``(fd, host offset)`` (copied
+    file to file) or a buffer (written; compressed with ``writer.comp``)."""
+    if not batch:
+        return 0
+    if writer.comp is not None:
+        return sum(writer.write(g, data) for g, _, data in batch)
+    # one allocation per L2 table's range: its table first, then its data (the
+    # layout prepare_write and qemu-img give)
+    span = out.l2_entries * out.cluster_size
+    part: list[tuple[int, int, object]] = []
+    wrote = 0
+    for g, n, source in batch:
+        while n:
+            if part and part[-1][0] // span != g // span:
+                wrote += _write_part(out, part)
+                part = []
+            m = min(n, span - g % span)
+            part.append((g, m, source))
+            if m < n:  # straddles: the rest goes with the next table
+                source = ((source[0], source[1] + m) if isinstance(source, tuple)
+                          else source[m:])
+            g, n = g + m, n - m
+    return wrote + _write_part(out, part)
+
+
+def _write_part(out, batch: list) -> int:
+    if not batch:
+        return 0
+    handle = out.writer.prepare_writes([(g, n) for g, n, _ in batch])
+    hf = out.data_hf
+    copies: dict[int, list[tuple[int, int, int]]] = {}
+    i = 0
+    for g, host, n in handle:
+        pos, end = g, g + n
+        while pos < end:
+            while batch[i][0] + batch[i][1] <= pos:
+                i += 1
+            ig, ilen, source = batch[i]
+            stop = min(end, ig + ilen)
+            if isinstance(source, tuple):
+                copies.setdefault(source[0], []).append(
+                    (source[1] + (pos - ig), host + (pos - g), stop - pos))
+            else:
+                hf.pwrite(source[pos - ig : stop - ig], host + (pos - g))
+            pos = stop
+    for fd, runs in copies.items():
+        fastcopy.copy_runs(fd, hf.fd, runs)
+    handle.filled()
+    return sum(n for _, n, _ in batch)
 
 
 def differing_candidates(src, backing, cs: int) -> tuple[RawPlan, list[tuple[int, int]]]:
@@ -162,50 +251,6 @@ def _same_layer(src, backing):
     return None
 
 
-def _write_differing(writer, view: memoryview, bview: memoryview, guest_offset: int,
-                     origin: tuple[int, int] | None = None) -> int:
-    """Write the clusters of ``view`` that differ from ``bview`` (the backing's view);
-    with ``origin`` (fd, host offset of ``view``'s first byte), data clusters are
-    copied from that file (shared extents on a reflink file system)."""
-
-    def put(a: int, b: int) -> int:
-        if origin is None:
-            return writer.write(guest_offset + a, view[a:b])
-        return writer.copy(guest_offset + a, b - a, origin[0], origin[1] + a)
-
-    out = writer.dest
-    cs = out.cluster_size
-    written = 0
-    run_start = None
-    pos = 0
-    n = len(view)
-    while pos <= n:
-        differs = False
-        if pos < n:
-            m = min(cs, n - pos)
-            differs = bytes(view[pos : pos + m]) != bytes(bview[pos : pos + m])
-            zero = differs and fastcopy.is_zero(view[pos : pos + m])
-            if zero:
-                # flush a pending data run, then make this cluster a zero cluster
-                if run_start is not None:
-                    written += put(run_start, pos)
-                    run_start = None
-                out.write_zeroes(guest_offset + pos, m)
-                written += m
-                pos += m
-                continue
-        if differs:
-            if run_start is None:
-                run_start = pos
-        elif run_start is not None:
-            written += put(run_start, pos)
-            run_start = None
-        if pos >= n:
-            break
-        pos += min(cs, n - pos)
-    return written
-
-
 # ---------------------------------------------------------------- no -B
 def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
                opts: ConvertOptions, *, fresh: bool) -> int:
@@ -253,6 +298,11 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
     fill.share = share
     fill.parts = parts
+    if share:
+        # the data goes file to file in batches (one C call per source file): the
+        # -W write streams would only queue on the destination's inode lock
+        # (measured: more CPU and wall, not less)
+        fill.writer.pool = None
     try:
         written = fill.run(chunks, workers, progress)
     finally:
@@ -265,9 +315,19 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
 
 
 def _sharing_fds(plan, out) -> frozenset[int]:
-    """The plan's host files from which copy_file_range into ``out`` may share
-    extents (reflink file systems)."""
+    """The plan's host files whose data is copied file to file into ``out``:
+    every one with the C helper (copy_file_range: shared extents on a reflink
+    file system, one in-kernel copy elsewhere, pread/pwrite where refused) when
+    the output goes through the page cache; otherwise those from which
+    copy_file_range may share extents."""
+    from ..hostfile import cache_mode
+
     fds = {st.fd for st in plan.steps if st.fd is not None}
+    if (fastcopy._native_for_call() is not None and cache_mode() in ("writeback", "unsafe")
+            and not out.data_hf.is_block_device):
+        # (-t none/directsync: written from buffers, O_DIRECT; a block device: through
+        # the host file, which knows the device's end)
+        return frozenset(fds)
     dst = out.data_hf.fd
     return frozenset(fd for fd in fds if fastcopy.can_share(fd, dst))
 
@@ -353,10 +413,27 @@ class _PlainFill:
         self.writer = copier.BufferWriter(
             out, comp=comp, pool=pool if opts.out_of_order else None
         )
+        self.native = fastcopy._native_for_call()  # (asked once, not per chunk)
+        # data clusters queued for _write_batch: (guest offset, length, source)
+        self.batch: list[tuple[int, int, object]] = []
+        self.batch_bytes = 0
+
+    def flush_batch(self) -> int:
+        wrote = _write_batch(self.out, self.writer, self.batch)
+        self.batch.clear()
+        self.batch_bytes = 0
+        return wrote
 
     def run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None) -> int:
+        kick = WritebackKicker(self.out.data_hf.fd, background=True)
+        try:
+            return self._run(chunks, workers, progress, kick)
+        finally:
+            kick.close()
+
+    def _run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None,
+             kick: WritebackKicker) -> int:
         total = sum(c[1] for c in chunks)
-        kick = WritebackKicker(self.out.data_hf.fd)
         in_flight: deque = deque()
         done = written = 0
         for c in chunks:
@@ -367,6 +444,8 @@ class _PlainFill:
                 done += c0[1]
                 if progress:
                     progress(done, total)
+                if self.batch_bytes >= QCOW2_CHUNK:
+                    self.flush_batch()
                 self.writer.checkpoint()  # data before the L2 entries that point at it
                 kick()
         while in_flight:
@@ -375,14 +454,15 @@ class _PlainFill:
             done += c0[1]
             if progress:
                 progress(done, total)
+        self.flush_batch()
         self.writer.settle()
         return written
 
     def read(self, c: Chunk):
         """The chunk's bytes, or a future of them (host data, with a pool)."""
         g, n, fd, host = c
-        if fd in self.share and (view := self.maps.view(fd, host, n)) is not None:
-            return view  # (only scanned for zeros: the data goes file to file)
+        if fd is not None and (view := self.maps.view(fd, host, n)) is not None:
+            return view  # scanned in place; written from the mapping or file to file
         if fd is not None:
             if self.pool is not None:
                 return self.pool.submit(copier.read_host, fd, host, n)
@@ -395,7 +475,7 @@ class _PlainFill:
         cs = self.out.cluster_size
         if self.opts.sparse_size == 0:
             return [(0, len(view), False)]
-        runs = fastcopy.zero_runs(view, cs)
+        runs = _zero_runs(self.native, view, cs)
         if self.opts.sparse_size > cs:
             runs = sparse_runs(runs, g, -(-self.opts.sparse_size // cs) * cs)
         return runs
@@ -431,6 +511,14 @@ class _PlainFill:
         ``c``): the parts that lie in plain host data of a sharing file are copied
         file to file (shared extents on a reflink file system), the rest written."""
         writer = self.writer
+        if writer.comp is None and writer.pool is None and c[0] not in self.parts:
+            # queued: allocated and copied with the batch (_write_batch)
+            fd, host = c[2], c[3]
+            source = (fd, host + (goff - c[0])) if fd in self.share else data
+            self.batch.append((goff, len(data), source))
+            self.batch_bytes += len(data)
+            return len(data)
+        self.flush_batch()  # (guest order kept: what is queued is allocated first)
         if writer.comp is not None or not self.share:
             return writer.write(goff, data)
         wrote = 0
@@ -444,6 +532,21 @@ class _PlainFill:
             else:
                 wrote += writer.write(a, data[a - goff : b - goff])
         return wrote
+
+
+def _zero_runs(native, view, granularity: int) -> list[tuple[int, int, bool]]:
+    """``fastcopy.zero_runs`` of a contiguous byte view with the helper ``native``
+    (or None) chosen once by the caller: without the per-call checks and backend
+    look-up, which cost more than the scan of a chunk of data."""
+    n = len(view)
+    if native is None or not n:
+        return fastcopy.zero_runs(view, granularity)
+    cap = -(-n // granularity)
+    out = native.ffi.new("int64_t[]", 3 * cap)
+    with native.ffi.from_buffer(view) as p:
+        count = fastcopy._check(native.lib.pyqcow_zero_runs(p, n, granularity, out, cap))
+    v = native.ffi.unpack(out, 3 * count)
+    return [(v[i], v[i + 1], bool(v[i + 2])) for i in range(0, 3 * count, 3)]
 
 
 def sparse_runs(

@@ -18,20 +18,19 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import NamedTuple
 
 from .. import fastcopy
 from ..errors import OperationError
 from ..hostfile import fsync_dir
 from .convert_common import (
     DEFAULT_OPTIONS,
+    BackgroundWriteback,
     ConvertOptions,
     ProgressFn,
     SourceMaps,
     drop_source_cache,
     kick_writeback_wanted,
     refuse_source_as_destination,
-    start_writeback,
 )
 from .copier import read_host
 from .plan import CopyStep, RawPlan
@@ -80,14 +79,23 @@ def execute_raw(
     return written
 
 
-class Batch(NamedTuple):
+class Batch(tuple):
     """Runs of one source copied by one call: (host offset, destination offset,
     length) from the host file ``fd``, or with ``fd`` None (guest offset, the same,
-    length) read through the image."""
+    length) read through the image.  (A tuple ``(fd, runs, length)``, not a
+    typing.NamedTuple: importing typing costs a convert ~2.5 ms of start-up.)"""
 
-    fd: int | None
-    runs: list[tuple[int, int, int]]
-    length: int
+    __slots__ = ()
+
+    def __new__(cls, fd: int | None, runs: list[tuple[int, int, int]], length: int) -> Batch:
+        return tuple.__new__(cls, (fd, runs, length))
+
+    fd = property(lambda self: self[0])
+    runs = property(lambda self: self[1])
+    length = property(lambda self: self[2])
+
+    def _replace(self, *, length: int) -> Batch:
+        return Batch(self[0], self[1], length)
 
 
 def _split(plan: RawPlan) -> tuple[list[Batch], list[tuple[int, int]]]:
@@ -139,25 +147,46 @@ def _write_raw(
     # source fd -> copy_file_range may share extents (asked once per file: fstatfs)
     srcs = {s.fd for s in plan.steps if s.fd is not None}
     shares = {src: fastcopy.can_share(src, fd) for src in srcs}
-    kick = kick_writeback_wanted()
+    # (where every source shares its extents, the copies dirty no page: nothing to start)
+    writeback = (BackgroundWriteback(fd)
+                 if kick_writeback_wanted() and not (shares and all(shares.values())) else None)
     maps = SourceMaps()
 
-    def piece(item: Batch) -> int:
+    def batch(item: Batch) -> int:
         src_fd, runs, _ = item
         if src_fd is None:
-            done = sum(_copy_through_image(img, fd, CopyStep(g, n), sparse, dst)
+            return sum(_copy_through_image(img, fd, CopyStep(g, n), sparse, dst)
                        for g, _, n in runs)
-        elif sparse and shares[src_fd]:
-            done = sum(_copy_data_blocks(src_fd, *run, fd, maps) for run in runs)
-        else:
-            done = fastcopy.copy_runs(src_fd, fd, runs, skip_zero=sparse)
-        if kick:
-            start = runs[0][1]
-            start_writeback(fd, start, runs[-1][1] + runs[-1][2] - start)
+        if sparse and shares[src_fd]:
+            return sum(_copy_data_blocks(src_fd, *run, fd, maps) for run in runs)
+        return fastcopy.copy_runs(src_fd, fd, runs, skip_zero=sparse)
+
+    def piece(group: list[Batch]) -> int:
+        done = 0
+        mapped: dict[int, list[tuple[int, int, int]]] = {}
+        for item in group:
+            if sparse and item.fd is not None:
+                mapped.setdefault(item.fd, []).extend(item.runs)
+            else:
+                done += batch(item)
+        for src_fd, runs in mapped.items():
+            # one C call per source file: scanned in place in its mapping, the data
+            # copied file to file (one in-kernel copy; shared extents on reflink)
+            n = maps.copy_nonzero(src_fd, fd, runs)
+            done += batch(Batch(src_fd, runs, 0)) if n is None else n
+        if writeback is not None:
+            lo = min(item.runs[0][1] for item in group)
+            hi = max(item.runs[-1][1] + item.runs[-1][2] for item in group)
+            writeback(lo, hi - lo)
         return done
 
-    with maps:
-        written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes, progress)
+    try:
+        with maps:
+            written = _run_pieces(piece, work, max(1, opts.coroutines), plan.data_bytes,
+                                  progress)
+    finally:
+        if writeback is not None:
+            writeback.close()  # before the fsync (and the close) of fd
     if regular and not opts.existing and os.fstat(fd).st_size != plan.virtual_size:
         os.ftruncate(fd, plan.virtual_size)
     hf.fsync()
@@ -182,25 +211,39 @@ def _truncate_to_nothing(fd: int) -> None:
         pass
 
 
+def _groups(work: list[Batch]) -> list[list[Batch]]:
+    """Consecutive batches together, RAW_PIECE bytes at most a group (one call to
+    the C copier per source file of a group, one writeback start)."""
+    out: list[list[Batch]] = []
+    size = RAW_PIECE
+    for item in work:
+        if size + item.length > RAW_PIECE:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += item.length
+    return out
+
+
 def _run_pieces(piece, work: list[Batch], workers: int, total: int,
                 progress: ProgressFn | None) -> int:
-    """``piece(item)`` for every item of ``work``: the host-file pieces on
-    ``workers`` threads (the C copier releases the GIL), the others in order."""
+    """``piece(group)`` for every group of ``work``'s batches: the host-file batches
+    on ``workers`` threads (the C copier releases the GIL), the others in order."""
     done = written = 0
-    parallel = [w for w in work if w.fd is not None] if workers > 1 else []
-    serial = [w for w in work if w.fd is None] if workers > 1 else work
+    parallel = _groups([w for w in work if w.fd is not None]) if workers > 1 else []
+    serial = _groups([w for w in work if w.fd is None] if workers > 1 else work)
     if parallel:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(workers) as pool:
-            for n, item in zip(pool.map(piece, parallel), parallel, strict=True):
+            for n, group in zip(pool.map(piece, parallel), parallel, strict=True):
                 written += n
-                done += item.length
+                done += sum(item.length for item in group)
                 if progress:
                     progress(done, total)
-    for item in serial:
-        written += piece(item)
-        done += item.length
+    for group in serial:
+        written += piece(group)
+        done += sum(item.length for item in group)
         if progress:
             progress(done, total)
     return written

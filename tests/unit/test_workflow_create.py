@@ -357,6 +357,10 @@ def test_convert_enospc_names_file_and_removes_output(chain, tmp_path, monkeypat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(fastcopy, "copy_runs", full)
+    # (host data is copied by the C helper over the source's mapping: fail there too)
+    from pyqcow.ops.convert_common import SourceMaps
+
+    monkeypatch.setattr(SourceMaps, "copy_nonzero", full)
     status, _, err = run(capsys, "convert", "-O", "raw", base, dst)
     assert_one_line_error(status, err, str(dst), "No space left on device")
     assert not dst.exists()
@@ -372,6 +376,10 @@ def test_convert_failure_keeps_preexisting_destination(chain, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(fastcopy, "copy_runs", full)
+    # (host data is copied by the C helper over the source's mapping: fail there too)
+    from pyqcow.ops.convert_common import SourceMaps
+
+    monkeypatch.setattr(SourceMaps, "copy_nonzero", full)
     status, _, err = run(capsys, "convert", "-O", "raw", base, dst)
     assert_one_line_error(status, err, str(dst), "No space left on device")
     assert dst.exists()  # it was not ours to remove
