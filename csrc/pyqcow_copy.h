@@ -98,3 +98,13 @@ int64_t pyqcow_diff_runs(const void *a, const void *b, size_t length, size_t fir
  */
 int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size_t start,
                                int64_t *out, size_t out_capacity);
+
+/* --- added by h-xfs */
+/*
+ * pyqcow_diff_runs for buffers that may lie in file mappings: -EFAULT if a
+ * SIGBUS hit the comparison (a file shrank under its mapping).  a_zero (room
+ * for `capacity`): 1 for each run where a's bytes are all zero, else 0.
+ */
+int64_t pyqcow_diff_runs_mapped(const void *a, const void *b, size_t length, size_t first,
+                                size_t block, int64_t *out, size_t capacity,
+                                signed char *a_zero);

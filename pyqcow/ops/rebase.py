@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from .. import spec
@@ -182,7 +183,7 @@ def _copy_differences(top, old, new, progress) -> int:
     ranges = unallocated_ranges(top)
     prog = copier.Progress(sum(n for _, n in ranges), progress)
     out = _Output(top, copier)
-    sources = _Sources(copier)
+    sources = _Sources(copier, top.path)
     try:
         for a, b, op, np_ in _segments(ranges, old, new, top.cluster_size, prog):
             for g, n, piece in sources.differences(a, b, op, np_, top.cluster_size):
@@ -306,10 +307,11 @@ class _Sources:
     read through its layer.  With the C helper the comparison runs on
     pointers into the mappings (no view or buffer is made per chunk)."""
 
-    def __init__(self, copier) -> None:
+    def __init__(self, copier, path: str) -> None:
         from .. import fastcopy
 
         self.copier = copier
+        self.path = path
         self.maps: dict[int, tuple] = {}  # fd -> (mmap or None, (st_dev, st_ino), pointer)
         self.zeros = bytes(COMPARE_CHUNK)
         self.bufs: list = [None, None]  # read buffers, made when first needed
@@ -320,6 +322,7 @@ class _Sources:
             self.zero_ptr = ffi.from_buffer(self.zeros)
             self.cap = COMPARE_CHUNK // 512 + 2
             self.out = ffi.new("int64_t[]", 2 * self.cap)
+            self.zero_flags = ffi.new("signed char[]", self.cap)
 
     def close(self) -> None:
         for m, _, ptr in self.maps.values():
@@ -339,7 +342,9 @@ class _Sources:
 
             st = os.fstat(fd)
             m = ptr = None
-            if st.st_size:
+            # (mapped only for the C helper, which survives a SIGBUS: the
+            # fallback reads through the layers)
+            if st.st_size and self.native is not None:
                 try:
                     m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
                 except (OSError, ValueError):  # e.g. a block device or a pipe
@@ -350,8 +355,9 @@ class _Sources:
         return got
 
     def where(self, p, a: int):
-        """(mapping, offset, file id, pointer) of piece ``p``'s byte at guest ``a``,
-        or None if it is zeros, or () if it must be read."""
+        """(mapping, offset, file id, pointer) of piece ``p``'s byte at guest ``a``
+        (mapping and pointer None: read it), or None if it is zeros, or () if
+        it must be read through its layer and has no file offset."""
         if p.kind != "data":
             return None
         run = p.run
@@ -359,8 +365,8 @@ class _Sources:
             return ()
         m, ident, ptr = self._file(self.copier._src_fd(p.layer))
         host = run.host_offset + (a - run.guest_offset)
-        if m is None or host + (p.end - a) > len(m):
-            return ()  # (past the file's end: read, which gives zeros there)
+        if m is not None and host + (p.end - a) > len(m):
+            m = ptr = None  # (past the file's end: read, which gives zeros there)
         return m, host, ident, ptr
 
     def _read(self, p, a: int, n: int, side: int) -> memoryview:
@@ -375,12 +381,11 @@ class _Sources:
         there): a pointer with the C helper, else a memoryview."""
         if loc is None:
             return self.zero_ptr if self.native is not None else memoryview(self.zeros)[:n]
-        if loc == ():
+        if loc == () or loc[0] is None:
             v = self._read(p, a, n, side)
             return self.native.ffi.from_buffer(v) if self.native is not None else v
         self.touched += n
-        m, host, _, ptr = loc
-        return ptr + host if ptr is not None else memoryview(m)[host : host + n]
+        return loc[3] + loc[1]
 
     def differences(self, a: int, b: int, op, np_, cs: int):
         """(guest offset, length, old piece) of the differing cluster runs in [a, b)
@@ -407,13 +412,13 @@ class _Sources:
         if native is None:
             runs = self.copier.diff_runs(ov, nv, first, cs)
             return [(o, ln, old_zero or self.copier.is_zero(ov[o : o + ln])) for o, ln in runs]
-        lib, out = native.lib, self.out
-        count = lib.pyqcow_diff_runs(ov, nv, n, first, cs, out, self.cap)
+        out, zero = self.out, self.zero_flags
+        count = native.lib.pyqcow_diff_runs_mapped(ov, nv, n, first, cs, out, self.cap, zero)
         if count < 0:
+            if count == -errno.EFAULT:  # SIGBUS: a file shrank under its mapping
+                raise OperationError(self.path, "an image file shrank while it was compared")
             raise OSError(-count, os.strerror(-count))
-        return [(out[2 * i], out[2 * i + 1],
-                 old_zero or bool(lib.pyqcow_is_zero(ov + out[2 * i], out[2 * i + 1])))
-                for i in range(count)]
+        return [(out[2 * i], out[2 * i + 1], old_zero or zero[i] == 1) for i in range(count)]
 
     def release(self) -> None:
         import mmap

@@ -111,3 +111,36 @@ def test_sibling_overlays_compare_only_what_they_allocate(tmp_path: Path, monkey
     assert qemu.check_json(ours)[1] == 0
     # clusters 2 and 10 (one overlay allocates them), both chains: nothing else
     assert 0 < sum(looked) <= 2 * 2 * U, looked
+
+
+def test_a_file_shrinking_under_the_compare_is_an_error_not_a_crash(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """The chains are compared in mappings of their files: a file truncated by
+    someone else meanwhile raises SIGBUS there, which the C helper turns into
+    a clean error (the process lives on, the top is as before)."""
+    from pyqcow.errors import QcowError
+
+    if not fastcopy.native_available():
+        pytest.skip("native fastcopy helper not built")
+    old = qemu.create(tmp_path / "old.qcow2", 4 * 1024 * KiB)
+    qemu.qemu_io(old, f"write -P 0x11 0 {4 * 1024 * KiB}")
+    new = qemu.create(tmp_path / "new.qcow2", 4 * 1024 * KiB)
+    qemu.qemu_io(new, f"write -P 0x22 0 {4 * 1024 * KiB}")
+    top = qemu.create(tmp_path / "top.qcow2", None, backing="old.qcow2", backing_fmt="qcow2",
+                      cwd=tmp_path)
+    ref = qemu.convert_raw(top, tmp_path / "ref.raw")
+    real = rebase_mod._Sources._file
+
+    def shrinking(self, fd):
+        got = real(self, fd)
+        if os.fstat(fd).st_ino == os.stat(old).st_ino:
+            os.truncate(old, 3 * U)  # under the mapping just made
+        return got
+
+    monkeypatch.setattr(rebase_mod._Sources, "_file", shrinking)
+    with fastcopy.backend("native"), pytest.raises(QcowError, match="shrank"):
+        rebase_mod.rebase(top, "new.qcow2", backing_format="qcow2")
+    monkeypatch.undo()
+    assert qemu.check_json(top)[1] in (0, 3)
+    assert qemu.info_json(top)["backing-filename"] == "old.qcow2"
+    assert os.path.getsize(ref) == 4 * 1024 * KiB
