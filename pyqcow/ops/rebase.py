@@ -217,9 +217,12 @@ def _shared_layer(old, new):
 
 def _segments(ranges, old, new, cs: int, prog):
     """(start, end, old piece, new piece) over ``ranges`` where the two chains may
-    read otherwise, in guest order; a piece is None where its chain reads zeros
-    (no image, past its end).  Where the new chain reads the old backing file
-    itself (see ``_shared_layer``) there is no segment (progress is advanced)."""
+    read otherwise, in guest order (pieces of ``plan.pieces_above`` down to the
+    bottom of each chain; a "zero" piece where there is no chain).  Where the
+    new chain reads the old backing file itself (see ``_shared_layer``) there
+    is no segment (progress is advanced there).  Planned one window of
+    WINDOW_CLUSTERS clusters at a time, the old chain only where the new one
+    leaves something to compare."""
     from .plan import pieces_above
 
     if not ranges:
