@@ -701,3 +701,34 @@ int64_t pyqcow_copy_mapped_runs(int src_fd, const void *src_map, int64_t map_siz
     guard_active = 0;
     return rc < 0 ? rc : c.written;
 }
+
+/* --- added by h-xfs */
+/*
+ * pyqcow_diff_runs over memory that may lie in file mappings (a safe rebase
+ * compares the two chains in place): a SIGBUS (a file shrank under its
+ * mapping) returns -EFAULT instead of killing the process.  a_zero (room for
+ * `capacity`): for each run, 1 if a's bytes there are all zero.
+ */
+int64_t pyqcow_diff_runs_mapped(const void *a, const void *b, size_t length, size_t first,
+                                size_t block, int64_t *out, size_t capacity,
+                                signed char *a_zero)
+{
+    sigjmp_buf jump;
+    volatile int64_t count;
+    int rc = install_bus_handler();
+
+    if (rc < 0)
+        return rc;
+    if (sigsetjmp(jump, 0)) {
+        guard_active = 0;
+        return -EFAULT;
+    }
+    guard_jump = &jump;
+    guard_active = 1;
+    count = pyqcow_diff_runs(a, b, length, first, block, out, capacity);
+    for (int64_t i = 0; i < count; i++)
+        a_zero[i] = (signed char)pyqcow_is_zero((const unsigned char *)a + out[2 * i],
+                                                (size_t)out[2 * i + 1]);
+    guard_active = 0;
+    return count;
+}

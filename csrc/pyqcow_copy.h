@@ -102,3 +102,13 @@ int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size
 /* --- added by h-convert */
 int64_t pyqcow_copy_mapped_runs(int src_fd, const void *src_map, int64_t map_size,
                                 int dst_fd, const int64_t *runs, size_t run_count);
+
+/* --- added by h-xfs */
+/*
+ * pyqcow_diff_runs for buffers that may lie in file mappings: -EFAULT if a
+ * SIGBUS hit the comparison (a file shrank under its mapping).  a_zero (room
+ * for `capacity`): 1 for each run where a's bytes are all zero, else 0.
+ */
+int64_t pyqcow_diff_runs_mapped(const void *a, const void *b, size_t length, size_t first,
+                                size_t block, int64_t *out, size_t capacity,
+                                signed char *a_zero);

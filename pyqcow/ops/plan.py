@@ -58,19 +58,30 @@ def _walk(img, base, start: int, length: int, out: list[Piece]) -> None:
         return
     inside = max(0, min(length, img.virtual_size - start))
     if inside:
+        backing = img.backing
+        # (the hot loop of a commit plan: one pass per run of the top, the
+        # common cases -- data, and a hole over the base -- without calls)
+        base_end = base.virtual_size if base is not None and backing is base else -1
         for run in img.runs(start, inside):
             t = run.type
+            g = run.guest_offset
             if t in UNALLOCATED_TYPES:
-                if img.backing is None:
-                    _add(out, Piece(run.guest_offset, run.length, "zero"))
-                elif img.backing is base:
-                    _below(base, run.guest_offset, run.length, out)
+                if g + run.length <= base_end:  # all inside the base: "below"
+                    last = out[-1] if out else None
+                    if last is not None and last.kind == "below" and last.end == g:
+                        last.length += run.length
+                    else:
+                        out.append(Piece(g, run.length, "below"))
+                elif backing is None:
+                    _add(out, Piece(g, run.length, "zero"))
+                elif backing is base:
+                    _below(base, g, run.length, out)
                 else:
-                    _walk(img.backing, base, run.guest_offset, run.length, out)
+                    _walk(backing, base, g, run.length, out)
             elif t in ZERO_TYPES:
-                _add(out, Piece(run.guest_offset, run.length, "zero", img, run))
-            else:
-                _add(out, Piece(run.guest_offset, run.length, "data", img, run))
+                _add(out, Piece(g, run.length, "zero", img, run))
+            elif run.length > 0:
+                out.append(Piece(g, run.length, "data", img, run))
     if inside < length:
         _add(out, Piece(start + inside, length - inside, "zero"))
 

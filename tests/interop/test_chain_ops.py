@@ -409,14 +409,14 @@ def test_safe_rebase_onto_an_overlay_of_the_old_backing(tmp_path, monkeypatch):
         qemu.qemu_io(top, f"write -P 0x31 {5 * u} {4 * u}")
     ours, theirs = tmp_path / "ours" / "top.qcow2", tmp_path / "theirs" / "top.qcow2"
     before = raw_of(ours, tmp_path / "before.raw")
-    read = []
-    real = rebase_mod.read_guest
+    read = []  # bytes of either chain looked at (compared)
+    real = rebase_mod._Sources.view
 
-    def read_guest(img, dst, offset):
-        read.append(len(dst))
-        return real(img, dst, offset)
+    def view(self, p, loc, a, n, side):
+        read.append(n)
+        return real(self, p, loc, a, n, side)
 
-    monkeypatch.setattr(rebase_mod, "read_guest", read_guest)
+    monkeypatch.setattr(rebase_mod._Sources, "view", view)
     rebase(ours, "mid.qcow2", backing_format="qcow2")
     monkeypatch.undo()
     qemu.qemu_img("rebase", "-q", "-b", "mid.qcow2", "-F", "qcow2", theirs, cwd=theirs.parent)
