@@ -597,3 +597,16 @@ int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size
     }
     return (int64_t)n;
 }
+
+/* --- added by h-copier: space reservation before O_DIRECT copies ---------- */
+int pyqcow_fallocate(int fd, int mode, int64_t offset, int64_t length)
+{
+#ifdef __linux__
+    if (fallocate(fd, mode, (off_t)offset, (off_t)length) < 0)
+        return -errno;
+    return 0;
+#else
+    (void)fd; (void)mode; (void)offset; (void)length;
+    return -EOPNOTSUPP;
+#endif
+}

@@ -98,3 +98,11 @@ int64_t pyqcow_diff_runs(const void *a, const void *b, size_t length, size_t fir
  */
 int64_t pyqcow_nonzero_entries(const void *buf, size_t count, size_t width, size_t start,
                                int64_t *out, size_t out_capacity);
+
+/* --- added by h-copier */
+/*
+ * fallocate(2) of [offset, offset + length) with `mode` (0: allocate, extending
+ * the file size).  0 or -errno (-EOPNOTSUPP where the file system or the
+ * platform cannot; never emulated by writing zeros, unlike posix_fallocate).
+ */
+int pyqcow_fallocate(int fd, int mode, int64_t offset, int64_t length);
