@@ -273,7 +273,7 @@ def copy_runs(
     shorter than the last run's end is extended.  Returns the number of bytes
     actually written.
 
-    ``direct`` (not with ``skip_zero``): a ``copier.DirectWriter`` on ``dst_fd``;
+    ``direct`` (not with ``skip_zero``): a ``ops.directcopy.DirectWriter`` on ``dst_fd``;
     the runs it takes are written through it (O_DIRECT, on its threads) while
     the others are copied here; the call returns once all are written."""
     src_fd = _check_fd(src_fd, "src_fd")

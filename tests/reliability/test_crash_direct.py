@@ -1,5 +1,5 @@
 """Crash and fault injection at every fault point of commit and stream with the
-copier's O_DIRECT path forced on (copier.DirectWriter: fresh clusters reserved
+copier's O_DIRECT path forced on (directcopy.DirectWriter: fresh clusters reserved
 with fallocate and written through an O_DIRECT descriptor on threads).  The
 images of test_crash_inject's fixed chain are far below the path's real
 thresholds, so these are lowered here; the promises are the same."""
@@ -14,7 +14,7 @@ import scenarios
 from test_crash_inject import _run, fixed_chain
 
 from pyqcow import fastcopy
-from pyqcow.ops import copier
+from pyqcow.ops import directcopy
 
 pytestmark = pytest.mark.skipif(
     not fastcopy.native_available(), reason="the O_DIRECT path needs the helper's fallocate"
@@ -31,17 +31,17 @@ def test_crash_points_with_direct_copies(name, tmp_path, monkeypatch):
         pytest.skip("no O_DIRECT on this file system")
     os.close(fd)
     os.unlink(d / "probe")
-    monkeypatch.setattr(copier, "DIRECT_MIN", 4096)
-    monkeypatch.setattr(copier, "DIRECT_GROUP", 8192)
+    monkeypatch.setattr(directcopy, "DIRECT_MIN", 4096)
+    monkeypatch.setattr(directcopy, "DIRECT_GROUP", 8192)
     direct: list[int] = []
-    real = copier.DirectWriter._fill_and_write
+    real = directcopy.DirectWriter._fill_and_write
 
     def spy(self, src_fd, group, view):
         n = real(self, src_fd, group, view)
         direct.append(n)
         return n
 
-    monkeypatch.setattr(copier.DirectWriter, "_fill_and_write", spy)
+    monkeypatch.setattr(directcopy.DirectWriter, "_fill_and_write", spy)
     ch = fixed_chain(str(d))
     sc = scenarios.build(name, ch, 3)
     points = crashkit.count_points(ch.directory, ch.directory + ".work", sc.op)

@@ -1,4 +1,4 @@
-"""The copier's O_DIRECT path (copier.DirectWriter): fresh clusters of the
+"""The copier's O_DIRECT path (directcopy.DirectWriter): fresh clusters of the
 destination written through an O_DIRECT descriptor on threads, the rest as
 before; results checked against qemu-img's own commit / stream."""
 
@@ -13,7 +13,7 @@ import pytest
 import qemu
 
 from pyqcow import fastcopy
-from pyqcow.ops import copier
+from pyqcow.ops import directcopy
 from pyqcow.ops.commit import commit
 from pyqcow.ops.stream import stream
 
@@ -43,16 +43,16 @@ def _copy_chain(src: Path, dst: Path) -> None:
 def counted(monkeypatch):
     """Bytes written through the O_DIRECT path, per call."""
     seen: list[int] = []
-    real = copier.DirectWriter._fill_and_write
+    real = directcopy.DirectWriter._fill_and_write
 
     def spy(self, src_fd, group, view):
         n = real(self, src_fd, group, view)
         seen.append(n)
         return n
 
-    monkeypatch.setattr(copier.DirectWriter, "_fill_and_write", spy)
-    monkeypatch.setattr(copier, "DIRECT_MIN", 256 * KiB)
-    monkeypatch.setattr(copier, "DIRECT_GROUP", 512 * KiB)
+    monkeypatch.setattr(directcopy.DirectWriter, "_fill_and_write", spy)
+    monkeypatch.setattr(directcopy, "DIRECT_MIN", 256 * KiB)
+    monkeypatch.setattr(directcopy, "DIRECT_GROUP", 512 * KiB)
     return seen
 
 
@@ -120,7 +120,7 @@ def fcntl_flags(fd: int) -> int:
 
 
 def test_split_keeps_old_space_and_unaligned_edges_buffered():
-    w = copier.DirectWriter.__new__(copier.DirectWriter)
+    w = directcopy.DirectWriter.__new__(directcopy.DirectWriter)
     w.fresh = 8 * MiB
     runs = [
         (0, 4 * MiB, 2 * MiB),  # below the fresh space: buffered
@@ -128,16 +128,16 @@ def test_split_keeps_old_space_and_unaligned_edges_buffered():
         (10 * MiB, 11 * MiB, 2 * MiB + 100),  # its unaligned end stays buffered
         (50 * MiB, 20 * MiB + 512, 4 * MiB),  # unaligned start: its head buffered
     ]
-    groups, rest = copier.DirectWriter._split(w, runs)
+    groups, rest = directcopy.DirectWriter._split(w, runs)
     direct = [r for g in groups for r in g]
     assert sum(n for _, _, n in direct) + sum(n for _, _, n in rest) == sum(n for *_, n in runs)
     for so, do, n in direct:
-        assert do >= w.fresh and do % copier.DIRECT_ALIGN == 0
+        assert do >= w.fresh and do % directcopy.DIRECT_ALIGN == 0
     for g in groups:
-        assert sum(n for *_, n in g) <= copier.DIRECT_GROUP
+        assert sum(n for *_, n in g) <= directcopy.DIRECT_GROUP
         ends = [(do, do + n) for _, do, n in g]
         assert all(a[1] == b[0] for a, b in zip(ends, ends[1:]))  # contiguous destination
-        assert (ends[-1][1] - ends[0][0]) % copier.DIRECT_ALIGN == 0
+        assert (ends[-1][1] - ends[0][0]) % directcopy.DIRECT_ALIGN == 0
     assert (0, 4 * MiB, 2 * MiB) in rest
     assert (10 * MiB + 2 * MiB, 13 * MiB, 100) in rest  # the 100-byte tail
     assert (50 * MiB, 20 * MiB + 512, 4096 - 512) in rest  # the head up to 4 KiB
@@ -155,7 +155,7 @@ def test_group_past_the_source_end_reads_zeros(tmp_path):
     dst = tmp_path / "dst.bin"
     dst.write_bytes(b"\xff" * MiB)
     with open(src, "rb") as s, open(dst, "r+b") as d:
-        w = copier.DirectWriter(d.fileno(), str(dst))
+        w = directcopy.DirectWriter(d.fileno(), str(dst))
         try:
             w.reserve(4 * MiB)
             assert w.fresh == MiB and os.fstat(d.fileno()).st_size == 4 * MiB
