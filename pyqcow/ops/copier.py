@@ -141,7 +141,8 @@ class Slicer:
     def copy_runs(self, src_fd: int, dst_fd: int, runs, *, skip_zero: bool = False,
                   report=None, writeback: bool = False, direct=None) -> int:
         """``writeback``: start writing each slice's destination range to the disk
-        once it is copied (start_writeback), not only at the fsync.  ``direct``:
+        once it is copied (start_writeback, or the WritebackStarter given),
+        not only at the fsync.  ``direct``:
         a DirectWriter on ``dst_fd`` (fastcopy.copy_runs)."""
         written = 0
         for part, size in self._cut(runs):
@@ -152,8 +153,8 @@ class Slicer:
             else:
                 written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero)
             if writeback:
-                start_writeback(dst_fd, min(r[1] for r in part),
-                                max(r[1] + r[2] for r in part))
+                (start_writeback if writeback is True else writeback)(
+                    dst_fd, min(r[1] for r in part), max(r[1] + r[2] for r in part))
             elapsed = time.monotonic() - t0
             if elapsed > 0:
                 step = max(SLICE_MIN, min(SLICE_MAX, int(size / elapsed * SLICE_SECONDS)))
@@ -161,6 +162,43 @@ class Slicer:
             if report is not None:
                 report(size)
         return written
+
+
+class WritebackStarter:
+    """``start_writeback`` on a thread of its own: sync_file_range blocks while
+    the device queue is full (write-back throttling), and the copy need not wait
+    for that.  Ranges asked for while one call is queued are merged into it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.queued: list | None = None  # [fd, start, end] not yet started
+        self.pool = None
+
+    def __call__(self, fd: int, start: int, end: int) -> None:
+        with self.lock:
+            q = self.queued
+            if q is not None and q[0] == fd:
+                q[1], q[2] = min(q[1], start), max(q[2], end)
+                return
+            self.queued = [fd, start, end]
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="pyqcow-writeback")
+        self.pool.submit(self._run)
+
+    def _run(self) -> None:
+        with self.lock:
+            fd, start, end = self.queued
+            self.queued = None
+        start_writeback(fd, start, end)
+
+    def close(self) -> None:
+        """Wait for the call under way (the fd must stay open until then)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class _Batch:
@@ -189,7 +227,7 @@ class _Batch:
         # disk writes while the next slice is copied and the final fsync finds
         # little left (not with -t unsafe: nothing waits for the disk then)
         hf = getattr(dest, "data_hf", None) or dest.hf
-        self.writeback = getattr(hf, "cache", None) != "unsafe"
+        self.writeback = WritebackStarter() if getattr(hf, "cache", None) != "unsafe" else None
         # the fresh space through O_DIRECT (qcow2 files only, durable cache modes)
         self.direct = None
         if (cache is not None and getattr(hf, "cache", None) in ("writeback", "none")
@@ -199,6 +237,8 @@ class _Batch:
     def close(self) -> None:
         if self.direct is not None:
             self.direct.close()
+        if self.writeback is not None:
+            self.writeback.close()
 
     def done(self, n: int) -> None:
         self.unreported += n
@@ -232,7 +272,7 @@ class _Batch:
                 self.direct.reserve(max(h + n for _, h, n in handle))
             for fd, runs in _source_runs(handle, pend).items():
                 self.slicer.copy_runs(fd, dst_fd, runs, report=self.report,
-                                      writeback=self.writeback, direct=self.direct)
+                                      writeback=self.writeback or False, direct=self.direct)
             handle.filled()  # the data is in place: the writer may publish the mapping
         self.report()
 

@@ -106,16 +106,20 @@ class DirectWriter:
         return [self.pool.submit(self._write_group, src_fd, g) for g in groups], rest
 
     def _split(self, runs):
-        groups, rest = [], []
+        groups = []
         extents: list[list[tuple[int, int, int]]] = []
-        for run in runs:  # destination-contiguous extents, in order
+        fresh = self.fresh
+        rest = [r for r in runs if r[1] + r[2] <= fresh]  # old space: as it came
+        # the fresh space in destination order (commit: the new clusters of a batch
+        # are one contiguous run, between overwrites of old ones in guest order)
+        for run in sorted((r for r in runs if r[1] + r[2] > fresh), key=lambda r: r[1]):
             if extents and extents[-1][-1][1] + extents[-1][-1][2] == run[1]:
                 extents[-1].append(run)
             else:
                 extents.append([run])
         for ext in extents:
             first, end = ext[0][1], ext[-1][1] + ext[-1][2]
-            a = max(-(-first // DIRECT_ALIGN) * DIRECT_ALIGN, self.fresh)
+            a = -(-max(first, fresh) // DIRECT_ALIGN) * DIRECT_ALIGN
             b = end // DIRECT_ALIGN * DIRECT_ALIGN
             if b - a < DIRECT_MIN:
                 rest.extend(ext)

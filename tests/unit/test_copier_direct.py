@@ -167,3 +167,46 @@ def test_group_past_the_source_end_reads_zeros(tmp_path):
     assert data[:MiB] == b"\xff" * MiB
     assert data[MiB : 2 * MiB + 1000] == b"\x5a" * (MiB + 1000)
     assert data[2 * MiB + 1000 :] == bytes(2 * MiB - 1000)
+
+
+def test_split_joins_fresh_runs_between_overwrites():
+    """commit: a batch's new clusters are one contiguous run in the destination,
+    interleaved in guest order with overwrites of old clusters; they are written
+    as one direct extent, the overwrites stay buffered."""
+    w = directcopy.DirectWriter.__new__(directcopy.DirectWriter)
+    w.fresh = 64 * MiB
+    half = directcopy.DIRECT_MIN // 2
+    runs = [
+        (0, MiB, 64 * KiB),  # old
+        (64 * KiB, 64 * MiB, half),  # fresh
+        (5 * MiB, 3 * MiB, 64 * KiB),  # old
+        (6 * MiB, 64 * MiB + half, half),  # fresh, right after the first fresh one
+    ]
+    groups, rest = directcopy.DirectWriter._split(w, runs)
+    assert sorted(rest) == sorted([runs[0], runs[2]])
+    assert [r for g in groups for r in g] == [runs[1], runs[3]]
+
+
+def test_writeback_starter_merges_queued_ranges(monkeypatch):
+    import threading
+
+    from pyqcow.ops import copier
+
+    calls: list[tuple[int, int, int]] = []
+    gate, started = threading.Event(), threading.Event()
+
+    def fake(fd, start, end):
+        started.set()
+        gate.wait(5)
+        calls.append((fd, start, end))
+
+    monkeypatch.setattr(copier, "start_writeback", fake)
+    s = copier.WritebackStarter()
+    s(7, 0, 10)
+    assert started.wait(5)  # under way (blocked in the gate)
+    s(7, 100, 200)  # queued
+    s(7, 50, 60)  # merged into the queued one
+    gate.set()
+    s.close()
+    assert calls[0] == (7, 0, 10)
+    assert calls[1:] == [(7, 50, 200)]
