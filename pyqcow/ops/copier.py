@@ -6,9 +6,11 @@ file system) into host clusters that the destination's writer allocated for a
 whole batch at once with ``prepare_writes`` (new clusters in one contiguous
 run); compressed data and unaligned edges go through read + write
 (``execute``, for commit, stream, merge and the data a safe rebase found
-different).  After each copied slice the write-back of its destination range
-is started (``start_writeback``), so the disk works during the copy and the
-final fsync finds little left.
+different).  Fresh space of the destination (past its end of file: the new
+clusters) is written with O_DIRECT, several writes in flight (directcopy.py);
+after each copied slice the write-back of the rest is started
+(``start_writeback``, on a thread of its own), so the disk works during the
+copy and the final fsync finds little left.
 
 Data that must be looked at before it is written (convert skips zero clusters
 and may compress; convert -B writes only what differs from a backing file) is
