@@ -210,3 +210,17 @@ def test_writeback_starter_merges_queued_ranges(monkeypatch):
     s.close()
     assert calls[0] == (7, 0, 10)
     assert calls[1:] == [(7, 50, 200)]
+
+
+def test_without_the_helper_nothing_is_reserved_and_all_stays_buffered(tmp_path):
+    dst = tmp_path / "dst.bin"
+    dst.write_bytes(bytes(MiB))
+    with open(dst, "r+b") as d, fastcopy.backend("python"):
+        w = directcopy.DirectWriter(d.fileno(), str(dst))
+        try:
+            w.reserve(8 * MiB)
+            assert os.fstat(d.fileno()).st_size == MiB  # no fallocate: no zeros written
+            runs = [(0, MiB, 4 * MiB)]
+            assert w.start(d.fileno(), runs) == ([], runs)
+        finally:
+            w.close()
