@@ -42,6 +42,7 @@ __all__ = [
     "copy_runs",
     "current_backend",
     "fallocate",
+    "may_share",
     "is_zero",
     "native_available",
     "native_import_error",
@@ -538,3 +539,9 @@ def fallocate(fd: int, offset: int, length: int) -> bool:
         return False
     _check(rc)
     return True
+
+
+def may_share(fd: int) -> bool:
+    """True if ``fd`` is on a file system whose copy_file_range can share extents
+    (reflink: XFS, btrfs, bcachefs): copies into it should stay file to file."""
+    return _fs_type(_check_fd(fd, "fd")) in _REFLINK_FS_TYPES

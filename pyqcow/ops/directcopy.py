@@ -65,18 +65,19 @@ class DirectWriter:
     def __init__(self, fd: int, path: str) -> None:
         self.fd = fd
         self.fresh = 1 << 62  # destination offsets from here on are fresh space
-        self.usable = True
         self.dfd = -1
         self.pool = None
         self.buffers: list = []
-        for name in (f"/proc/self/fd/{fd}", path):
+        # on a reflink file system copy_file_range shares the extents, which is
+        # better than any write: nothing here then
+        names = () if fastcopy.may_share(fd) else (f"/proc/self/fd/{fd}", path)
+        for name in names:
             try:
                 self.dfd = os.open(name, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
                 break
             except (OSError, AttributeError):
                 continue
-        if self.dfd < 0:
-            self.usable = False
+        self.usable = self.dfd >= 0
 
     def reserve(self, end: int) -> None:
         if not self.usable:

@@ -224,3 +224,19 @@ def test_without_the_helper_nothing_is_reserved_and_all_stays_buffered(tmp_path)
             assert w.start(d.fileno(), runs) == ([], runs)
         finally:
             w.close()
+
+
+def test_not_on_a_reflink_file_system(tmp_path, monkeypatch):
+    """XFS/btrfs: copy_file_range shares the extents; no O_DIRECT write may
+    replace that (tests/interop/test_reflink.py checks the sharing itself)."""
+    monkeypatch.setattr(fastcopy, "_fs_type", lambda fd: 0x58465342)  # XFS
+    dst = tmp_path / "dst.bin"
+    dst.write_bytes(bytes(MiB))
+    with open(dst, "r+b") as d:
+        w = directcopy.DirectWriter(d.fileno(), str(dst))
+        try:
+            assert not w.usable and w.dfd < 0
+            w.reserve(8 * MiB)
+            assert os.fstat(d.fileno()).st_size == MiB
+        finally:
+            w.close()
