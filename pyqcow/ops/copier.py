@@ -166,6 +166,10 @@ class Slicer:
         return written
 
 
+#: the cache modes (-t) in which the copier writes fresh space with O_DIRECT
+DIRECT_CACHE_MODES = ("writeback", "none")
+
+
 class WritebackStarter:
     """``start_writeback`` on a thread of its own: sync_file_range blocks while
     the device queue is full (write-back throttling), and the copy need not wait
@@ -232,7 +236,7 @@ class _Batch:
         self.writeback = WritebackStarter() if getattr(hf, "cache", None) != "unsafe" else None
         # the fresh space through O_DIRECT (qcow2 files only, durable cache modes)
         self.direct = None
-        if (cache is not None and getattr(hf, "cache", None) in ("writeback", "none")
+        if (cache is not None and getattr(hf, "cache", None) in DIRECT_CACHE_MODES
                 and not getattr(hf, "is_block_device", True)):
             self.direct = DirectWriter(hf.fd, hf.path)
 
