@@ -732,3 +732,16 @@ int64_t pyqcow_diff_runs_mapped(const void *a, const void *b, size_t length, siz
     guard_active = 0;
     return count;
 }
+
+/* --- added by h-copier: space reservation before O_DIRECT copies ---------- */
+int pyqcow_fallocate(int fd, int mode, int64_t offset, int64_t length)
+{
+#ifdef __linux__
+    if (fallocate(fd, mode, (off_t)offset, (off_t)length) < 0)
+        return -errno;
+    return 0;
+#else
+    (void)fd; (void)mode; (void)offset; (void)length;
+    return -EOPNOTSUPP;
+#endif
+}

@@ -112,3 +112,11 @@ int64_t pyqcow_copy_mapped_runs(int src_fd, const void *src_map, int64_t map_siz
 int64_t pyqcow_diff_runs_mapped(const void *a, const void *b, size_t length, size_t first,
                                 size_t block, int64_t *out, size_t capacity,
                                 signed char *a_zero);
+
+/* --- added by h-copier */
+/*
+ * fallocate(2) of [offset, offset + length) with `mode` (0: allocate, extending
+ * the file size).  0 or -errno (-EOPNOTSUPP where the file system or the
+ * platform cannot; never emulated by writing zeros, unlike posix_fallocate).
+ */
+int pyqcow_fallocate(int fd, int mode, int64_t offset, int64_t length);

@@ -41,6 +41,8 @@ __all__ = [
     "copy_range",
     "copy_runs",
     "current_backend",
+    "fallocate",
+    "may_share",
     "is_zero",
     "native_available",
     "native_import_error",
@@ -263,18 +265,35 @@ def copy_runs(
     runs: Sequence[tuple[int, int, int]],
     *,
     skip_zero: bool = False,
+    direct: Any = None,
 ) -> int:
     """Copy each run ``(src_offset, dst_offset, length)`` in order, merging
     runs that are contiguous in both files.  With ``skip_zero=True``, 4 KiB
     destination chunks whose source data is all zeros are not written (the
     destination must already read as zeros there); a regular destination file
     shorter than the last run's end is extended.  Returns the number of bytes
-    actually written."""
+    actually written.
+
+    ``direct`` (not with ``skip_zero``): a ``ops.directcopy.DirectWriter`` on ``dst_fd``;
+    the runs it takes are written through it (O_DIRECT, on its threads) while
+    the others are copied here; the call returns once all are written."""
     src_fd = _check_fd(src_fd, "src_fd")
     dst_fd = _check_fd(dst_fd, "dst_fd", writable=True)
     merged = _check_runs(src_fd, dst_fd, runs)
     if not merged:
         return 0
+    if direct is not None and not skip_zero:
+        pending, merged = direct.start(src_fd, merged)
+        try:
+            written = _copy_merged(src_fd, dst_fd, merged, False) if merged else 0
+        finally:
+            written_direct = direct.wait(pending)
+        return written + written_direct
+    return _copy_merged(src_fd, dst_fd, merged, skip_zero)
+
+
+def _copy_merged(src_fd: int, dst_fd: int, merged: list[tuple[int, int, int]],
+                 skip_zero: bool) -> int:
     native = _native_for_call()
     if native is not None:
         flat = native.ffi.new("int64_t[]", [value for run in merged for value in run])
@@ -500,3 +519,29 @@ class _PyCopier:
             src_offset += size
             dst_offset += size
             length -= size
+
+
+# --- added by h-copier
+
+
+def fallocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate [offset, offset + length) of the regular file ``fd`` (fallocate
+    mode 0: the file grows to cover it; the new space reads as zeros).  False
+    where it cannot be done cheaply: no helper, or a file system without
+    fallocate (never emulated by writing zeros)."""
+    fd = _check_fd(fd, "fd", writable=True)
+    offset, length = _check_range(offset, length, "fallocate")
+    native = _native_for_call()
+    if native is None or length == 0:
+        return length == 0
+    rc = native.lib.pyqcow_fallocate(fd, 0, offset, length)
+    if rc in (-errno.EOPNOTSUPP, -errno.ENOSYS):
+        return False
+    _check(rc)
+    return True
+
+
+def may_share(fd: int) -> bool:
+    """True if ``fd`` is on a file system whose copy_file_range can share extents
+    (reflink: XFS, btrfs, bcachefs): copies into it should stay file to file."""
+    return _fs_type(_check_fd(fd, "fd")) in _REFLINK_FS_TYPES

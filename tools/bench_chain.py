@@ -3,7 +3,7 @@
 
     tools/bench chain [--size-gib 2] [--data-gib 1] [--rounds 3] [--dir DIR]
                       [--cache-dir DIR] [--only commit5,commit50,stream,rebase,convert,...]
-                      [--api] [--keep] [--json PATH]
+                      [--api] [--keep] [--json PATH] [--floor]
 
 Builds (once, cached under --cache-dir) a qcow2 base of SIZE GiB (64 KiB
 clusters) holding DATA GiB of random bytes in 256 KiB chunks spread over the
@@ -43,6 +43,11 @@ chain and the outputs; the cache is only copied from).  On a reflink file system
 (XFS made with ``mkfs.xfs -m reflink=1``, btrfs) ``--dir`` there measures the
 copy-free paths: pyqcow's copy_file_range runs share extents instead of copying
 data, e.g. ``tools/bench chain --dir /mnt/xfs/bench --size-gib 1 --data-gib 0.5``.
+
+``--floor`` also times what this disk does with the base's bytes, as the floor
+of the copying rows: ``cp`` of base.qcow2 + fsync of the copy (the page-cache
+path), and ``dd bs=4M oflag=direct conv=fsync`` of it (fresh space written
+with O_DIRECT), median of --rounds (printed, not in --json).
 
 ``--json PATH`` writes the rows of issue 14's table there (``{"rows": [...]}``,
 group "ext4" or "xfs" after the file system of --dir; the convert rows are
@@ -247,6 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--api", action="store_true", help="run pyqcow through the API, not the CLI")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON there")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time cp + fsync and dd oflag=direct of the base (the disk's floor)")
     args = ap.parse_args(argv)
     if shutil.which("qemu-img") is None:
         log("bench chain: qemu-img not found; nothing to compare with")
@@ -259,9 +266,12 @@ def main(argv=None) -> int:
     group = fs_group(scratch)
     table = ops(args.api)
     rows = []
+    floors = []
     try:
         for name in args.only.split(","):
             rows.append((name, *measure(name, table[name], src, scratch, args.rounds)))
+        if args.floor:
+            floors = measure_floor(src["base"], scratch, args.rounds)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -291,6 +301,8 @@ def main(argv=None) -> int:
         out.append({"group": group, "row": row_name(name), "pyqcow": round(p, 4),
                     "anchor": round(q, 4), "anchor_name": "qemu-img", "unit": "s",
                     "ratio": round(r, 4), "goal": f"<= {goal}", "ok": ok, "note": note})
+    for what, secs in floors:
+        print(f"floor: {what:<40} {secs:>6.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": out}, indent=1) + "\n")
     return 0
@@ -305,6 +317,30 @@ def sync_dir(d: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def measure_floor(base: Path, scratch: Path, rounds: int) -> list[tuple[str, float]]:
+    """Median seconds of ``cp`` + fsync and of ``dd oflag=direct`` of ``base``."""
+    out = scratch / "floor.img"
+    size = base.stat().st_size
+    cmds = {
+        f"cp + fsync of the base ({size / GiB:.2f} GiB)":
+            ["sh", "-c", f"cp --reflink=never '{base}' '{out}' && sync -d '{out}'"],
+        f"dd bs=4M oflag=direct conv=fsync ({size / GiB:.2f} GiB)":
+            ["dd", f"if={base}", f"of={out}", "bs=4M", "oflag=direct", "conv=fsync",
+             "status=none"],
+    }
+    res = []
+    for what, argv in cmds.items():
+        times = []
+        for _ in range(rounds):
+            out.unlink(missing_ok=True)
+            os.sync()
+            times.append(timed(argv)[0])
+        out.unlink(missing_ok=True)
+        res.append((what, statistics.median(times)))
+        log(f"  floor {what}: {res[-1][1]:.2f} s")
+    return res
 
 
 def measure(name: str, op: dict, src: dict[str, Path], scratch: Path, rounds: int):

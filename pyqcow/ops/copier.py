@@ -6,9 +6,11 @@ file system) into host clusters that the destination's writer allocated for a
 whole batch at once with ``prepare_writes`` (new clusters in one contiguous
 run); compressed data and unaligned edges go through read + write
 (``execute``, for commit, stream, merge and the data a safe rebase found
-different).  After each copied slice the write-back of its destination range
-is started (``start_writeback``), so the disk works during the copy and the
-final fsync finds little left.
+different).  Fresh space of the destination (past its end of file: the new
+clusters) is written with O_DIRECT, several writes in flight (directcopy.py);
+after each copied slice the write-back of the rest is started
+(``start_writeback``, on a thread of its own), so the disk works during the
+copy and the final fsync finds little left.
 
 Data that must be looked at before it is written (convert skips zero clusters
 and may compress; convert -B writes only what differs from a backing file) is
@@ -23,6 +25,7 @@ import time
 
 from .. import fastcopy
 from ..entries import ClusterType
+from .directcopy import DirectWriter
 from .plan import Piece
 
 CHUNK = 32 * 1024 * 1024
@@ -138,22 +141,70 @@ class Slicer:
             yield out, size
 
     def copy_runs(self, src_fd: int, dst_fd: int, runs, *, skip_zero: bool = False,
-                  report=None, writeback: bool = False) -> int:
+                  report=None, writeback: bool = False, direct=None) -> int:
         """``writeback``: start writing each slice's destination range to the disk
-        once it is copied (start_writeback), not only at the fsync."""
+        once it is copied (start_writeback, or the WritebackStarter given),
+        not only at the fsync.  ``direct``:
+        a DirectWriter on ``dst_fd`` (fastcopy.copy_runs)."""
         written = 0
         for part, size in self._cut(runs):
             t0 = time.monotonic()
-            written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero)
+            if direct is not None:
+                written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero,
+                                              direct=direct)
+            else:
+                written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero)
             if writeback:
-                start_writeback(dst_fd, min(r[1] for r in part),
-                                max(r[1] + r[2] for r in part))
+                (start_writeback if writeback is True else writeback)(
+                    dst_fd, min(r[1] for r in part), max(r[1] + r[2] for r in part))
             elapsed = time.monotonic() - t0
             if elapsed > 0:
-                self.size = max(SLICE_MIN, min(SLICE_MAX, int(size / elapsed * SLICE_SECONDS)))
+                step = max(SLICE_MIN, min(SLICE_MAX, int(size / elapsed * SLICE_SECONDS)))
+                self.size = step // SLICE_MIN * SLICE_MIN  # slices cut at aligned offsets
             if report is not None:
                 report(size)
         return written
+
+
+#: the cache modes (-t) in which the copier writes fresh space with O_DIRECT
+DIRECT_CACHE_MODES = ("writeback", "none")
+
+
+class WritebackStarter:
+    """``start_writeback`` on a thread of its own: sync_file_range blocks while
+    the device queue is full (write-back throttling), and the copy need not wait
+    for that.  Ranges asked for while one call is queued are merged into it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.queued: list | None = None  # [fd, start, end] not yet started
+        self.pool = None
+
+    def __call__(self, fd: int, start: int, end: int) -> None:
+        with self.lock:
+            q = self.queued
+            if q is not None and q[0] == fd:
+                q[1], q[2] = min(q[1], start), max(q[2], end)
+                return
+            self.queued = [fd, start, end]
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="pyqcow-writeback")
+        self.pool.submit(self._run)
+
+    def _run(self) -> None:
+        with self.lock:
+            fd, start, end = self.queued
+            self.queued = None
+        start_writeback(fd, start, end)
+
+    def close(self) -> None:
+        """Wait for the call under way (the fd must stay open until then)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class _Batch:
@@ -182,7 +233,18 @@ class _Batch:
         # disk writes while the next slice is copied and the final fsync finds
         # little left (not with -t unsafe: nothing waits for the disk then)
         hf = getattr(dest, "data_hf", None) or dest.hf
-        self.writeback = getattr(hf, "cache", None) != "unsafe"
+        self.writeback = WritebackStarter() if getattr(hf, "cache", None) != "unsafe" else None
+        # the fresh space through O_DIRECT (qcow2 files only, durable cache modes)
+        self.direct = None
+        if (cache is not None and getattr(hf, "cache", None) in DIRECT_CACHE_MODES
+                and not getattr(hf, "is_block_device", True)):
+            self.direct = DirectWriter(hf.fd, hf.path)
+
+    def close(self) -> None:
+        if self.direct is not None:
+            self.direct.close()
+        if self.writeback is not None:
+            self.writeback.close()
 
     def done(self, n: int) -> None:
         self.unreported += n
@@ -212,9 +274,11 @@ class _Batch:
             self.tables.clear()
             handle = self.dest.writer.prepare_writes([(g, n) for g, n, _, _ in pend])
             dst_fd = self.dest.data_hf.fd
+            if self.direct is not None:
+                self.direct.reserve(max(h + n for _, h, n in handle))
             for fd, runs in _source_runs(handle, pend).items():
                 self.slicer.copy_runs(fd, dst_fd, runs, report=self.report,
-                                      writeback=self.writeback)
+                                      writeback=self.writeback or False, direct=self.direct)
             handle.filled()  # the data is in place: the writer may publish the mapping
         self.report()
 
@@ -258,8 +322,15 @@ def abandon(dest) -> None:
 
 
 def _execute(pieces: list[Piece], dest, write_zero: bool, progress: Progress | None) -> int:
-    copied = 0
     batch = _Batch(dest, progress)
+    try:
+        return _execute_pieces(pieces, dest, write_zero, batch)
+    finally:
+        batch.close()
+
+
+def _execute_pieces(pieces: list[Piece], dest, write_zero: bool, batch: _Batch) -> int:
+    copied = 0
     for p in pieces:
         if p.kind == "below":
             continue

@@ -1,0 +1,50 @@
+"""Crash and fault injection at every fault point of commit and stream with the
+copier's O_DIRECT path forced on (directcopy.DirectWriter: fresh clusters reserved
+with fallocate and written through an O_DIRECT descriptor on threads).  The
+images of test_crash_inject's fixed chain are far below the path's real
+thresholds, so these are lowered here; the promises are the same."""
+
+from __future__ import annotations
+
+import os
+
+import crashkit
+import pytest
+import scenarios
+from test_crash_inject import _run, fixed_chain
+
+from pyqcow import fastcopy
+from pyqcow.ops import directcopy
+
+pytestmark = pytest.mark.skipif(
+    not fastcopy.native_available(), reason="the O_DIRECT path needs the helper's fallocate"
+)
+
+
+@pytest.mark.parametrize("name", ["commit", "stream"])
+def test_crash_points_with_direct_copies(name, tmp_path, monkeypatch):
+    d = tmp_path / "chain"
+    d.mkdir()
+    try:
+        fd = os.open(d / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        pytest.skip("no O_DIRECT on this file system")
+    os.close(fd)
+    os.unlink(d / "probe")
+    monkeypatch.setattr(directcopy, "DIRECT_MIN", 4096)
+    monkeypatch.setattr(directcopy, "DIRECT_GROUP", 8192)
+    direct: list[int] = []
+    real = directcopy.DirectWriter._fill_and_write
+
+    def spy(self, src_fd, group, view):
+        n = real(self, src_fd, group, view)
+        direct.append(n)
+        return n
+
+    monkeypatch.setattr(directcopy.DirectWriter, "_fill_and_write", spy)
+    ch = fixed_chain(str(d))
+    sc = scenarios.build(name, ch, 3)
+    points = crashkit.count_points(ch.directory, ch.directory + ".work", sc.op)
+    assert "copy_runs" in points and direct, "the O_DIRECT path did not run"
+    n = _run(name, ch, modes=("crash", "enospc", "eio"), seed_=3)
+    assert n >= len(points)
