@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from ..errors import OperationError
 from ..record import FrozenRecord
+from ..writeback import BackgroundWriteback
 from .plan import data_fds
 
 ProgressFn = Callable[[int, int], None]
@@ -87,61 +88,16 @@ def kick_writeback_wanted() -> bool:
     return cache_mode() == "writeback"
 
 
-class BackgroundWriteback:
-    """start_writeback on a thread of its own: the call blocks while the device's
-    queue is full (it submits the writes), and the copy should not wait for it
-    (on a 2-core machine the submission then runs beside the copy).  Ranges
-    queued while the thread was busy are started as one.  ``close`` waits for
-    the thread: call it before the file's fsync and close (the fsync alone makes
-    the data durable; this only starts it earlier)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.queue = None
-        self.thread = None
-
-    def __call__(self, offset: int, length: int) -> None:
-        if self.queue is None:
-            import queue
-            import threading
-
-            self.queue = queue.SimpleQueue()
-            self.thread = threading.Thread(target=self._run, name="pyqcow-writeback", daemon=True)
-            self.thread.start()
-        self.queue.put((offset, offset + length))
-
-    def _run(self) -> None:
-        q = self.queue
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            lo, hi = item
-            while not q.empty():  # what piled up meanwhile: one call
-                more = q.get()
-                if more is None:
-                    start_writeback(self.fd, lo, hi - lo)
-                    return
-                lo, hi = min(lo, more[0]), max(hi, more[1])
-            start_writeback(self.fd, lo, hi - lo)
-
-    def close(self) -> None:
-        if self.queue is not None:
-            self.queue.put(None)
-            self.thread.join()
-            self.queue = self.thread = None
-
-
 class WritebackKicker:
     """start_writeback over the part of an output file that has grown since the
     last call, once it is KICK_BYTES or more (qcow2 outputs allocate at the end).
-    With ``background``, on a BackgroundWriteback thread (``close`` waits for it)."""
+    With ``background``, on a thread of its own (pyqcow.writeback; ``close`` waits)."""
 
     def __init__(self, fd: int, background: bool = False) -> None:
         self.fd = fd
         self.on = kick_writeback_wanted()
         self.done = os.fstat(fd).st_size if self.on else 0
-        self.start = BackgroundWriteback(fd) if background and self.on else None
+        self.start = BackgroundWriteback(fd, start_writeback) if background and self.on else None
 
     def __call__(self) -> None:
         if not self.on:

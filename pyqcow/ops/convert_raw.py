@@ -22,15 +22,16 @@ import stat
 from .. import fastcopy
 from ..errors import OperationError
 from ..hostfile import fsync_dir
+from ..writeback import BackgroundWriteback
 from .convert_common import (
     DEFAULT_OPTIONS,
-    BackgroundWriteback,
     ConvertOptions,
     ProgressFn,
     SourceMaps,
     drop_source_cache,
     kick_writeback_wanted,
     refuse_source_as_destination,
+    start_writeback,
 )
 from .copier import read_host
 from .plan import CopyStep, RawPlan
@@ -148,7 +149,7 @@ def _write_raw(
     srcs = {s.fd for s in plan.steps if s.fd is not None}
     shares = {src: fastcopy.can_share(src, fd) for src in srcs}
     # (where every source shares its extents, the copies dirty no page: nothing to start)
-    writeback = (BackgroundWriteback(fd)
+    writeback = (BackgroundWriteback(fd, start_writeback)
                  if kick_writeback_wanted() and not (shares and all(shares.values())) else None)
     maps = SourceMaps()
 

@@ -25,21 +25,22 @@ import time
 
 from .. import fastcopy
 from ..entries import ClusterType
+from ..writeback import BackgroundWriteback
 from .directcopy import DirectWriter
 from .plan import Piece
 
 CHUNK = 32 * 1024 * 1024
 
 
-def start_writeback(fd: int, start: int, end: int) -> None:
-    """Start (not wait for) the write-back of ``fd``'s dirty pages in [start, end)
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start (not wait for) the write-back of ``fd``'s dirty pages in the range
     (sync_file_range SYNC_FILE_RANGE_WRITE in the C helper; nothing without it).
     After each slice of a copy: the disk writes while the next slice is copied,
     and the final fsync, which alone makes the data durable, finds little left.
     Clean pages in the range cost nothing.  An advice: errors are ignored."""
     native = fastcopy._native_for_call()
-    if native is not None and end > start:
-        native.lib.pyqcow_start_writeback(fd, start, end - start)
+    if native is not None and length > 0:
+        native.lib.pyqcow_start_writeback(fd, offset, length)
 
 
 def diff_runs(a, b, first: int, block: int) -> list[tuple[int, int]]:
@@ -143,7 +144,7 @@ class Slicer:
     def copy_runs(self, src_fd: int, dst_fd: int, runs, *, skip_zero: bool = False,
                   report=None, writeback: bool = False, direct=None) -> int:
         """``writeback``: start writing each slice's destination range to the disk
-        once it is copied (start_writeback, or the WritebackStarter given),
+        once it is copied (start_writeback, or the BackgroundWriteback given),
         not only at the fsync.  ``direct``:
         a DirectWriter on ``dst_fd`` (fastcopy.copy_runs)."""
         written = 0
@@ -155,8 +156,12 @@ class Slicer:
             else:
                 written += fastcopy.copy_runs(src_fd, dst_fd, part, skip_zero=skip_zero)
             if writeback:
-                (start_writeback if writeback is True else writeback)(
-                    dst_fd, min(r[1] for r in part), max(r[1] + r[2] for r in part))
+                lo = min(r[1] for r in part)
+                n = max(r[1] + r[2] for r in part) - lo
+                if writeback is True:
+                    start_writeback(dst_fd, lo, n)
+                else:  # a BackgroundWriteback of dst_fd
+                    writeback(lo, n)
             elapsed = time.monotonic() - t0
             if elapsed > 0:
                 step = max(SLICE_MIN, min(SLICE_MAX, int(size / elapsed * SLICE_SECONDS)))
@@ -168,43 +173,6 @@ class Slicer:
 
 #: the cache modes (-t) in which the copier writes fresh space with O_DIRECT
 DIRECT_CACHE_MODES = ("writeback", "none")
-
-
-class WritebackStarter:
-    """``start_writeback`` on a thread of its own: sync_file_range blocks while
-    the device queue is full (write-back throttling), and the copy need not wait
-    for that.  Ranges asked for while one call is queued are merged into it."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.lock = threading.Lock()
-        self.queued: list | None = None  # [fd, start, end] not yet started
-        self.pool = None
-
-    def __call__(self, fd: int, start: int, end: int) -> None:
-        with self.lock:
-            q = self.queued
-            if q is not None and q[0] == fd:
-                q[1], q[2] = min(q[1], start), max(q[2], end)
-                return
-            self.queued = [fd, start, end]
-        if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="pyqcow-writeback")
-        self.pool.submit(self._run)
-
-    def _run(self) -> None:
-        with self.lock:
-            fd, start, end = self.queued
-            self.queued = None
-        start_writeback(fd, start, end)
-
-    def close(self) -> None:
-        """Wait for the call under way (the fd must stay open until then)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
 
 
 class _Batch:
@@ -233,7 +201,8 @@ class _Batch:
         # disk writes while the next slice is copied and the final fsync finds
         # little left (not with -t unsafe: nothing waits for the disk then)
         hf = getattr(dest, "data_hf", None) or dest.hf
-        self.writeback = WritebackStarter() if getattr(hf, "cache", None) != "unsafe" else None
+        self.writeback = (BackgroundWriteback(hf.fd, start_writeback)
+                          if getattr(hf, "cache", None) != "unsafe" else None)
         # the fresh space through O_DIRECT (qcow2 files only, durable cache modes)
         self.direct = None
         if (cache is not None and getattr(hf, "cache", None) in DIRECT_CACHE_MODES

@@ -102,10 +102,11 @@ def test_copy_nonzero_without_a_mapping_or_the_helper_says_none(tmp_path):
         os.close(w)
 
 
-def test_background_writeback_starts_every_range_before_close(monkeypatch):
+def test_background_writeback_starts_every_range_before_close():
+    from pyqcow.writeback import BackgroundWriteback
+
     calls = []
-    monkeypatch.setattr(cc, "start_writeback", lambda fd, off, n: calls.append((fd, off, n)))
-    wb = cc.BackgroundWriteback(7)
+    wb = BackgroundWriteback(7, lambda fd, off, n: calls.append((fd, off, n)))
     for k in range(5):
         wb(k * 100, 100)
     wb.close()

@@ -187,29 +187,53 @@ def test_split_joins_fresh_runs_between_overwrites():
     assert [r for g in groups for r in g] == [runs[1], runs[3]]
 
 
-def test_writeback_starter_merges_queued_ranges(monkeypatch):
+def test_background_writeback_merges_queued_ranges():
     import threading
 
-    from pyqcow.ops import copier
+    from pyqcow.writeback import BackgroundWriteback
 
     calls: list[tuple[int, int, int]] = []
     gate, started = threading.Event(), threading.Event()
 
-    def fake(fd, start, end):
+    def fake(fd, offset, length):
         started.set()
         gate.wait(5)
-        calls.append((fd, start, end))
+        calls.append((fd, offset, length))
 
-    monkeypatch.setattr(copier, "start_writeback", fake)
-    s = copier.WritebackStarter()
-    s(7, 0, 10)
+    s = BackgroundWriteback(7, fake)
+    s(0, 10)
     assert started.wait(5)  # under way (blocked in the gate)
-    s(7, 100, 200)  # queued
-    s(7, 50, 60)  # merged into the queued one
+    s(100, 100)  # queued
+    s(50, 10)  # merged with the queued one
     gate.set()
     s.close()
     assert calls[0] == (7, 0, 10)
-    assert calls[1:] == [(7, 50, 200)]
+    assert calls[1:] == [(7, 50, 150)]
+
+
+def test_copier_starts_writeback_on_its_own_thread(tmp_path, monkeypatch):
+    """A durable commit starts the write-back of what it copied through
+    BackgroundWriteback (sync_file_range in the C helper), on the base's fd."""
+    from pyqcow import writeback
+    from pyqcow.ops import copier
+
+    seen = []
+    real = writeback.BackgroundWriteback.__call__
+
+    def spy(self, offset, length):
+        seen.append((self.start, offset, length))
+        return real(self, offset, length)
+
+    monkeypatch.setattr(writeback.BackgroundWriteback, "__call__", spy)
+    src = tmp_path / "src"
+    src.mkdir()
+    _chain(src)
+    _copy_chain(src, tmp_path / "q")
+    _copy_chain(src, tmp_path / "p")
+    qemu.qemu_img("commit", "-q", tmp_path / "q" / "top.qcow2")
+    commit(str(tmp_path / "p" / "top.qcow2"))
+    assert seen and all(start is copier.start_writeback for start, _, _ in seen)
+    assert qemu.compare(tmp_path / "q" / "base.qcow2", tmp_path / "p" / "base.qcow2") == 0
 
 
 def test_without_the_helper_nothing_is_reserved_and_all_stays_buffered(tmp_path):
