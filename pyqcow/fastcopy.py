@@ -531,10 +531,27 @@ def fallocate(fd: int, offset: int, length: int) -> bool:
     fallocate (never emulated by writing zeros)."""
     fd = _check_fd(fd, "fd", writable=True)
     offset, length = _check_range(offset, length, "fallocate")
+    return _fallocate(fd, 0, offset, length)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset + length) of the regular file ``fd``
+    (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE: the range reads as zeros, the size stays).
+    False where it cannot be done: no helper, or a file system without it."""
+    fd = _check_fd(fd, "fd", writable=True)
+    offset, length = _check_range(offset, length, "punch_hole")
+    return _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
     native = _native_for_call()
     if native is None or length == 0:
         return length == 0
-    rc = native.lib.pyqcow_fallocate(fd, 0, offset, length)
+    rc = native.lib.pyqcow_fallocate(fd, mode, offset, length)
     if rc in (-errno.EOPNOTSUPP, -errno.ENOSYS):
         return False
     _check(rc)

@@ -230,15 +230,12 @@ class HostFile:
         (always on a block device: pyqcow never discards a device's blocks)."""
         if self.is_block_device:
             return False
+        from .fastcopy import punch_hole  # the C helper's fallocate (os has none)
+
         try:
-            fallocate = getattr(os, "fallocate", None)
-            if fallocate is None:
-                return False
-            # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            fallocate(self.fd, 0x02 | 0x01, offset, length)
-            return True
-        except OSError:
-            return False
+            return punch_hole(self.fd, offset, length)
+        except (OSError, ValueError):
+            return False  # the callers write zeros instead
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """(offset, length, is_data) runs from SEEK_DATA/SEEK_HOLE over [start, end)."""
