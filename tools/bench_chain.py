@@ -86,6 +86,7 @@ def run(argv, **kw) -> subprocess.CompletedProcess:
 def timed(argv, cwd=None) -> tuple[float, int, int, str]:
     """(seconds, peak RSS bytes, exit status, stderr) of one child process."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # users have bytecode caches
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
