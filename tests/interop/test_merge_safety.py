@@ -509,10 +509,18 @@ def test_dry_run_shows_lock_held_by_qemu(tmp_path, capsys):
     try:
         import time
 
-        for _ in range(200):
-            if sock.exists():
+        # wait until qemu-nbd holds its lock (qemu-img itself is refused), up to
+        # 60 s: the old 4 s wait for the socket was too short on a loaded machine,
+        # and the merge then ran before the lock (a flaky failure, seen under load)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            probe = subprocess.run(["qemu-img", "info", str(base)], capture_output=True,
+                                   text=True)
+            if probe.returncode != 0 and "lock" in probe.stderr:
                 break
-            time.sleep(0.02)
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"qemu-nbd never held the lock (exit {proc.poll()})")
         rc, out, err = run_cli(capsys, "merge", "--dry-run", str(top))
         assert rc == 1 and "in use" in err
         rc, out, err = run_cli(capsys, "merge", str(top))
