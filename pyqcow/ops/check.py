@@ -7,7 +7,6 @@ scan (pyqcow.scan) or the repair (pyqcow.repair) on it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -63,8 +62,8 @@ def _run(img, filename: str, repair: str | None, log) -> CheckResult:
     return scan(img, filename, log)
 
 
-@contextlib.contextmanager
 def _open_for_check(path: str, writable: bool, force_share: bool = False):
+    """The image opened for check (``with``: closed at the end of the block)."""
     from ..chain import probe_format
     from ..image import QcowImage
 
@@ -73,8 +72,4 @@ def _open_for_check(path: str, writable: bool, force_share: bool = False):
         raise OperationError(path, "This image format does not support checks")
     with opening_for_check(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img = QcowImage(path, "r+" if writable else "r", force_share=force_share, _repair=True)
-    try:
-        yield img
-    finally:
-        img.close()
+        return QcowImage(path, "r+" if writable else "r", force_share=force_share, _repair=True)

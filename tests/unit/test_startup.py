@@ -139,7 +139,9 @@ def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
 #: argparse (pyqcow.cli.fastargs): argparse and its re and gettext, main's argparse half
 #: (pyqcow.cli.parser); signal (it makes enums of its constants: entry uses _signal);
 #: enum (spec and entries declare their constants with pyqcow.intenum).
-FAST_NEVER = ("argparse", "re", "gettext", "locale", "signal", "pyqcow.cli.parser", "enum")
+#: (contextlib with functools and types: ~2 ms; check loaded it for two context managers)
+FAST_NEVER = ("argparse", "re", "gettext", "locale", "signal", "pyqcow.cli.parser", "enum",
+              "contextlib", "functools")
 
 # (no argparse here: the list is the command's own; sys.modules written without json,
 # which imports re)
