@@ -180,18 +180,18 @@ static int copy_sparse(struct copier *c, int src_fd, int64_t src_offset,
     return 0;
 }
 
-/* Copy one run: copy_file_range while it works, then pread/pwrite. */
-static int copy_run(struct copier *c, int src_fd, int64_t src_offset,
-                    int dst_fd, int64_t dst_offset, int64_t length,
-                    int skip_zero)
+/*
+ * copy_file_range while it works: advances *src_offset, *dst_offset and
+ * *length past what it copied (c->written counts it), and stops early at the
+ * source's end (0), or for good (c->no_cfr) where the kernel or the file
+ * system refuses it.  0 or -errno; the caller copies what is left its own way.
+ */
+static int copy_file_range_part(struct copier *c, int src_fd, int64_t *src_offset,
+                                int dst_fd, int64_t *dst_offset, int64_t *length)
 {
-    if (skip_zero)
-        return copy_sparse(c, src_fd, src_offset, dst_fd, dst_offset, length);
-
-    while (length > 0 && !c->no_cfr) {
-        size_t n = (uint64_t)length < MAX_CFR_SIZE ? (size_t)length : MAX_CFR_SIZE;
-        int64_t done = try_copy_file_range(src_fd, src_offset, dst_fd,
-                                           dst_offset, n);
+    while (*length > 0 && !c->no_cfr) {
+        size_t n = (uint64_t)*length < MAX_CFR_SIZE ? (size_t)*length : MAX_CFR_SIZE;
+        int64_t done = try_copy_file_range(src_fd, *src_offset, dst_fd, *dst_offset, n);
         if (done == -EINTR)
             continue;
         if (done < 0 && cfr_unsupported((int)-done)) {
@@ -201,14 +201,29 @@ static int copy_run(struct copier *c, int src_fd, int64_t src_offset,
         if (done < 0)
             return (int)done;
         /* 0 is end of file, or a file system that cannot tell (procfs, some
-         * FUSE): let pread decide, and write zeros past the end. */
+         * FUSE): the caller's reads decide, and write zeros past the end. */
         if (done == 0)
             break;
         c->written += done;
-        src_offset += done;
-        dst_offset += done;
-        length -= done;
+        *src_offset += done;
+        *dst_offset += done;
+        *length -= done;
     }
+    return 0;
+}
+
+/* Copy one run: copy_file_range while it works, then pread/pwrite. */
+static int copy_run(struct copier *c, int src_fd, int64_t src_offset,
+                    int dst_fd, int64_t dst_offset, int64_t length,
+                    int skip_zero)
+{
+    int rc;
+
+    if (skip_zero)
+        return copy_sparse(c, src_fd, src_offset, dst_fd, dst_offset, length);
+    rc = copy_file_range_part(c, src_fd, &src_offset, dst_fd, &dst_offset, &length);
+    if (rc < 0)
+        return rc;
     return copy_plain(c, src_fd, src_offset, dst_fd, dst_offset, length);
 }
 
@@ -614,27 +629,13 @@ static int copy_mapped_data(struct copier *c, int src_fd, const unsigned char *s
                             int64_t src_offset, int dst_fd, int64_t dst_offset,
                             int64_t length)
 {
-    while (length > 0 && !c->no_cfr) {
-        int64_t done = try_copy_file_range(src_fd, src_offset, dst_fd, dst_offset,
-                                           (size_t)length);
-        if (done == -EINTR)
-            continue;
-        if (done < 0 && cfr_unsupported((int)-done)) {
-            c->no_cfr = 1;
-            break;
-        }
-        if (done < 0)
-            return (int)done;
-        if (done == 0)
-            break;
-        c->written += done;
-        src_offset += done;
-        dst_offset += done;
-        length -= done;
-    }
+    int rc = copy_file_range_part(c, src_fd, &src_offset, dst_fd, &dst_offset, &length);
+
+    if (rc < 0)
+        return rc;
     if (length > 0) {
-        int rc = pwrite_full(dst_fd, (const char *)src_map + src_offset, (size_t)length,
-                             dst_offset);
+        rc = pwrite_full(dst_fd, (const char *)src_map + src_offset, (size_t)length,
+                         dst_offset);
         if (rc < 0)
             return rc;
         c->written += length;
