@@ -12,7 +12,8 @@ clusters were rewritten by qemu-io.  The chain is copied into the scratch
 directory (--dir; untimed), so that source and outputs share one file system (a
 reflink XFS there measures the copy-free paths).  Then, --rounds times, it times
 qemu-img and pyqcow alternately (the order flips every round), converting the
-top (the whole chain) with page cache hot:
+top (the whole chain) with page cache hot (each side first runs once untimed, so that
+every timed run frees its own previous output just before it):
 
   raw      convert -O raw TOP DST                 durable on both sides: qemu-img
   qcow2    convert -O qcow2 TOP DST               with -t writeback (it flushes at
@@ -121,19 +122,30 @@ def bench_row(name: str, base: Path, top: Path, scratch: Path, size: int, rounds
     times: dict[str, list[float]] = {"qemu": [], "pyqcow": []}
     cpu: dict[str, list[float]] = {"qemu": [], "pyqcow": []}
     problems = []
+
+    def one(who: str) -> tuple[float, float, int, str]:
+        out = scratch / f"{who}.{fmt}"
+        if out.exists():
+            out.unlink()
+        flags = [str(base) if f == BASE else f for f in (qflags if who == "qemu" else pflags)]
+        if "-n" in flags:  # untimed: the empty target
+            run(["qemu-img", "create", "-q", "-f", fmt, out, str(size)])
+        cmd = (["qemu-img", "convert"] if who == "qemu"
+               else [PY, "-m", "pyqcow.cli.main", "convert"])
+        os.sync()
+        return timed([*cmd, *flags, "-O", fmt, top, out])
+
+    # untimed, once each: every timed run then frees its own previous output just
+    # before it (memory the guest has just used).  Without it the second run of
+    # round 1 writes into memory the host has taken back (a Firecracker guest with
+    # free page reporting), whose first touch cost 3-5 s of CPU per 2 GiB written
+    # (cp and dd pay it the same); it fell on pyqcow in every round 1.
+    for who in ("qemu", "pyqcow"):
+        one(who)
     for rnd in range(rounds):
         order = ("qemu", "pyqcow") if rnd % 2 == 0 else ("pyqcow", "qemu")
         for who in order:
-            out = scratch / f"{who}.{fmt}"
-            if out.exists():
-                out.unlink()
-            flags = [str(base) if f == BASE else f for f in (qflags if who == "qemu" else pflags)]
-            if "-n" in flags:  # untimed: the empty target
-                run(["qemu-img", "create", "-q", "-f", fmt, out, str(size)])
-            cmd = (["qemu-img", "convert"] if who == "qemu"
-                   else [PY, "-m", "pyqcow.cli.main", "convert"])
-            os.sync()
-            secs, used, status, err = timed([*cmd, *flags, "-O", fmt, top, out])
+            secs, used, status, err = one(who)
             if status:
                 problems.append(f"{who} exit {status}: {err.strip()[-300:]}")
             times[who].append(secs)

@@ -116,6 +116,7 @@ class WritebackKicker:
 
 
 DROP_BYTES = 16 << 20  # SourceMaps: scanned bytes after which the mapped pages are let go
+LAG_WINDOWS = 3  # SourceMaps: earlier windows let go again with each drop (views scanned late)
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -137,7 +138,8 @@ class SourceMaps:
 
     def __init__(self) -> None:
         # fd -> [mmap, its memoryview, size, bytes scanned since the last drop, lowest
-        # and highest offset scanned since then] or None
+        # and highest offset scanned since then, (lowest, highest) of the windows
+        # let go before] or None
         self.maps: dict[int, list | None] = {}
 
     def view(self, fd: int, offset: int, length: int) -> memoryview | None:
@@ -178,12 +180,20 @@ class SourceMaps:
         if entry is None or offset + length > entry[2]:
             return None
         if entry[3] >= DROP_BYTES:
-            lo = entry[4] - entry[4] % PAGE
+            # let go of this window and the LAG_WINDOWS before it: a view taken in
+            # an earlier window may have been scanned (its pages faulted in again)
+            # only after that window was let go (convert -O qcow2 takes views of
+            # the chunks it reads ahead, and scans them later)
+            spans = entry[6]
+            spans.append((entry[4], entry[5]))
+            del spans[:-LAG_WINDOWS - 1]
+            lo = min(s[0] for s in spans)
+            lo -= lo % PAGE
             try:
-                entry[0].madvise(_madv_dontneed(), lo, entry[5] - lo)
+                entry[0].madvise(_madv_dontneed(), lo, max(s[1] for s in spans) - lo)
             except (OSError, ValueError, AttributeError):
                 pass
-            entry[3:] = [0, offset, offset]
+            entry[3:6] = [0, offset, offset]
         entry[3] += length
         entry[4] = min(entry[4], offset)
         entry[5] = max(entry[5], offset + length)
@@ -201,7 +211,7 @@ class SourceMaps:
             mm = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
         except (OSError, ValueError):
             return None
-        return [mm, memoryview(mm), st.st_size, 0, st.st_size, 0]
+        return [mm, memoryview(mm), st.st_size, 0, st.st_size, 0, []]
 
     def close(self) -> None:
         for entry in self.maps.values():
