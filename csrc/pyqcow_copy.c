@@ -316,6 +316,22 @@ struct guest_map {
 /* SIGBUS guard: a fault inside a guarded copy jumps back to its caller. */
 static __thread sigjmp_buf *guard_jump;
 static __thread volatile sig_atomic_t guard_active;
+
+/*
+ * Arm the guard in the calling function's own frame (sigsetjmp must be, so this
+ * is a macro): a SIGBUS inside returns -EFAULT from that function.  `jump` is
+ * its local sigjmp_buf; savemask 0: no system call (SA_NODEFER keeps SIGBUS
+ * unblocked).  Disarm with guard_active = 0 before returning.
+ */
+#define GUARD_ENTER(jump)                \
+    do {                                 \
+        if (sigsetjmp((jump), 0)) {      \
+            guard_active = 0;            \
+            return -EFAULT;              \
+        }                                \
+        guard_jump = &(jump);            \
+        guard_active = 1;                \
+    } while (0)
 static struct sigaction previous_bus_action;
 
 static void bus_handler(int sig, siginfo_t *info, void *context)
@@ -517,13 +533,7 @@ int pyqcow_map_read(void *map, char *dst, int64_t length, int64_t offset)
 
     if (length < 0 || offset < 0)
         return -EINVAL;
-    /* savemask 0: no system call; SA_NODEFER keeps SIGBUS unblocked. */
-    if (sigsetjmp(jump, 0)) {
-        guard_active = 0;
-        return -EFAULT;
-    }
-    guard_jump = &jump;
-    guard_active = 1;
+    GUARD_ENTER(jump);
     rc = map_read(map, (unsigned char *)dst, (uint64_t)length, (uint64_t)offset);
     guard_active = 0;
     return rc;
@@ -689,12 +699,7 @@ int64_t pyqcow_copy_mapped_runs(int src_fd, const void *src_map, int64_t map_siz
     rc = install_bus_handler();
     if (rc < 0)
         return rc;
-    if (sigsetjmp(jump, 0)) {
-        guard_active = 0;
-        return -EFAULT;
-    }
-    guard_jump = &jump;
-    guard_active = 1;
+    GUARD_ENTER(jump);
     rc = 0;
     for (i = 0; i < run_count && rc == 0; i++)
         rc = copy_mapped_run(&c, src_fd, (const unsigned char *)src_map, runs[3 * i],
@@ -720,12 +725,7 @@ int64_t pyqcow_diff_runs_mapped(const void *a, const void *b, size_t length, siz
 
     if (rc < 0)
         return rc;
-    if (sigsetjmp(jump, 0)) {
-        guard_active = 0;
-        return -EFAULT;
-    }
-    guard_jump = &jump;
-    guard_active = 1;
+    GUARD_ENTER(jump);
     count = pyqcow_diff_runs(a, b, length, first, block, out, capacity);
     for (int64_t i = 0; i < count; i++)
         a_zero[i] = (signed char)pyqcow_is_zero((const unsigned char *)a + out[2 * i],
