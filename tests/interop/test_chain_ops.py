@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import qemu
+from native_helper import backend_ctx
 
 from pyqcow import fastcopy
 from pyqcow.errors import QcowError
@@ -197,14 +198,6 @@ BACKENDS = ["native", "python"]
 def with_backends(specs, python_specs):
     """(spec, backend) pairs: every spec natively, ``python_specs`` with the fallback too."""
     return [(s, "native") for s in specs] + [(s, "python") for s in python_specs]
-
-
-def backend_ctx(name: str):
-    if name == "native" and not fastcopy.native_available():
-        if os.environ.get("CI"):
-            pytest.fail("native fastcopy helper not built in CI")
-        pytest.skip("native fastcopy helper not built")
-    return fastcopy.backend(name)
 
 
 @pytest.fixture

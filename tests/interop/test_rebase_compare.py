@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import qemu
+from native_helper import backend_ctx, require_native
 
 from pyqcow import fastcopy
 from pyqcow.ops import rebase as rebase_mod
@@ -18,14 +19,6 @@ from pyqcow.ops import rebase as rebase_mod
 KiB = 1024
 U = 64 * KiB
 SIZE = 64 * U + 3 * 512  # a partial cluster at the end
-
-
-def _backend(name: str):
-    if name == "native" and not fastcopy.native_available():
-        if os.environ.get("CI"):
-            pytest.fail("native fastcopy helper not built in CI")
-        pytest.skip("native fastcopy helper not built")
-    return fastcopy.backend(name)
 
 
 def _build(d: Path) -> Path:
@@ -57,7 +50,7 @@ def _raw(path: Path, out: Path) -> bytes:
 def test_safe_rebase_compare_matches_qemu(tmp_path: Path, backend: str) -> None:
     ours, theirs = _build(tmp_path / "ours"), _build(tmp_path / "theirs")
     before = _raw(ours, tmp_path / "before.raw")
-    with _backend(backend):
+    with backend_ctx(backend):
         rebase_mod.rebase(ours, "other.qcow2", backing_format="qcow2")
     qemu.qemu_img("rebase", "-q", "-b", "other.qcow2", "-F", "qcow2", theirs, cwd=theirs.parent)
     assert _raw(ours, tmp_path / "after.raw") == before
@@ -102,7 +95,7 @@ def test_sibling_overlays_compare_only_what_they_allocate(tmp_path: Path, monkey
         return real(self, p, loc, a, n, side)
 
     monkeypatch.setattr(rebase_mod._Sources, "view", view)
-    with _backend(backend):
+    with backend_ctx(backend):
         rebase_mod.rebase(ours, "mid2.qcow2", backing_format="qcow2")
     monkeypatch.undo()
     qemu.qemu_img("rebase", "-q", "-b", "mid2.qcow2", "-F", "qcow2", theirs, cwd=theirs.parent)
@@ -120,7 +113,7 @@ def test_a_file_shrinking_under_the_compare_is_an_error_not_a_crash(tmp_path: Pa
     a clean error (the process lives on, the top is as before)."""
     from pyqcow.errors import QcowError
 
-    _backend("native")  # (fails under CI without the helper, skips elsewhere)
+    require_native()
     old = qemu.create(tmp_path / "old.qcow2", 4 * 1024 * KiB)
     qemu.qemu_io(old, f"write -P 0x11 0 {4 * 1024 * KiB}")
     new = qemu.create(tmp_path / "new.qcow2", 4 * 1024 * KiB)

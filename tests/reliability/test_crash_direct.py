@@ -11,14 +11,15 @@ import os
 import crashkit
 import pytest
 import scenarios
+from native_helper import require_native
 from test_crash_inject import _run, fixed_chain
 
-from pyqcow import fastcopy
 from pyqcow.ops import directcopy
 
-pytestmark = pytest.mark.skipif(
-    not fastcopy.native_available(), reason="the O_DIRECT path needs the helper's fallocate"
-)
+
+@pytest.fixture(autouse=True)
+def _native() -> None:
+    require_native()  # the O_DIRECT path needs the helper's fallocate
 
 
 @pytest.mark.parametrize("name", ["commit", "stream"])

@@ -7,13 +7,21 @@ import errno
 import os
 
 import pytest
+from native_helper import require_native
 
 from pyqcow import fastcopy
 from pyqcow.ops import convert_common as cc
 
 KiB = 1024
 
-needs_native = pytest.mark.skipif(not fastcopy.native_available(), reason="no pyqcow._native")
+
+
+@pytest.fixture
+def native() -> None:
+    require_native()
+
+
+needs_native = pytest.mark.usefixtures("native")
 
 
 def _data_ranges(path) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable, Iterator
 
 import pytest
+from native_helper import require_native
 
 from pyqcow import fastcopy
 
@@ -21,16 +22,6 @@ class _NoNative:
 
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"fallback mode touched pyqcow._native.{name}")
-
-
-def require_native() -> None:
-    """Skip without the C helper, but fail when CI is set, so a broken build
-    cannot hide behind a green fallback run."""
-    if not fastcopy.native_available():
-        message = f"pyqcow._native is not built: {fastcopy.native_import_error()}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture(params=["native", "python"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from native_helper import require_native
 
 import pyqcow
 from pyqcow import fastcopy
@@ -30,10 +31,7 @@ def _allocated(path) -> int:
 
 @pytest.fixture
 def native():
-    if not fastcopy.native_available():
-        if os.environ.get("CI"):
-            pytest.fail("the native helper (pyqcow._native) is missing under CI")
-        pytest.skip("needs the native helper (fallocate)")
+    require_native()
 
 
 def test_punch_hole_deallocates(tmp_path, native):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import qemu
-from test_fastcopy import _NoNative, require_native
+from native_helper import require_native
+from test_fastcopy import _NoNative
 
 import pyqcow
 from pyqcow import fastcopy
