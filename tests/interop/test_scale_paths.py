@@ -62,8 +62,7 @@ def _check_both_ways(path: Path, monkeypatch) -> None:
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_check_fast_path_equals_slow_path_on_shapes(name, tmp_path, monkeypatch) -> None:
     shape = SHAPES[name](tmp_path)
-    if shape.fmt != "qcow2":
-        pytest.skip("not a qcow2 image")
+    assert shape.fmt == "qcow2"  # every shape of the zoo's tops is (a raw one would need a branch)
     _check_both_ways(shape.path, monkeypatch)
 
 
@@ -89,11 +88,10 @@ def _costs_agree(top_path: str) -> None:
         top.close()
 
 
-@pytest.mark.parametrize("name", sorted(n for n, build in SHAPES.items()))
+@pytest.mark.parametrize("name", sorted(SHAPES))
 def test_merge_costs_equal_plans_on_shapes(name, tmp_path) -> None:
     shape = SHAPES[name](tmp_path)
-    if shape.fmt != "qcow2":
-        pytest.skip("not a qcow2 image")
+    assert shape.fmt == "qcow2"  # every shape of the zoo's tops is (a raw one would need a branch)
     _costs_agree(str(shape.path))
 
 

@@ -33,6 +33,17 @@ def _chain(d: Path) -> tuple[Path, Path]:
     return base, top
 
 
+def _commit_both(d: Path) -> None:
+    """The same chain committed by qemu-img in d/q and by pyqcow in d/p."""
+    src = d / "src"
+    src.mkdir()
+    _chain(src)
+    _copy_chain(src, d / "q")
+    _copy_chain(src, d / "p")
+    qemu.qemu_img("commit", "-q", d / "q" / "top.qcow2")
+    commit(str(d / "p" / "top.qcow2"))
+
+
 def _copy_chain(src: Path, dst: Path) -> None:
     dst.mkdir()
     for f in src.glob("*.qcow2"):
@@ -109,13 +120,7 @@ def test_einval_from_o_direct_falls_back_to_buffered(tmp_path, counted, monkeypa
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    src = tmp_path / "src"
-    src.mkdir()
-    _chain(src)
-    _copy_chain(src, tmp_path / "q")
-    _copy_chain(src, tmp_path / "p")
-    qemu.qemu_img("commit", "-q", tmp_path / "q" / "top.qcow2")
-    commit(str(tmp_path / "p" / "top.qcow2"))
+    _commit_both(tmp_path)
     assert refused  # the O_DIRECT write was tried, refused, and done buffered
     assert qemu.compare(tmp_path / "q" / "base.qcow2", tmp_path / "p" / "base.qcow2") == 0
 
@@ -232,13 +237,7 @@ def test_copier_starts_writeback_on_its_own_thread(tmp_path, monkeypatch):
         return real(self, offset, length)
 
     monkeypatch.setattr(writeback.BackgroundWriteback, "__call__", spy)
-    src = tmp_path / "src"
-    src.mkdir()
-    _chain(src)
-    _copy_chain(src, tmp_path / "q")
-    _copy_chain(src, tmp_path / "p")
-    qemu.qemu_img("commit", "-q", tmp_path / "q" / "top.qcow2")
-    commit(str(tmp_path / "p" / "top.qcow2"))
+    _commit_both(tmp_path)
     assert seen and all(start is copier.start_writeback for start, _, _ in seen)
     assert qemu.compare(tmp_path / "q" / "base.qcow2", tmp_path / "p" / "base.qcow2") == 0
 
