@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from native_helper import backend_ctx
+from host_needs import backend_ctx
 
 from pyqcow import fastcopy
 from pyqcow.errors import QcowError

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import qemu
+from host_needs import o_direct_works
 from interop.shapes import SHAPE_TAGS, SHAPES, Shape
 from qemu import check_json, compare, create, info_json, map_json, qemu_img, qemu_io
 
@@ -489,22 +490,11 @@ def test_convert_cache_modes(conv_src: Path, tmp_path: Path, capsys, monkeypatch
         status, _, err = run(capsys, "convert", "-t", "none", "-T", "none", "-O", fmt, conv_src, out)
         assert (status, err) == (0, "")
         assert compare(conv_src, out, fmt_b=fmt) == 0
-    assert any(f & os.O_DIRECT for f in opened) or not _direct_io_works(tmp_path)
+    assert any(f & os.O_DIRECT for f in opened) or not o_direct_works(tmp_path)
     assert os.POSIX_FADV_DONTNEED in dropped  # -T none: the source left the page cache
     assert hostfile.cache_mode() == "none"
     run(capsys, "convert", "-O", "raw", conv_src, tmp_path / "again.raw")
     assert hostfile.cache_mode() == "writeback"  # each command starts from the default
-
-
-def _direct_io_works(d: Path) -> bool:
-    import os
-
-    try:
-        fd = os.open(d / "direct-probe", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 def test_cache_option_on_every_writing_command(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from native_helper import backend_ctx, require_native
+from host_needs import backend_ctx, require_native
 
 from pyqcow import fastcopy
 from pyqcow.ops import rebase as rebase_mod

@@ -6,12 +6,10 @@ thresholds, so these are lowered here; the promises are the same."""
 
 from __future__ import annotations
 
-import os
-
 import crashkit
 import pytest
 import scenarios
-from native_helper import require_native
+from host_needs import require_native, require_o_direct
 from test_crash_inject import _run, fixed_chain
 
 from pyqcow.ops import directcopy
@@ -26,14 +24,7 @@ def _native() -> None:
 def test_crash_points_with_direct_copies(name, tmp_path, monkeypatch):
     d = tmp_path / "chain"
     d.mkdir()
-    try:
-        fd = os.open(d / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    except OSError:
-        if os.environ.get("CI"):  # CI's machine has it: its absence is a failure there
-            pytest.fail("no O_DIRECT on this file system")
-        pytest.skip("no O_DIRECT on this file system")
-    os.close(fd)
-    os.unlink(d / "probe")
+    require_o_direct(d)
     monkeypatch.setattr(directcopy, "DIRECT_MIN", 4096)
     monkeypatch.setattr(directcopy, "DIRECT_GROUP", 8192)
     direct: list[int] = []

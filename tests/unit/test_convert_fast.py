@@ -7,7 +7,7 @@ import errno
 import os
 
 import pytest
-from native_helper import require_native
+from host_needs import require_native
 
 from pyqcow import fastcopy
 from pyqcow.ops import convert_common as cc

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import qemu
+from host_needs import require_native, require_o_direct
 
 from pyqcow import fastcopy
 from pyqcow.ops import directcopy
@@ -67,26 +68,14 @@ def counted(monkeypatch):
     return seen
 
 
-def _direct_supported(d: Path) -> bool:
-    try:
-        fd = os.open(d / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    except OSError:
-        return False
-    os.close(fd)
-    return fastcopy.native_available()
-
-
-def _no_direct() -> None:
-    msg = "no O_DIRECT or no native helper (fallocate) on this file system"
-    if os.environ.get("CI"):  # CI's machine has both: their absence is a failure there
-        pytest.fail(msg)
-    pytest.skip(msg)
+def _require_direct(d: Path) -> None:
+    require_native()  # (fallocate)
+    require_o_direct(d)
 
 
 @pytest.mark.parametrize("op", ["commit", "stream"])
 def test_direct_copy_matches_qemu_img(tmp_path, counted, op):
-    if not _direct_supported(tmp_path):
-        _no_direct()
+    _require_direct(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     _chain(src)
@@ -108,8 +97,7 @@ def test_direct_copy_matches_qemu_img(tmp_path, counted, op):
 
 
 def test_einval_from_o_direct_falls_back_to_buffered(tmp_path, counted, monkeypatch):
-    if not _direct_supported(tmp_path):
-        _no_direct()
+    _require_direct(tmp_path)
     real_pwrite = os.pwrite
     refused: list[int] = []
 
@@ -160,8 +148,7 @@ def test_split_keeps_old_space_and_unaligned_edges_buffered():
 
 
 def test_group_past_the_source_end_reads_zeros(tmp_path):
-    if not _direct_supported(tmp_path):
-        _no_direct()
+    _require_direct(tmp_path)
     src = tmp_path / "src.bin"
     src.write_bytes(b"\x5a" * (MiB + 1000))
     dst = tmp_path / "dst.bin"

@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Iterator
 
 import pytest
-from native_helper import require_native
+from host_needs import require_native
 
 from pyqcow import fastcopy
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from native_helper import require_native
+from host_needs import require_native
 
 import pyqcow
 from pyqcow import fastcopy

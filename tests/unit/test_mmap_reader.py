@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from native_helper import require_native
+from host_needs import require_native
 from test_fastcopy import _NoNative
 
 import pyqcow
