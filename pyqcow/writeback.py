@@ -32,13 +32,16 @@ class BackgroundWriteback:
             import queue
             import threading
 
-            self.queue = queue.SimpleQueue()
-            self.thread = threading.Thread(target=self._run, name="pyqcow-writeback", daemon=True)
-            self.thread.start()
+            q = queue.SimpleQueue()
+            thread = threading.Thread(target=self._run, args=(q,), name="pyqcow-writeback",
+                                      daemon=True)
+            # kept only once started: a KeyboardInterrupt inside start() must leave
+            # close() nothing to join ("cannot join thread before it is started")
+            thread.start()
+            self.queue, self.thread = q, thread
         self.queue.put((offset, offset + length))
 
-    def _run(self) -> None:
-        q = self.queue
+    def _run(self, q) -> None:
         while True:
             item = q.get()
             if item is None:
