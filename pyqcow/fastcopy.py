@@ -38,6 +38,7 @@ from typing import Any, Literal
 __all__ = [
     "backend",
     "can_share",
+    "punch_holes",
     "copy_range",
     "copy_runs",
     "current_backend",
@@ -545,6 +546,17 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     fd = _check_fd(fd, "fd", writable=True)
     offset, length = _check_range(offset, length, "punch_hole")
     return _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def punch_holes(fd: int, runs) -> bool:
+    """``punch_hole`` for each ``(offset, length)`` of ``runs`` (the fd checked
+    once).  False as soon as one cannot be done (the rest are left)."""
+    fd = _check_fd(fd, "fd", writable=True)
+    for offset, length in runs:
+        offset, length = _check_range(offset, length, "punch_holes")
+        if not _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return False
+    return True
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:

@@ -374,11 +374,22 @@ def check_prepare(w, ranges) -> None:
         w.mark_dirty(offset, length)
 
 
-def fill_prepared(w, out, ranges) -> None:
+def fill_prepared(w, out, ranges, sources=None, relocate: bool = False) -> None:
     """Map ``ranges`` to private host clusters in memory; the (guest, host,
     length) runs go to ``out`` (a PreparedWrite), merged where both are
     contiguous.  First every L2 table is made private (which may allocate
-    tables), then the clusters that need new hosts are allocated together."""
+    tables), then the clusters that need new hosts are allocated together.
+
+    ``sources`` (one per range: a sort key ``(fd, offset)`` of the data's
+    origin, or None): the new clusters are handed out in the order of their
+    origin, not of the guest, so that data copied file to file from scattered
+    guest offsets but one region of its source lands in one run (one
+    copy_file_range: one reflink on XFS/btrfs, instead of one per guest run).
+    ``relocate`` (with ``sources``): the private clusters of ranges that have a
+    source get new clusters too, their old ones freed (deferred: after the new
+    mapping is durable), so that a commit on a reflink file system shares the
+    top's data in a few long runs instead of writing into the base's clusters
+    one guest run at a time."""
     img = w.img
     if img.extended_l2 or img.has_data_file:
         for offset, length in ranges:  # (rare: the per-range path)
@@ -389,8 +400,9 @@ def fill_prepared(w, out, ranges) -> None:
     private = entries.l2_private
     segs = []
     need = 0
-    for offset, length in ranges:
+    for r, (offset, length) in enumerate(ranges):
         pos, end = offset, offset + length
+        move = relocate and sources is not None and sources[r] is not None
         while pos < end:
             cluster = pos >> cb
             table, l2_off = w.l2_for_write(cluster)
@@ -398,19 +410,26 @@ def fill_prepared(w, out, ranges) -> None:
             seg_end = min(end, ((cluster | l2_mask) + 1) << cb)
             i0 = cluster & l2_mask
             count = (seg_end - pos + cs - 1) >> cb
-            need += count - sum(1 for e in table[i0 : i0 + count] if private(e))
-            segs.append((table, i0, count, pos, seg_end))
+            need += count if move else count - sum(1 for e in table[i0 : i0 + count] if private(e))
+            segs.append((table, i0, count, pos, seg_end, r, move))
             pos = seg_end
-    fresh = iter(_alloc_clusters(w, need))
+    if sources is None:
+        fresh = iter(_alloc_clusters(w, need))
+        take = lambda seg, k: next(fresh)  # noqa: E731 (guest order)
+    else:
+        hosts = _fresh_in_source_order(w, segs, need, ranges, sources)
+        take = lambda seg, k: hosts[(seg, k)]  # noqa: E731
     host_of, data_entry = entries.l2_host_offset, entries.data_entry
-    for table, i0, count, pos, seg_end in segs:
+    for si, (table, i0, count, pos, seg_end, _r, move) in enumerate(segs):
         for k in range(count):
             e = table[i0 + k]
-            if private(e):
+            if private(e) and not move:
                 host = host_of(e)  # private already: overwritten in place
             else:
-                host = next(fresh)
+                host = take(si, k)
                 w.free_entry_allocation(e)
+                if move and e:
+                    w.relocated = True
             table[i0 + k] = data_entry(host)  # (a preallocated zero cluster: data now)
             g = pos + (k << cb)
             n = min(cs, seg_end - g)
@@ -419,6 +438,34 @@ def fill_prepared(w, out, ranges) -> None:
             else:
                 out.append((g, host, n))
     w.note_alloc()
+
+
+def _fresh_in_source_order(w, segs, need: int, ranges, sources) -> dict:
+    """{(segment, cluster index): new host} for the clusters of ``segs`` that
+    need one, handed out in the order of their source offsets (those without a
+    source last, in guest order)."""
+    cb = w.img.cluster_bits
+    private = entries.l2_private
+    order = []
+    last = (1 << 62,)
+    for si, (table, i0, count, pos, _end, r, move) in enumerate(segs):
+        src = sources[r]
+        for k in range(count):
+            if move or not private(table[i0 + k]):
+                if src is None:
+                    key = (*last, pos + (k << cb))
+                else:
+                    key = (src[0], src[1] + pos + (k << cb) - ranges[r][0])
+                order.append((key, si, k))
+    order.sort()
+    if w.refcounts.free_hint < w.refcounts.end_cluster and need > 1:
+        # holes below the used area (the frees of an earlier relocation): one
+        # run all the same where one fits, not a cluster per hole
+        start = w.refcounts.alloc(need)
+        fresh = range(start, start + (need << cb), 1 << cb)
+    else:
+        fresh = _alloc_clusters(w, need)
+    return {(si, k): h for (_key, si, k), h in zip(order, fresh)}
 
 
 def _runs_of(handle) -> list:

@@ -237,6 +237,17 @@ class HostFile:
         except (OSError, ValueError):
             return False  # the callers write zeros instead
 
+    def punch_holes(self, runs) -> bool:
+        """``punch_hole`` for each ``(offset, length)`` of ``runs``, in one helper call."""
+        if self.is_block_device:
+            return False
+        from .fastcopy import punch_holes
+
+        try:
+            return punch_holes(self.fd, runs)
+        except (OSError, ValueError):
+            return False
+
     def data_extents(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """(offset, length, is_data) runs from SEEK_DATA/SEEK_HOLE over [start, end)."""
         runs: list[tuple[int, int, bool]] = []

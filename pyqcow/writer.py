@@ -99,6 +99,9 @@ class Writer:
         # prepare_write handles not yet filled, counted per flush epoch
         self.unfilled = 0
         self.epoch = 0
+        # prepare_writes(relocate=True) moved private clusters: their old clusters
+        # are punched once freed (step 7 of flush)
+        self.relocated = False
         if img.writable:
             from .refcount import Refcounts
 
@@ -436,16 +439,20 @@ class Writer:
         self.data_written = True
         return out
 
-    def prepare_writes(self, ranges) -> PreparedWrite:
+    def prepare_writes(self, ranges, sources=None, relocate: bool = False) -> PreparedWrite:
         """``prepare_write`` for many sorted, cluster-aligned ``(offset, length)``
         guest ranges at once: one handle, the clusters that need new host
         clusters allocated together (one contiguous run where nothing below the
-        used area is free), so that their data is copied in long runs."""
+        used area is free), so that their data is copied in long runs.
+        ``sources`` and ``relocate``: see ``guestwrite.fill_prepared`` (new
+        clusters in the order of the data's origin; private ones moved too)."""
         self.check_writable()
         guestwrite.check_prepare(self, ranges)
+        if sources is not None and len(sources) != len(ranges):
+            raise ValueError("prepare_writes: one source per range")
         self.flush_if_needed()  # a safe point: nothing of this call is in memory yet
         out = PreparedWrite(self)
-        guestwrite.fill_prepared(self, out, ranges)
+        guestwrite.fill_prepared(self, out, ranges, sources, relocate)
         self.data_written = True
         return out
 
@@ -523,9 +530,15 @@ class Writer:
         if rc.pending_free:
             # a freed cluster may be the compressed tail: never pack into it again
             self.cpos = self.cend = 0
-            rc.apply_pending_frees()
+            freed = rc.apply_pending_frees()
             if rc.write_blocks():
                 hf.fsync()
+            if self.relocated:
+                # the clusters a relocation left: nothing maps them any more (the
+                # L2 tables are durable), so their blocks go back to the file
+                # system (a crash before this leaves them allocated: only space)
+                self.relocated = False
+                _punch_clusters(hf, freed, img.cluster_bits)
         img.file_size = max(img.file_size, hf.size())
 
     # ------------------------------------------------------------------ operations
@@ -547,6 +560,18 @@ class Writer:
 
     def set_backing(self, name: str | None, fmt: str | None) -> None:
         reshape.set_backing(self, name, fmt)
+
+
+def _punch_clusters(hf, clusters: list[int], cluster_bits: int) -> None:
+    """Punch the ascending ``clusters`` (numbers), one range per contiguous run;
+    where the file system cannot, the space stays allocated, as before."""
+    runs = []
+    for c in clusters:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    hf.punch_holes([(a << cluster_bits, (b - a) << cluster_bits) for a, b in runs])
 
 
 def require_writable_features(img) -> None:

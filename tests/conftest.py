@@ -68,3 +68,51 @@ def qemu_img_path() -> str:
 @pytest.fixture
 def qemu_io_path() -> str:
     return _require_tool("qemu-io")
+
+
+def _xfs_tool(name: str) -> str:
+    import shutil
+
+    from qemu import need
+
+    path = shutil.which(name)
+    need(path is not None, f"{name} is not installed (xfsprogs / util-linux / e2fsprogs)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def xfs_reflink(tmp_path_factory) -> Path:
+    """A mounted XFS file system with reflink, on a loop device over a sparse
+    file (made here, torn down after the session).  Needs root, loop devices and
+    xfsprogs: skipped elsewhere with the reason, a failure under CI."""
+    import subprocess
+
+    from qemu import need
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+
+    need(os.geteuid() == 0, "making an XFS file system on a loop device needs root")
+    mkfs, losetup, mount, umount = (_xfs_tool(n)
+                                    for n in ("mkfs.xfs", "losetup", "mount", "umount"))
+    _xfs_tool("filefrag")
+    tmp = tmp_path_factory.mktemp("reflink")
+    backing = tmp / "xfs.img"
+    with open(backing, "wb") as f:
+        f.truncate(2 * 1024**3)
+    proc = run(mkfs, "-q", "-m", "reflink=1", str(backing))
+    need(proc.returncode == 0, f"mkfs.xfs -m reflink=1 failed: {proc.stderr.strip()}")
+    proc = run(losetup, "--find", "--show", str(backing))
+    need(proc.returncode == 0, f"cannot set up a loop device: {proc.stderr.strip()}")
+    dev = proc.stdout.strip()
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    try:
+        proc = run(mount, "-t", "xfs", dev, str(mnt))
+        need(proc.returncode == 0, f"cannot mount the XFS loop device: {proc.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            run(umount, str(mnt))
+    finally:
+        run(losetup, "-d", dev)

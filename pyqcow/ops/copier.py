@@ -12,6 +12,15 @@ after each copied slice the write-back of the rest is started
 (``start_writeback``, on a thread of its own), so the disk works during the
 copy and the final fsync finds little left.
 
+On a reflink file system (source and destination on one XFS/btrfs) each
+copy_file_range call shares extents at a fixed cost per call, so the number of
+calls is what counts: the batch's new clusters are allocated in the order of
+their source offsets (``prepare_writes(sources=...)``), and clusters the
+destination already holds privately are moved to new ones too
+(``relocate``; the old ones are freed and punched after the new mapping is
+durable), so that the top of a commit, written in guest order at random, is
+shared in a few long runs (issue 14: XFS commit).
+
 Data that must be looked at before it is written (convert skips zero clusters
 and may compress; convert -B writes only what differs from a backing file) is
 read into buffers first; ``BufferWriter`` writes such buffers into fresh
@@ -208,6 +217,9 @@ class _Batch:
         if (cache is not None and getattr(hf, "cache", None) in DIRECT_CACHE_MODES
                 and not getattr(hf, "is_block_device", True)):
             self.direct = DirectWriter(hf.fd, hf.path)
+        # per source fd: may copy_file_range share its extents with the
+        # destination (qcow2 destinations only: a raw one's layout is the guest's)
+        self.shares: dict[int, bool] | None = {} if cache is not None else None
 
     def close(self) -> None:
         if self.direct is not None:
@@ -241,15 +253,48 @@ class _Batch:
             self.pending = []
             self.bytes = 0
             self.tables.clear()
-            handle = self.dest.writer.prepare_writes([(g, n) for g, n, _, _ in pend])
             dst_fd = self.dest.data_hf.fd
+            sources = self._sources(pend, dst_fd)
+            handle = self.dest.writer.prepare_writes([(g, n) for g, n, _, _ in pend], sources,
+                                                     relocate=sources is not None)
             if self.direct is not None:
                 self.direct.reserve(max(h + n for _, h, n in handle))
             for fd, runs in _source_runs(handle, pend).items():
+                if sources is not None and self.shares.get(fd):
+                    runs = _in_source_order(runs)
                 self.slicer.copy_runs(fd, dst_fd, runs, report=self.report,
                                       writeback=self.writeback or False, direct=self.direct)
             handle.filled()  # the data is in place: the writer may publish the mapping
         self.report()
+
+
+    def _sources(self, pend, dst_fd: int):
+        """``prepare_writes``'s sources for ``pend``: (fd, offset) where the fd
+        shares extents with the destination, else None; None if none does."""
+        shares = self.shares
+        if shares is None:
+            return None
+        for _g, _n, fd, _so in pend:
+            if fd not in shares:
+                try:
+                    shares[fd] = fastcopy.can_share(fd, dst_fd)
+                except (OSError, ValueError):
+                    shares[fd] = False
+        if not any(shares[fd] for _g, _n, fd, _so in pend):
+            return None
+        return [(fd, so) if shares[fd] else None for _g, _n, fd, so in pend]
+
+
+def _in_source_order(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(source, destination, length) runs sorted by source, merged where both
+    sides continue: the long runs that source-ordered allocation made."""
+    out: list[tuple[int, int, int]] = []
+    for so, do, n in sorted(runs):
+        if out and out[-1][0] + out[-1][2] == so and out[-1][1] + out[-1][2] == do:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+        else:
+            out.append((so, do, n))
+    return out
 
 
 def _source_runs(handle, pend) -> dict[int, list[tuple[int, int, int]]]:

@@ -177,8 +177,9 @@ def _assert_clean(paths) -> None:
             assert rc == 0 and not res.get("leaks"), (p, res)
 
 
-def run_case(layers: list[Layer], op: str, other: Layer, backend: str) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="chainprop-"))
+def run_case(layers: list[Layer], op: str, other: Layer, backend: str,
+             root: Path | None = None) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="chainprop-", dir=root))
     try:
         paths = build(tmp, layers)
         expected = view(layers)
@@ -265,6 +266,15 @@ def test_chain_ops_match_model(case):
 @given(cases())
 def test_chain_ops_match_model_many(case):
     run_case(*case)
+
+
+@settings(max_examples=25, **_common)
+@given(case=cases())
+def test_chain_ops_match_model_on_reflink_xfs(xfs_reflink, case):
+    """The same operations on a reflink file system, where the copier shares
+    extents: new clusters in the order of their source, and a commit moves the
+    target's own clusters too (then frees and punches the old ones)."""
+    run_case(*case, root=xfs_reflink)
 
 
 @pytest.mark.parametrize("op", OPS)

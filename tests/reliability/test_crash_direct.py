@@ -42,3 +42,36 @@ def test_crash_points_with_direct_copies(name, tmp_path, monkeypatch):
     assert "copy_runs" in points and direct, "the O_DIRECT path did not run"
     n = _run(name, ch, modes=("crash", "enospc", "eio"), seed_=3)
     assert n >= len(points)
+
+
+def test_crash_points_with_relocating_commit(xfs_reflink, request, monkeypatch):
+    """On a reflink file system a commit moves the base's own clusters under the
+    top's data to new ones (copied in source order) and frees and punches the
+    old ones once the new mapping is durable: a crash, ENOSPC or EIO at any
+    fault point of it keeps the promises (issue 14's XFS commit)."""
+    import shutil
+
+    from pyqcow import writer as writer_mod
+
+    d = xfs_reflink / f"crash-{request.node.name}"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(str(d) + ".work", ignore_errors=True)
+    d.mkdir()
+    punched: list[int] = []
+    real = writer_mod._punch_clusters
+
+    def spy(hf, clusters, cluster_bits):
+        punched.extend(clusters)
+        return real(hf, clusters, cluster_bits)
+
+    monkeypatch.setattr(writer_mod, "_punch_clusters", spy)
+    try:
+        ch = fixed_chain(str(d))
+        sc = scenarios.build("commit", ch, 3)
+        points = crashkit.count_points(ch.directory, ch.directory + ".work", sc.op)
+        assert "copy_runs" in points and punched, "the commit did not relocate"
+        n = _run("commit", ch, modes=("crash", "enospc", "eio"), seed_=3)
+        assert n >= len(points)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(str(d) + ".work", ignore_errors=True)
