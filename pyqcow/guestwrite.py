@@ -465,7 +465,7 @@ def _fresh_in_source_order(w, segs, need: int, ranges, sources) -> dict:
         fresh = range(start, start + (need << cb), 1 << cb)
     else:
         fresh = _alloc_clusters(w, need)
-    return {(si, k): h for (_key, si, k), h in zip(order, fresh)}
+    return {(si, k): h for (_key, si, k), h in zip(order, fresh, strict=True)}
 
 
 def _runs_of(handle) -> list:

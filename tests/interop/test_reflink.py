@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import qemu
-from qemu import compare, create, need, qemu_img, qemu_io
+from qemu import compare, create, qemu_img, qemu_io
 
 from pyqcow import fastcopy
 from pyqcow.cli.main import main as cli
