@@ -415,21 +415,25 @@ def fill_prepared(w, out, ranges, sources=None, relocate: bool = False) -> None:
             pos = seg_end
     if sources is None:
         fresh = iter(_alloc_clusters(w, need))
-        take = lambda seg, k: next(fresh)  # noqa: E731 (guest order)
+        hosts = None
     else:
         hosts = _fresh_in_source_order(w, segs, need, ranges, sources)
-        take = lambda seg, k: hosts[(seg, k)]  # noqa: E731
     host_of, data_entry = entries.l2_host_offset, entries.data_entry
-    for si, (table, i0, count, pos, seg_end, _r, move) in enumerate(segs):
+    pending_free = w.refcounts.pending_free
+    at = 0  # index of the segment's first cluster in ``hosts``
+    for table, i0, count, pos, seg_end, _r, move in segs:
         for k in range(count):
             e = table[i0 + k]
-            if private(e) and not move:
-                host = host_of(e)  # private already: overwritten in place
-            else:
-                host = take(si, k)
-                w.free_entry_allocation(e)
-                if move and e:
+            if private(e):
+                if not move:
+                    host = host_of(e)  # private already: overwritten in place
+                else:  # moved: the old cluster is freed once the new mapping is durable
+                    host = hosts[at + k]
+                    pending_free.append((host_of(e) >> cb, 1))
                     w.relocated = True
+            else:
+                host = next(fresh) if hosts is None else hosts[at + k]
+                w.free_entry_allocation(e)
             table[i0 + k] = data_entry(host)  # (a preallocated zero cluster: data now)
             g = pos + (k << cb)
             n = min(cs, seg_end - g)
@@ -437,35 +441,45 @@ def fill_prepared(w, out, ranges, sources=None, relocate: bool = False) -> None:
                 out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
             else:
                 out.append((g, host, n))
+        at += count
     w.note_alloc()
 
 
-def _fresh_in_source_order(w, segs, need: int, ranges, sources) -> dict:
-    """{(segment, cluster index): new host} for the clusters of ``segs`` that
-    need one, handed out in the order of their source offsets (those without a
-    source last, in guest order)."""
+def _fresh_in_source_order(w, segs, need: int, ranges, sources) -> list:
+    """New hosts for the clusters of ``segs`` that need one, handed out in the
+    order of their source offsets (those without a source last, in guest
+    order): a list indexed by the cluster's place among all of ``segs``'
+    clusters (None where the cluster keeps its host)."""
     cb = w.img.cluster_bits
     private = entries.l2_private
-    order = []
-    last = (1 << 62,)
-    for si, (table, i0, count, pos, _end, r, move) in enumerate(segs):
+    fds: dict[int, int] = {}
+    keys: list[int] = []
+    slots: list[int] = []
+    at = 0
+    for table, i0, count, pos, _end, r, move in segs:
         src = sources[r]
+        if src is None:
+            base = (1 << 62) + pos  # after every sourced one, in guest order
+        else:
+            rank = fds.setdefault(src[0], len(fds))
+            base = (rank << 56) + src[1] + pos - ranges[r][0]
         for k in range(count):
             if move or not private(table[i0 + k]):
-                if src is None:
-                    key = (*last, pos + (k << cb))
-                else:
-                    key = (src[0], src[1] + pos + (k << cb) - ranges[r][0])
-                order.append((key, si, k))
-    order.sort()
-    if w.refcounts.free_hint < w.refcounts.end_cluster and need > 1:
+                keys.append(base + (k << cb))
+                slots.append(at + k)
+        at += count
+    rc = w.refcounts
+    if rc.free_hint < rc.end_cluster and need > 1:
         # holes below the used area (the frees of an earlier relocation): one
         # run all the same where one fits, not a cluster per hole
-        start = w.refcounts.alloc(need)
+        start = rc.alloc(need)
         fresh = range(start, start + (need << cb), 1 << cb)
     else:
         fresh = _alloc_clusters(w, need)
-    return {(si, k): h for (_key, si, k), h in zip(order, fresh, strict=True)}
+    hosts: list = [None] * at
+    for j, i in enumerate(sorted(range(len(keys)), key=keys.__getitem__)):
+        hosts[slots[i]] = fresh[j]
+    return hosts
 
 
 def _runs_of(handle) -> list:

@@ -187,8 +187,12 @@ class Refcounts:
             bi, i = divmod(c, per)
             k = min(end - c, per - i)
             blk = self._block(bi, create=True)
-            for j in range(i, i + k):
-                blk.set(j, 1)
+            typed = blk._typed
+            if typed is not None:  # (the common orders: one slice assignment)
+                typed[i : i + k] = array(typed.typecode, [1]) * k
+            else:
+                for j in range(i, i + k):
+                    blk.set(j, 1)
             self.blocks.dirty.add(bi)
             c += k
         self.end_cluster = max(self.end_cluster, end)

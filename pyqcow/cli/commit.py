@@ -18,7 +18,6 @@ import argparse
 import sys
 
 from ..chain import chain_description, open_image
-from ..libvirt import ChainElement
 from ..ops import commit as commit_op
 from ..ops.common import locate_base
 from ..ops.plan import data_bytes
@@ -56,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         base_path = base_img.path
         # (planned here for --dry-run only: commit plans again under its locks)
         nbytes = data_bytes(commit_op.plan_commit(top, base_img)) if args.dry_run else 0
-        chain = [ChainElement(p, f) for p, f in chain_description(top)]
+        chain = chain_description(top)
     if update is not None:
         update.require_source(args.top, "the image")
         update.plan(chain)

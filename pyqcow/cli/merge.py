@@ -22,7 +22,6 @@ import sys
 
 from ..chain import chain_description, host_path, open_image
 from ..errors import BackingChainError
-from ..libvirt import ChainElement
 from ..ops import merge as merge_op
 from ..units import format_size
 from .cache import add_cache_options
@@ -87,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
                                    _top=top, _probe_locks=True)
         base = top.backing
         assert base is not None  # plan_merge refuses a top without backing
-        rest = [ChainElement(p, f) for p, f in chain_description(base)][1:]
+        rest = chain_description(base)[1:]
     if update is not None:
         update.require_source(args.top, "the image")
-        update.plan([ChainElement(host_path(plan.kept_path), plan.kept_format), *rest])
+        update.plan([(host_path(plan.kept_path), plan.kept_format), *rest])
     if args.dry_run:
         if args.output == "json":
             doc = plan.as_json()

@@ -16,7 +16,6 @@ import argparse
 import sys
 
 from ..chain import chain_description, open_image
-from ..libvirt import ChainElement
 from ..ops import stream as stream_op
 from ..ops.common import locate_base
 from ..ops.plan import data_bytes
@@ -46,7 +45,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     update = DomainXmlUpdate.prepare(args)
     with open_image(args.top, "r", force_share=True) as top:
-        full = [ChainElement(p, f) for p, f in chain_description(top)]
+        full = chain_description(top)
         base_img = None
         if args.base is not None:
             _parent, base_img = locate_base(top, args.base)

@@ -150,10 +150,14 @@ class DomainXmlUpdate:
             )
 
     # 2. plan
-    def plan(self, chain: Sequence[ChainElement]) -> bytes:
+    def plan(self, chain: Sequence[ChainElement | tuple[str, str]]) -> bytes:
+        """The new document for ``chain`` (elements, or (path, format) pairs as
+        ``chain_description`` gives them: the commands that take --domain-xml
+        do not load the libvirt package unless it is given)."""
         from .. import libvirt
 
-        self.chain = list(chain)
+        self.chain = [e if isinstance(e, libvirt.ChainElement) else libvirt.ChainElement(*e)
+                      for e in chain]
         self.new = libvirt.rewrite_disk(self.old, self.target, self.chain, xml_path=self.path)
         return self.new
 
