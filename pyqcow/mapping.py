@@ -245,13 +245,21 @@ def _data_filename(img) -> str:
     return getattr(img, "data_file_path", None) or img.path
 
 
+#: a layer with more holes than this over a range asks its backing file once,
+#: for the span of them all, and cuts the answer (one lookup per hole costs far
+#: more than the backing's entries under the layer's own data)
+BELOW_AT_ONCE = 8
+
+
 def _layer_extents(img, start: int, length: int, depth: int) -> list[Extent]:
     out: list[Extent] = []
     size = img.virtual_size
     if start >= size:
         return [Extent(start, length, max(depth - 1, 0) if depth else 0, False, True, False)]
     fname = _data_filename(img)
-    for run in img.runs(start, min(length, size - start)):
+    runs = img.runs(start, min(length, size - start))
+    below = _below_at_once(img, runs, depth)
+    for run in runs:
         t = run.type
         if t in UNALLOCATED_TYPES:
             # An unallocated subcluster of an allocated cluster keeps its host
@@ -267,7 +275,10 @@ def _layer_extents(img, start: int, length: int, depth: int) -> list[Extent]:
             bsize = backing.virtual_size
             inside = max(0, min(run.end, bsize) - run.guest_offset)
             if inside:
-                out.extend(_layer_extents(backing, run.guest_offset, inside, depth + 1))
+                if below is not None:
+                    out.extend(below.cut(run.guest_offset, run.guest_offset + inside))
+                else:
+                    out.extend(_layer_extents(backing, run.guest_offset, inside, depth + 1))
             if inside < run.length:
                 out.append(
                     Extent(run.guest_offset + inside, run.length - inside, depth, False, True, False,
@@ -294,6 +305,50 @@ def _layer_extents(img, start: int, length: int, depth: int) -> list[Extent]:
     if start + length > size:
         out.append(Extent(size, start + length - size, depth, False, True, False))
     return out
+
+
+def _below_at_once(img, runs, depth: int):
+    """A _Below over the span of ``runs``' holes that lie in the backing file,
+    when there are more than BELOW_AT_ONCE of them; else None."""
+    backing = img.backing
+    if backing is None:
+        return None
+    bsize = backing.virtual_size
+    holes = [r for r in runs if r.type in UNALLOCATED_TYPES and r.guest_offset < bsize]
+    if len(holes) <= BELOW_AT_ONCE:
+        return None
+    lo = holes[0].guest_offset
+    hi = min(holes[-1].end, bsize)
+    return _Below(_layer_extents(backing, lo, hi - lo, depth + 1))
+
+
+class _Below:
+    """Extents of a backing file over a span, cut to ascending sub-ranges."""
+
+    __slots__ = ("extents", "i")
+
+    def __init__(self, extents: list[Extent]) -> None:
+        self.extents = extents
+        self.i = 0
+
+    def cut(self, a: int, b: int) -> list[Extent]:
+        ext = self.extents
+        i = self.i
+        while i < len(ext) and ext[i].start + ext[i].length <= a:
+            i += 1
+        self.i = i
+        out = []
+        while i < len(ext) and ext[i].start < b:
+            e = ext[i]
+            lo, hi = max(a, e.start), min(b, e.start + e.length)
+            if lo == e.start and hi == e.start + e.length:
+                out.append(e)
+            else:
+                off = e.offset + (lo - e.start) if e.offset is not None else None
+                out.append(Extent(lo, hi - lo, e.depth, e.present, e.zero, e.data, off,
+                                  e.filename))
+            i += 1
+        return out
 
 
 def _file_extents(img, run: Run, depth: int, fname: str) -> list[Extent]:

@@ -20,6 +20,7 @@ from .. import fastcopy
 from ..entries import ClusterType
 from . import copier
 from .common import read_guest
+from .convert_batch import SHARED_BATCH_BYTES, SHARED_BATCH_CLUSTERS, reflink_fds, write_batch
 from .convert_common import (
     ConvertOptions,
     ProgressFn,
@@ -82,6 +83,7 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
     plan, ranges = differing_candidates(src, out.backing, cs)
     chunks = copy_chunks(plan, ranges, max(cs, QCOW2_CHUNK))
     share = _sharing_fds(plan, out) if not compress else frozenset()
+    reflink = reflink_fds(share, out)
     if share:
         chunks = split_at_steps(plan, chunks, cs)
     total = sum(c[1] for c in chunks)
@@ -102,17 +104,18 @@ def fill_over_backing(src, out, compress: bool, progress: ProgressFn | None) -> 
             read_guest(out.backing, bview, g)
             origin = (fd, host) if fd in share else None
             written += _differing(out, view, bview, g, origin, batch)
-            size += n
+            # (a batch of shared clusters holds no data: it may grow larger)
+            size += n if fd not in reflink else n * QCOW2_CHUNK // SHARED_BATCH_BYTES
             done += n
-            if size >= QCOW2_CHUNK:
-                written += _write_batch(out, writer, batch)
+            if size >= QCOW2_CHUNK or len(batch) >= SHARED_BATCH_CLUSTERS:
+                written += write_batch(out, writer, batch, reflink)
                 batch.clear()
                 size = 0
                 writer.checkpoint()
                 kick()
                 if progress:
                     progress(done, total)
-        written += _write_batch(out, writer, batch)
+        written += write_batch(out, writer, batch, reflink)
         if progress and total:
             progress(done, total)
     finally:
@@ -141,59 +144,6 @@ def _differing(out, view: memoryview, bview: memoryview, guest_offset: int,
             else:
                 batch.append((g, m, (origin[0], origin[1] + a + off)))
     return zeroed
-
-
-def _write_batch(out, writer, batch: list) -> int:
-    """Write the queued ``(guest offset, length, source)`` clusters (sorted) into
-    fresh clusters allocated together; a source is ``(fd, host offset)`` (copied
-    file to file) or a buffer (written; compressed with ``writer.comp``)."""
-    if not batch:
-        return 0
-    if writer.comp is not None:
-        return sum(writer.write(g, data) for g, _, data in batch)
-    # one allocation per L2 table's range: its table first, then its data (the
-    # layout prepare_write and qemu-img give)
-    span = out.l2_entries * out.cluster_size
-    part: list[tuple[int, int, object]] = []
-    wrote = 0
-    for g, n, source in batch:
-        while n:
-            if part and part[-1][0] // span != g // span:
-                wrote += _write_part(out, part)
-                part = []
-            m = min(n, span - g % span)
-            part.append((g, m, source))
-            if m < n:  # straddles: the rest goes with the next table
-                source = ((source[0], source[1] + m) if isinstance(source, tuple)
-                          else source[m:])
-            g, n = g + m, n - m
-    return wrote + _write_part(out, part)
-
-
-def _write_part(out, batch: list) -> int:
-    if not batch:
-        return 0
-    handle = out.writer.prepare_writes([(g, n) for g, n, _ in batch])
-    hf = out.data_hf
-    copies: dict[int, list[tuple[int, int, int]]] = {}
-    i = 0
-    for g, host, n in handle:
-        pos, end = g, g + n
-        while pos < end:
-            while batch[i][0] + batch[i][1] <= pos:
-                i += 1
-            ig, ilen, source = batch[i]
-            stop = min(end, ig + ilen)
-            if isinstance(source, tuple):
-                copies.setdefault(source[0], []).append(
-                    (source[1] + (pos - ig), host + (pos - g), stop - pos))
-            else:
-                hf.pwrite(source[pos - ig : stop - ig], host + (pos - g))
-            pos = stop
-    for fd, runs in copies.items():
-        fastcopy.copy_runs(fd, hf.fd, runs)
-    handle.filled()
-    return sum(n for _, n, _ in batch)
 
 
 def differing_candidates(src, backing, cs: int) -> tuple[RawPlan, list[tuple[int, int]]]:
@@ -297,6 +247,7 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
     fill.share = share
+    fill.reflink = reflink_fds(share, out)
     fill.parts = parts
     if share:
         # the data goes file to file in batches (one C call per source file): the
@@ -407,6 +358,7 @@ class _PlainFill:
         self.pool = pool
         # host files whose data is copied file to file (reflink file systems)
         self.share: frozenset[int] = frozenset()
+        self.reflink: frozenset[int] = frozenset()  # those of share on a reflink FS
         # chunk guest offset -> its parts (split_at_steps), where they differ
         self.parts: dict[int, list[Chunk]] = {}
         self.maps = SourceMaps()  # the sharing files' data, scanned in place
@@ -416,10 +368,12 @@ class _PlainFill:
         self.native = fastcopy._native_for_call()  # (asked once, not per chunk)
         # data clusters queued for _write_batch: (guest offset, length, source)
         self.batch: list[tuple[int, int, object]] = []
+        # what the batch holds, weighed: buffered bytes in full, bytes copied file
+        # to file at QCOW2_CHUNK / SHARED_BATCH_BYTES (flushed at QCOW2_CHUNK)
         self.batch_bytes = 0
 
     def flush_batch(self) -> int:
-        wrote = _write_batch(self.out, self.writer, self.batch)
+        wrote = write_batch(self.out, self.writer, self.batch, self.reflink)
         self.batch.clear()
         self.batch_bytes = 0
         return wrote
@@ -444,7 +398,8 @@ class _PlainFill:
                 done += c0[1]
                 if progress:
                     progress(done, total)
-                if self.batch_bytes >= QCOW2_CHUNK:
+                if (self.batch_bytes >= QCOW2_CHUNK
+                        or len(self.batch) >= SHARED_BATCH_CLUSTERS):
                     self.flush_batch()
                 self.writer.checkpoint()  # data before the L2 entries that point at it
                 kick()
@@ -514,9 +469,14 @@ class _PlainFill:
         if writer.comp is None and writer.pool is None and c[0] not in self.parts:
             # queued: allocated and copied with the batch (_write_batch)
             fd, host = c[2], c[3]
-            source = (fd, host + (goff - c[0])) if fd in self.share else data
+            if fd in self.share:
+                source = (fd, host + (goff - c[0]))
+                self.batch_bytes += (len(data) * QCOW2_CHUNK // SHARED_BATCH_BYTES
+                                     if fd in self.reflink else len(data))
+            else:
+                source = data
+                self.batch_bytes += len(data)
             self.batch.append((goff, len(data), source))
-            self.batch_bytes += len(data)
             return len(data)
         self.flush_batch()  # (guest order kept: what is queued is allocated first)
         if writer.comp is not None or not self.share:

@@ -261,7 +261,7 @@ class _Batch:
                 self.direct.reserve(max(h + n for _, h, n in handle))
             for fd, runs in _source_runs(handle, pend).items():
                 if sources is not None and self.shares.get(fd):
-                    runs = _in_source_order(runs)
+                    runs = in_source_order(runs)
                 self.slicer.copy_runs(fd, dst_fd, runs, report=self.report,
                                       writeback=self.writeback or False, direct=self.direct)
             handle.filled()  # the data is in place: the writer may publish the mapping
@@ -285,7 +285,7 @@ class _Batch:
         return [(fd, so) if shares[fd] else None for _g, _n, fd, so in pend]
 
 
-def _in_source_order(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def in_source_order(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """(source, destination, length) runs sorted by source, merged where both
     sides continue: the long runs that source-ordered allocation made."""
     out: list[tuple[int, int, int]] = []

@@ -743,10 +743,10 @@ def test_copier_fills_prepared_clusters_before_any_flush(tmp_path, monkeypatch):
 
     real_prepares = writer.Writer.prepare_writes
 
-    def prepares(self, ranges):
+    def prepares(self, ranges, *args, **kwargs):
         inside.append(1)
         try:
-            runs = real_prepares(self, ranges)
+            runs = real_prepares(self, ranges, *args, **kwargs)
         finally:
             inside.pop()
         pending.update(h for _, h, _ in runs)
