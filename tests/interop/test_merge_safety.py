@@ -501,6 +501,23 @@ def test_dry_run_lists_every_refusal_and_exits_like_the_run(tmp_path, capsys):
     assert rc2 == rc and err2.splitlines()[0] == err.splitlines()[0]
 
 
+def _qemu_lock_held(path) -> bool:
+    """Some process holds a lock on QEMU's lock bytes of ``path`` (offsets 100 to
+    299: permissions from 100, shared-permission bits from 200).  Asked with
+    F_OFD_GETLK, which takes no lock itself."""
+    import fcntl
+    import struct
+
+    fmt = "hhqqi4x"  # struct flock on Linux x86-64/aarch64: type, whence, start, len, pid
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                          struct.pack(fmt, fcntl.F_WRLCK, os.SEEK_SET, 100, 200, 0))
+        return struct.unpack(fmt, res)[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
 def test_dry_run_shows_lock_held_by_qemu(tmp_path, capsys):
     base, top = chain(tmp_path)
     sock = tmp_path / "nbd.sock"
@@ -509,18 +526,19 @@ def test_dry_run_shows_lock_held_by_qemu(tmp_path, capsys):
     try:
         import time
 
-        # wait until qemu-nbd holds its lock (qemu-img itself is refused), up to
-        # 60 s: the old 4 s wait for the socket was too short on a loaded machine,
-        # and the merge then ran before the lock (a flaky failure, seen under load)
+        # wait until qemu-nbd holds its lock, up to 60 s: the old 4 s wait for
+        # the socket was too short on a loaded machine (the merge then ran before
+        # the lock), and a probe with qemu-img took a lock of its own, which made
+        # qemu-nbd fail to start when they met (CI: "never held the lock (exit 1)");
+        # F_OFD_GETLK only asks
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            probe = subprocess.run(["qemu-img", "info", str(base)], capture_output=True,
-                                   text=True)
-            if probe.returncode != 0 and "lock" in probe.stderr:
+            if _qemu_lock_held(base):
                 break
             time.sleep(0.05)
         else:
-            raise AssertionError(f"qemu-nbd never held the lock (exit {proc.poll()})")
+            raise AssertionError(f"qemu-nbd never held the lock (exit {proc.poll()}: "
+                                 f"{proc.stderr.read().decode(errors='replace').strip()})")
         rc, out, err = run_cli(capsys, "merge", "--dry-run", str(top))
         assert rc == 1 and "in use" in err
         rc, out, err = run_cli(capsys, "merge", str(top))
