@@ -267,7 +267,6 @@ class _Batch:
             handle.filled()  # the data is in place: the writer may publish the mapping
         self.report()
 
-
     def _sources(self, pend, dst_fd: int):
         """``prepare_writes``'s sources for ``pend``: (fd, offset) where the fd
         shares extents with the destination, else None; None if none does."""
