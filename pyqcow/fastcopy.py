@@ -543,17 +543,19 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Deallocate [offset, offset + length) of the regular file ``fd``
     (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE: the range reads as zeros, the size stays).
     False where it cannot be done: no helper, or a file system without it."""
-    fd = _check_fd(fd, "fd", writable=True)
-    offset, length = _check_range(offset, length, "punch_hole")
-    return _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    return _punch(fd, ((offset, length),), "punch_hole")
 
 
 def punch_holes(fd: int, runs) -> bool:
     """``punch_hole`` for each ``(offset, length)`` of ``runs`` (the fd checked
     once).  False as soon as one cannot be done (the rest are left)."""
+    return _punch(fd, runs, "punch_holes")
+
+
+def _punch(fd: int, runs, what: str) -> bool:
     fd = _check_fd(fd, "fd", writable=True)
     for offset, length in runs:
-        offset, length = _check_range(offset, length, "punch_holes")
+        offset, length = _check_range(offset, length, what)
         if not _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
             return False
     return True

@@ -228,25 +228,18 @@ class HostFile:
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a byte range (reads as zeros afterwards). False if unsupported
         (always on a block device: pyqcow never discards a device's blocks)."""
-        if self.is_block_device:
-            return False
-        from .fastcopy import punch_hole  # the C helper's fallocate (os has none)
-
-        try:
-            return punch_hole(self.fd, offset, length)
-        except (OSError, ValueError):
-            return False  # the callers write zeros instead
+        return self.punch_holes(((offset, length),))
 
     def punch_holes(self, runs) -> bool:
         """``punch_hole`` for each ``(offset, length)`` of ``runs``, in one helper call."""
         if self.is_block_device:
             return False
-        from .fastcopy import punch_holes
+        from .fastcopy import punch_holes  # the C helper's fallocate (os has none)
 
         try:
             return punch_holes(self.fd, runs)
         except (OSError, ValueError):
-            return False
+            return False  # the callers write zeros instead
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """(offset, length, is_data) runs from SEEK_DATA/SEEK_HOLE over [start, end)."""
