@@ -22,6 +22,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+#: Clean L2 tables an image keeps in memory (least recently used dropped first).
+L2_CACHE_TABLES = 64
+#: The number of dirty L2 tables past which the writer flushes at its next safe
+#: point (pyqcow.ops.copier's flush guard too).
+MAX_DIRTY_L2 = 256
+
 
 class TableCache:
     """Bounded LRU of decoded tables; dirty tables are pinned until written."""

@@ -14,14 +14,12 @@ import warnings
 from array import array
 
 from . import entries, spec
-from .cache import TableCache
+from .cache import L2_CACHE_TABLES, MAX_DIRTY_L2, TableCache
 from .entries import ClusterType
 from .errors import CorruptImageError, FormatError, QcowError
 from .header import Header, parse_header
 from .hostfile import LOCK_READ, LOCK_WRITE, HostFile, check_range, open_data_file, zero_fill
 from .libyal_methods import LibyalMethods
-from .refcount import read_refcount_block
-from .writer import L2_CACHE_TABLES, MAX_DIRTY_L2, Writer
 
 TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
 if TYPE_CHECKING:
@@ -81,7 +79,8 @@ class QcowImage(LibyalMethods):
         self._decomp_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._gmap = None  # guestmap.GuestMap once made; False: not mappable
-        self.writer = Writer(self)
+        # self.writer (pyqcow.writer.Writer) is made on first use (__getattr__): a
+        # read-only command never loads the write path (start-up time)
         if self.writable and self.header.dirty:
             # a lazy-refcounts image left dirty: rebuild refcounts before writing
             from .repair import repair_dirty
@@ -174,6 +173,8 @@ class QcowImage(LibyalMethods):
 
     def refcount_block(self, table_index: int) -> entries.RefcountBlock | None:
         """Refcount block ``table_index`` as stored on disk (None: not allocated, all 0)."""
+        from .refcount import read_refcount_block
+
         return read_refcount_block(self, table_index)
 
     def refcount(self, cluster_index: int) -> int:
@@ -561,14 +562,25 @@ class QcowImage(LibyalMethods):
         if self._gmap:
             self._gmap.close()
         try:
-            self.flush()
-            self.writer.store_bitmaps()
+            writer = self.__dict__.get("writer")  # never made: nothing to write
+            if writer is not None:
+                writer.flush()
+                writer.store_bitmaps()
         finally:
             if self.backing is not None:
                 self.backing.close()
             if self.data_hf is not self.hf:
                 self.data_hf.close()
             self.hf.close()
+
+    def __getattr__(self, name: str):
+        # only for attributes not set yet: the writer, made on first use
+        if name == "writer" and "l2_cache" in self.__dict__:
+            from .writer import Writer
+
+            writer = self.__dict__["writer"] = Writer(self)
+            return writer
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __enter__(self):
         return self

@@ -27,15 +27,11 @@ from __future__ import annotations
 from array import array
 
 from . import entries, guestwrite, reshape, spec
+from .cache import L2_CACHE_TABLES, MAX_DIRTY_L2  # noqa: F401 (the L2 cache's sizes)
 from .errors import FormatError, OperationError, UnsupportedFeatureError
 from .header import build_cluster0
 from .hostfile import check_range
 
-#: Kept for pyqcow.ops.copier (its flush guard): the number of dirty L2 tables
-#: past which the writer flushes at its next safe point.
-MAX_DIRTY_L2 = 256
-#: Clean L2 tables kept in memory (least recently used dropped first).
-L2_CACHE_TABLES = 64
 # (the refcount block cache's sizes: pyqcow.refcount.CACHE_BLOCKS, MAX_DIRTY_BLOCKS)
 #: Kept for pyqcow.create (metadata preallocation); entries.data_entry says it.
 COPIED = entries.COPIED_BIT

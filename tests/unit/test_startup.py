@@ -38,6 +38,8 @@ STDLIB_NEVER = ("pathlib", "urllib", "tempfile", "shutil", "subprocess", "thread
                 "lzma", "traceback", "json", "runpy", "locale", "math", "zlib",
                 "pyqcow.compressed", "pyqcow.ops.copier", "pyqcow.fastcopy", "pyqcow.reader",
                 "pyqcow.libyal")
+#: The write path: an image makes its writer (pyqcow.writer) on its first write.
+WRITE_PATH = ("pyqcow.writer", "pyqcow.guestwrite", "pyqcow.reshape")
 #: dataclasses imports inspect (ast, dis, tokenize...); typing: both cost milliseconds.
 #: None of the five start-up commands loads them (test_small_commands_load_no_argparse).
 DATACLASSES = ("dataclasses", "inspect", "ast", "typing")
@@ -102,7 +104,8 @@ def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(c
         mods = modules_after(chain, *argv)
         assert loaded(mods, HEAVY + ("pyqcow.scan", "pyqcow.repair", "pyqcow.snapshot", "pyqcow.snapshot_table",
                                      "pyqcow.bitmaps", "pyqcow.bitmap_directory",
-                                     "pyqcow.newimage", "pyqcow.ops", "pyqcow.mapping")) == []
+                                     "pyqcow.newimage", "pyqcow.ops", "pyqcow.mapping")
+                      + WRITE_PATH) == []
         assert loaded(mods, STDLIB_NEVER + DATACLASSES) == []
         assert "pyqcow.cli.info" in mods  # (the probe did run the command)
 
@@ -131,6 +134,8 @@ def test_small_commands_load_no_construct_or_xml(chain, argv) -> None:
                              "pyqcow.bitmaps", "pyqcow.bitmap_directory")) == []
     if argv[0] not in ("map", "check"):
         assert "pyqcow.mapping" not in mods
+    if argv[0] in ("map", "check"):  # read-only: the write path loads on first write
+        assert loaded(mods, WRITE_PATH) == []
     if argv[0] == "create":
         assert loaded(mods, DATACLASSES) == []
 
