@@ -396,6 +396,61 @@ def fill_prepared(w, out, ranges, sources=None, relocate: bool = False) -> None:
             out.extend(_runs_of(w.prepare_write(offset, length)))
         return
     cb, cs = img.cluster_bits, img.cluster_size
+    private = entries.l2_private
+    segs, need = _segments(w, ranges, sources, relocate)
+    if sources is None:
+        fresh = _alloc_clusters(w, need)  # taken in order, from fi on
+        hosts = None
+    else:
+        hosts = _fresh_in_source_order(w, segs, need, ranges, sources)
+    host_of, data_entry = entries.l2_host_offset, entries.data_entry
+    pending_free = w.refcounts.pending_free
+    at = 0  # index of the segment's first cluster in ``hosts``
+    fi = 0
+    for table, i0, count, pos, seg_end, _r, move in segs:
+        seg = table[i0 : i0 + count]
+        unallocated = seg.count(0) == count
+        if move or unallocated:  # every cluster gets a new host (the common case)
+            if hosts is None:
+                hs = fresh[fi : fi + count]
+                fi += count
+            else:
+                hs = hosts[at : at + count]
+            if not unallocated:
+                # moved: the old clusters are freed once the new mapping is durable
+                olds = [e for e in seg if e]
+                moved = [(host_of(e) >> cb, 1) for e in olds if private(e)]
+                if moved:
+                    pending_free.extend(moved)
+                    w.relocated = True
+                if len(moved) != len(olds):
+                    for e in olds:
+                        if not private(e):
+                            w.free_entry_allocation(e)
+        else:  # private clusters are overwritten in place, the others get new hosts
+            hs = []
+            for k, e in enumerate(seg):
+                if private(e):
+                    hs.append(host_of(e))
+                    continue
+                if hosts is None:
+                    hs.append(fresh[fi])
+                    fi += 1
+                else:
+                    hs.append(hosts[at + k])
+                w.free_entry_allocation(e)  # (a preallocated zero cluster: data now)
+        table[i0 : i0 + count] = type(table)(table.typecode, [data_entry(h) for h in hs])
+        _add_runs(out, pos, seg_end, hs, cs)
+        at += count
+    w.note_alloc()
+
+
+def _segments(w, ranges, sources, relocate: bool) -> tuple[list, int]:
+    """fill_prepared's segments, ``(table, first index, count, guest offset, guest
+    end, range index, move)`` (each within one L2 table, made private and marked
+    dirty), and the number of clusters that need a new host."""
+    img = w.img
+    cb, cs = img.cluster_bits, img.cluster_size
     l2_mask = img.l2_entries - 1
     private = entries.l2_private
     segs = []
@@ -410,39 +465,29 @@ def fill_prepared(w, out, ranges, sources=None, relocate: bool = False) -> None:
             seg_end = min(end, ((cluster | l2_mask) + 1) << cb)
             i0 = cluster & l2_mask
             count = (seg_end - pos + cs - 1) >> cb
-            need += count if move else count - sum(1 for e in table[i0 : i0 + count] if private(e))
+            if move:
+                need += count
+            else:  # (private clusters keep their host)
+                seg = table[i0 : i0 + count]
+                need += count if seg.count(0) == count else count - sum(map(private, seg))
             segs.append((table, i0, count, pos, seg_end, r, move))
             pos = seg_end
-    if sources is None:
-        fresh = iter(_alloc_clusters(w, need))
-        hosts = None
-    else:
-        hosts = _fresh_in_source_order(w, segs, need, ranges, sources)
-    host_of, data_entry = entries.l2_host_offset, entries.data_entry
-    pending_free = w.refcounts.pending_free
-    at = 0  # index of the segment's first cluster in ``hosts``
-    for table, i0, count, pos, seg_end, _r, move in segs:
-        for k in range(count):
-            e = table[i0 + k]
-            if private(e):
-                if not move:
-                    host = host_of(e)  # private already: overwritten in place
-                else:  # moved: the old cluster is freed once the new mapping is durable
-                    host = hosts[at + k]
-                    pending_free.append((host_of(e) >> cb, 1))
-                    w.relocated = True
-            else:
-                host = next(fresh) if hosts is None else hosts[at + k]
-                w.free_entry_allocation(e)
-            table[i0 + k] = data_entry(host)  # (a preallocated zero cluster: data now)
-            g = pos + (k << cb)
-            n = min(cs, seg_end - g)
-            if out and out[-1][0] + out[-1][2] == g and out[-1][1] + out[-1][2] == host:
-                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
-            else:
-                out.append((g, host, n))
-        at += count
-    w.note_alloc()
+    return segs, need
+
+
+def _add_runs(out, pos: int, end: int, hosts, cs: int) -> None:
+    """Append the (guest, host, length) runs of guest ``[pos, end)`` whose clusters
+    went to ``hosts`` (one per cluster) to ``out``, merged where both are contiguous."""
+    breaks = [k for k in range(1, len(hosts)) if hosts[k] - hosts[k - 1] != cs]
+    start = 0
+    for k in (*breaks, len(hosts)):
+        g, host = pos + start * cs, hosts[start]
+        n = min(end, pos + k * cs) - g
+        if out and out[-1][0] + out[-1][2] == g and out[-1][1] + out[-1][2] == host:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+        else:
+            out.append((g, host, n))
+        start = k
 
 
 def _fresh_in_source_order(w, segs, need: int, ranges, sources) -> list:
