@@ -46,8 +46,10 @@ SUBCOMMANDS += ["mount"]  # read-only FUSE mount (pyqcow[fuse])
 SUBCOMMANDS += ["resize", "measure", "amend", "bitmap"]  # offline maintenance (issue 15)
 
 #: The subcommands whose command line pyqcow.cli.fastargs reads without argparse when
-#: it can (the small commands scripts run in loops: start-up time, issue 14)
-FAST_COMMANDS = frozenset({"info", "map", "check", "create", "rebase"})
+#: it can (the small commands scripts run in loops, and the chain and copy commands:
+#: building argparse's parser is ~10 ms of start-up, issue 14)
+FAST_COMMANDS = frozenset({"info", "map", "check", "create", "rebase", "commit", "stream",
+                           "merge", "convert", "compare", "measure", "amend"})
 
 EXIT_INTERRUPTED = 130
 

@@ -114,7 +114,8 @@ def well_formed_lines(draw, command: str) -> list[str]:
     items = draw(st.lists(_option_items(command), max_size=5))
     if command == "rebase" and draw(st.booleans()):
         items.append(["-b", draw(st.sampled_from(_PLAUSIBLE))])
-    images = ["img.qcow2"] + (draw(st.sampled_from([[], ["1G"]])) if command == "create" else [])
+    images = ["img.qcow2"] + (draw(st.sampled_from([[], ["1G"]])) if command == "create" else
+                              ["out.qcow2"] if command in ("convert", "compare") else [])
     if draw(st.booleans()):
         images = ["--", *images]
     items.insert(draw(st.integers(0, len(items))), images)
@@ -174,6 +175,14 @@ USUAL = [
     ["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"],
     ["rebase", "-uq", "-b", "", "ov.qcow2"],
     ["rebase", "-pb", "base.qcow2", "ov.qcow2"],
+    ["commit", "-q", "top.qcow2"],
+    ["commit", "-pb", "base.qcow2", "top.qcow2"],
+    ["stream", "-q", "top.qcow2"],
+    ["merge", "--keep", "top", "top.qcow2"],
+    ["convert", "-O", "qcow2", "top.qcow2", "out.qcow2"],
+    ["convert", "-O", "raw", "-p", "top.qcow2", "out.raw"],
+    ["compare", "-q", "a.qcow2", "b.qcow2"],
+    ["measure", "--size", "1G", "-O", "qcow2"],
 ]
 NOT_FAST = [
     ["info"], ["info", "-h"], ["info", "--help"], ["--version", "info"], ["info", "--out=json", "t"],
