@@ -62,10 +62,9 @@ def _unlink_table(w, l1_index: int, l2_off: int) -> None:
     w.l1_dirty = True
     w.l2_cache.drop(l2_off)
     step = 2 if img.extended_l2 else 1
-    for j in nonzero_indices(table, step):  # (empty entries skipped in bulk)
-        e = table[step * j]
-        if e:
-            w._free_entry_allocation(e)
+    # (empty entries skipped in bulk; an extended entry with only its bitmap set
+    # holds no cluster)
+    w.free_entry_allocations([table[step * j] for j in nonzero_indices(table, step)])
     w.refcounts.free_later(l2_off)
 
 

@@ -349,6 +349,19 @@ class Writer:
             if host:
                 self.refcounts.free_later(host)
 
+    def free_entry_allocations(self, table_entries: list[int]) -> None:
+        """``free_entry_allocation`` of each of ``table_entries`` (L2 entries): the
+        plain clusters' frees queued in one step (make_empty drops tens of
+        thousands), the compressed ones one by one."""
+        if self.img.has_data_file:
+            return
+        compressed, off_mask, cb = entries.COMPRESSED_BIT, entries.L2_HOST_MASK, self.img.cluster_bits
+        self.refcounts.pending_free.extend(
+            [((e & off_mask) >> cb, 1) for e in table_entries if e & off_mask and not e & compressed])
+        for e in table_entries:
+            if e & compressed:
+                self.free_entry_allocation(e)
+
     # the historical names (tests patch these on the class)
     _free_entry_allocation = free_entry_allocation
 

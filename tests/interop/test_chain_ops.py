@@ -823,8 +823,9 @@ def test_interrupted_make_empty_leaves_consistent_top(make, tmp_path, monkeypatc
     before = raw_of(orig.top, tmp_path / "before.raw")
     commit(ours.top, drop=True)  # the base holds the data: emptying the top keeps its view
     img = QcowImage(str(ours.top), "r+")
-    monkeypatch.setattr(writer.Writer, "_free_entry_allocation",
-                        _interrupt_after(2, writer.Writer._free_entry_allocation))
+    # (the interruption lands after the table is unlinked, before its frees)
+    monkeypatch.setattr(writer.Writer, "free_entry_allocations",
+                        _interrupt_after(0, writer.Writer.free_entry_allocations))
     with pytest.raises(_Interrupt):
         img.make_empty()
     img.close()  # flushes what make_empty had done in memory
