@@ -453,15 +453,19 @@ def _segments(w, ranges, sources, relocate: bool) -> tuple[list, int]:
     cb, cs = img.cluster_bits, img.cluster_size
     l2_mask = img.l2_entries - 1
     private = entries.l2_private
+    l2_bits = img.l2_bits
     segs = []
     need = 0
+    current = -1  # the L1 index of ``table`` (private, dirty: pinned in the cache)
     for r, (offset, length) in enumerate(ranges):
         pos, end = offset, offset + length
         move = relocate and sources is not None and sources[r] is not None
         while pos < end:
             cluster = pos >> cb
-            table, l2_off = w.l2_for_write(cluster)
-            w.l2_cache.mark_dirty(l2_off)
+            if cluster >> l2_bits != current:
+                current = cluster >> l2_bits
+                table, l2_off = w.l2_for_write(cluster)
+                w.l2_cache.mark_dirty(l2_off)
             seg_end = min(end, ((cluster | l2_mask) + 1) << cb)
             i0 = cluster & l2_mask
             count = (seg_end - pos + cs - 1) >> cb
