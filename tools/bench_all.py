@@ -157,7 +157,8 @@ def table(rows: list[dict]) -> str:
             _fmt(r.get("pyqcow"), unit),
             f"{_fmt(r.get('anchor'), unit)} {r.get('anchor_name', '')}".strip(),
             "" if r.get("ratio") is None else f"{r['ratio']:.2f}",
-            r.get("goal", ""), "yes" if r.get("ok") else "NO", r.get("note", "")))
+            r.get("goal", ""), {True: "yes", None: "-"}.get(r.get("ok"), "NO"),
+            r.get("note", "")))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     sep = "-" * (sum(widths) + 2 * (len(widths) - 1))

@@ -285,7 +285,8 @@ def main(argv=None) -> int:
     out = []
     for name, q, p, r, rq, rp, problems in rows:
         ok = r <= goal and not problems
-        print(f"{name:<16} {q:>10.2f} {p:>9.2f} {r:>6.2f} {'ok' if ok else 'MISS':>5} "
+        verdict = "-" if name.endswith("_unsafe") and not problems else "ok" if ok else "MISS"
+        print(f"{name:<16} {q:>10.2f} {p:>9.2f} {r:>6.2f} {verdict:>5} "
               f"{rq / MiB:>7.0f}Mi {rp / MiB:>8.0f}Mi"
               + ("" if rp < 100 * MiB else "  RSS over 100 MiB"))
         for msg in problems:
@@ -299,9 +300,14 @@ def main(argv=None) -> int:
             note += "; both timed with a sync after"
         if problems:
             note += "; PROBLEM: " + "; ".join(problems)
+        # issue 14's goals name the durable rows; -t unsafe is printed beside
+        # qemu-img's default, with no goal of its own
+        informational = name.endswith("_unsafe")
         out.append({"group": group, "row": row_name(name), "pyqcow": round(p, 4),
                     "anchor": round(q, 4), "anchor_name": "qemu-img", "unit": "s",
-                    "ratio": round(r, 4), "goal": f"<= {goal}", "ok": ok, "note": note})
+                    "ratio": round(r, 4), "goal": "-" if informational else f"<= {goal}",
+                    "ok": (None if not problems else False) if informational else ok,
+                    "note": note})
     for what, secs in floors:
         print(f"floor: {what:<40} {secs:>6.2f} s")
     if args.json:
