@@ -512,10 +512,14 @@ def _fresh_in_source_order(w, segs, need: int, ranges, sources) -> list:
         else:
             rank = fds.setdefault(src[0], len(fds))
             base = (rank << 56) + src[1] + pos - ranges[r][0]
-        for k in range(count):
-            if move or not private(table[i0 + k]):
-                keys.append(base + (k << cb))
-                slots.append(at + k)
+        if move or table[i0 : i0 + count].count(0) == count:  # every cluster (the common case)
+            keys.extend(range(base, base + (count << cb), 1 << cb))
+            slots.extend(range(at, at + count))
+        else:
+            for k in range(count):
+                if not private(table[i0 + k]):
+                    keys.append(base + (k << cb))
+                    slots.append(at + k)
         at += count
     rc = w.refcounts
     if rc.free_hint < rc.end_cluster and need > 1:

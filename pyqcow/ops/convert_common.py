@@ -91,18 +91,21 @@ def kick_writeback_wanted() -> bool:
 class WritebackKicker:
     """start_writeback over the part of an output file that has grown since the
     last call, once it is KICK_BYTES or more (qcow2 outputs allocate at the end).
-    With ``background``, on a thread of its own (pyqcow.writeback; ``close`` waits)."""
+    With ``background``, on a thread of its own (pyqcow.writeback; ``close`` waits).
+    ``size``: the file's size without an fstat per call (a qcow2 output's allocated
+    end, which its writer keeps: a convert calls this once per chunk it reads)."""
 
-    def __init__(self, fd: int, background: bool = False) -> None:
+    def __init__(self, fd: int, background: bool = False, size=None) -> None:
         self.fd = fd
         self.on = kick_writeback_wanted()
-        self.done = os.fstat(fd).st_size if self.on else 0
+        self.size = size if size is not None else (lambda: os.fstat(fd).st_size)
+        self.done = self.size() if self.on else 0
         self.start = BackgroundWriteback(fd, start_writeback) if background and self.on else None
 
     def __call__(self) -> None:
         if not self.on:
             return
-        end = os.fstat(self.fd).st_size
+        end = self.size()
         if end - self.done >= KICK_BYTES:
             if self.start is not None:
                 self.start(self.done, end - self.done)

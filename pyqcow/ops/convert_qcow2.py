@@ -379,7 +379,9 @@ class _PlainFill:
         return wrote
 
     def run(self, chunks: list[Chunk], workers: int, progress: ProgressFn | None) -> int:
-        kick = WritebackKicker(self.out.data_hf.fd, background=True)
+        out = self.out
+        kick = WritebackKicker(out.data_hf.fd, background=True,
+                               size=None if out.has_data_file else lambda: out.file_size)
         try:
             return self._run(chunks, workers, progress, kick)
         finally:
