@@ -34,6 +34,20 @@ _ZERO = entries.ZERO_BIT
 # kinds of a coalesced run in readinto
 _DATA, _ZEROS_KIND, _BACKING = 1, 2, 3
 _UNALLOCATED = -2  # _single_cluster_host: the range reads from the backing file (or zeros)
+class _WriterOnFirstUse:
+    """``img.writer``: made on first use, then an ordinary instance attribute (a
+    non-data descriptor: a ``__getattr__`` on the class would slow every attribute
+    lookup of an image, the read path's included)."""
+
+    def __get__(self, img, owner=None):
+        if img is None:
+            return self
+        from .writer import Writer
+
+        writer = img.__dict__["writer"] = Writer(img)
+        return writer
+
+
 def _to_writer(name: str) -> property:
     """The writer's state ``name``, as an attribute of the image."""
     return property(lambda self: getattr(self.writer, name),
@@ -42,6 +56,7 @@ def _to_writer(name: str) -> property:
 
 class QcowImage(LibyalMethods):
     format = "qcow2"
+    writer = _WriterOnFirstUse()
 
     def __init__(
         self,
@@ -79,7 +94,7 @@ class QcowImage(LibyalMethods):
         self._decomp_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._gmap = None  # guestmap.GuestMap once made; False: not mappable
-        # self.writer (pyqcow.writer.Writer) is made on first use (__getattr__): a
+        # self.writer (pyqcow.writer.Writer) is made on first use (_WriterOnFirstUse): a
         # read-only command never loads the write path (start-up time)
         if self.writable and self.header.dirty:
             # a lazy-refcounts image left dirty: rebuild refcounts before writing
@@ -572,15 +587,6 @@ class QcowImage(LibyalMethods):
             if self.data_hf is not self.hf:
                 self.data_hf.close()
             self.hf.close()
-
-    def __getattr__(self, name: str):
-        # only for attributes not set yet: the writer, made on first use
-        if name == "writer" and "l2_cache" in self.__dict__:
-            from .writer import Writer
-
-            writer = self.__dict__["writer"] = Writer(self)
-            return writer
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __enter__(self):
         return self
