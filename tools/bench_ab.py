@@ -35,16 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_chain import sync_dir  # (tools/ is this script's first path entry)
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def fsync_dir(d: Path) -> None:
-    for f in [*d.iterdir(), d]:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def timed_run(tree: Path, scratch: Path, src: Path, files: list[str], argv: list[str]) -> float:
@@ -63,7 +56,7 @@ def timed_run(tree: Path, scratch: Path, src: Path, files: list[str], argv: list
     if proc.returncode != 0:
         sys.exit(f"tools/bench ab: {tree}: pyqcow {' '.join(argv)} failed "
                  f"({proc.returncode}): {proc.stderr.strip()[-300:]}")
-    fsync_dir(scratch)
+    sync_dir(scratch)
     return time.perf_counter() - t0
 
 
