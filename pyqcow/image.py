@@ -34,6 +34,8 @@ _ZERO = entries.ZERO_BIT
 # kinds of a coalesced run in readinto
 _DATA, _ZEROS_KIND, _BACKING = 1, 2, 3
 _UNALLOCATED = -2  # _single_cluster_host: the range reads from the backing file (or zeros)
+
+
 class _WriterOnFirstUse:
     """``img.writer``: made on first use, then an ordinary instance attribute (a
     non-data descriptor: a ``__getattr__`` on the class would slow every attribute
