@@ -557,20 +557,15 @@ def _punch(fd: int, runs, what: str) -> bool:
     runs = [_check_range(offset, length, what) for offset, length in runs]
     native = _native_for_call()  # (chosen once: a commit may punch thousands of runs)
     mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    for offset, length in runs:
-        if not length:
-            continue
-        if native is None:
-            return False
-        rc = native.lib.pyqcow_fallocate(fd, mode, offset, length)
-        if rc in (-errno.EOPNOTSUPP, -errno.ENOSYS):
-            return False
-        _check(rc)
-    return True
+    return all(_fallocate_with(native, fd, mode, offset, length) for offset, length in runs)
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
-    native = _native_for_call()
+    return _fallocate_with(_native_for_call(), fd, mode, offset, length)
+
+
+def _fallocate_with(native, fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate through ``native`` (None: no helper); False where it cannot be done."""
     if native is None or length == 0:
         return length == 0
     rc = native.lib.pyqcow_fallocate(fd, mode, offset, length)
