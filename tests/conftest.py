@@ -28,6 +28,10 @@ if str(TESTS_DIR) not in sys.path:
 
 from qemu import require_tool as _require_tool
 
+# tests/hangwatch.py: a test stuck in C past pytest-timeout's limit ends its worker,
+# and the run's summary prints where every thread was
+pytest_plugins = ["hangwatch"]
+
 settings.register_profile(
     "dev",
     max_examples=25,
