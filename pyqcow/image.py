@@ -37,9 +37,8 @@ _UNALLOCATED = -2  # _single_cluster_host: the range reads from the backing file
 
 
 class _WriterOnFirstUse:
-    """``img.writer``: made on first use, then an ordinary instance attribute (a
-    non-data descriptor: a ``__getattr__`` on the class would slow every attribute
-    lookup of an image, the read path's included)."""
+    """``img.writer``, made on first use, then an instance attribute (a ``__getattr__``
+    on the class would slow every attribute lookup of an image, the read path's too)."""
 
     def __get__(self, img, owner=None):
         if img is None:
@@ -96,8 +95,7 @@ class QcowImage(LibyalMethods):
         self._decomp_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._gmap = None  # guestmap.GuestMap once made; False: not mappable
-        # self.writer (pyqcow.writer.Writer) is made on first use (_WriterOnFirstUse): a
-        # read-only command never loads the write path (start-up time)
+        # self.writer is made on first use (_WriterOnFirstUse): start-up time
         if self.writable and self.header.dirty:
             # a lazy-refcounts image left dirty: rebuild refcounts before writing
             from .repair import repair_dirty
@@ -164,17 +162,19 @@ class QcowImage(LibyalMethods):
         if t is not None:
             self._l2_tables.move_to_end(l2_offset)
             return t
-        if l2_offset % self.cluster_size or l2_offset + self.cluster_size > self.file_size:
-            raise CorruptImageError(
-                self.path,
-                f"L2 table offset {l2_offset:#x} is "
-                + ("unaligned" if l2_offset % self.cluster_size else "beyond the end of the file"),
-            )
-        if l2_offset == 0:
-            raise CorruptImageError(self.path, "L2 table at offset 0 (overlaps the header)")
-        t = entries.decode_u64_table(self.hf.pread(self.cluster_size, l2_offset))
+        t = entries.decode_u64_table(self.l2_table_bytes(l2_offset))
         self.l2_cache.put(l2_offset, t)
         return t
+
+    def l2_table_bytes(self, l2_offset: int) -> bytes:
+        """The L2 table at ``l2_offset`` as stored (big-endian), read past the cache."""
+        cs = self.cluster_size
+        if l2_offset % cs or l2_offset + cs > self.file_size:
+            why = "unaligned" if l2_offset % cs else "beyond the end of the file"
+            raise CorruptImageError(self.path, f"L2 table offset {l2_offset:#x} is {why}")
+        if l2_offset == 0:
+            raise CorruptImageError(self.path, "L2 table at offset 0 (overlaps the header)")
+        return self.hf.pread(cs, l2_offset)
 
     def forget_cached_metadata(self) -> None:
         """Drop every cached table and derived fact (the file changed under them)."""

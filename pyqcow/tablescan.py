@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["nonzero_indices"]
+__all__ = ["nonzero_indices", "scanner"]
 
 _OUT_CAPACITY = 1024  # indices per C call (a table with more takes several calls)
 _SLICE = 1024  # bytes per zero comparison of the fallback
@@ -43,9 +43,34 @@ def nonzero_indices(table: object, width: int = 1) -> list[int]:
         return _py_nonzero(view, size, width)
     if not size:
         return []
-    ffi, lib = native.ffi, native.lib
     capacity = min(size, _OUT_CAPACITY)
-    out = ffi.new("int64_t[]", capacity)
+    return _native_scan(native, view, size, width, native.ffi.new("int64_t[]", capacity), capacity)
+
+
+def scanner(width: int = 1):
+    """``nonzero_indices`` for the many tables of one job: the backend is chosen,
+    and the C helper's output array made, once instead of once per table."""
+    from . import fastcopy
+
+    native = fastcopy._native_for_call()
+    if native is None:
+        def scan(table: object) -> list[int]:
+            view = memoryview(table).cast("B")
+            return _py_nonzero(view, view.nbytes // (8 * width), width)
+        return scan
+    out = native.ffi.new("int64_t[]", _OUT_CAPACITY)
+
+    def scan_native(table: object) -> list[int]:
+        view = memoryview(table).cast("B")
+        size = view.nbytes // (8 * width)
+        return _native_scan(native, view, size, width, out, _OUT_CAPACITY) if size else []
+    return scan_native
+
+
+def _native_scan(native, view: memoryview, size: int, width: int, out, capacity: int) -> list[int]:
+    """The C helper's scan of ``view`` (``size`` entries), ``capacity`` indices of
+    ``out`` per call."""
+    ffi, lib = native.ffi, native.lib
     src = ffi.from_buffer(view)
     found: list[int] = []
     start = 0

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..entries import ClusterType, l1_l2_offset, l2_host_offset, l2_type
 from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run, chain_status
-from ..tablescan import nonzero_indices
+from ..tablescan import nonzero_indices, scanner
 from ..walk import prefetch_l2_tables
 
 
@@ -152,6 +153,10 @@ def merge_costs(top, base) -> tuple[int, int]:
     lookup in BASE, a run of BASE's is none), so the time follows the allocated
     metadata, not the virtual size.  Commit copies TOP's data; stream copies
     BASE's data where TOP allocates nothing."""
+    if _tables_comparable(top, base):
+        for layer in (top, base):
+            prefetch_l2_tables(layer)
+        return _costs_by_tables(top, base)
     size = top.virtual_size
     span = 1 << (top.cluster_bits + top.l2_bits)
     l1 = top.l1
@@ -181,6 +186,73 @@ def merge_costs(top, base) -> tuple[int, int]:
         pos = end
     stream += _data_bytes_in(base, pos, size)
     return commit, stream
+
+
+def _tables_comparable(top, base) -> bool:
+    """Whether ``_costs_by_tables`` can compare the two layers' L2 tables entry by
+    entry (standard entries, one cluster size); otherwise merge_costs walks runs."""
+    return (getattr(base, "format", None) == "qcow2" and not top.extended_l2
+            and not base.extended_l2 and top.cluster_bits == base.cluster_bits)
+
+
+def _costs_by_tables(top, base) -> tuple[int, int]:
+    """merge_costs from the L2 tables themselves, one L2 span at a time: in each
+    table only the entries that are not all zero (the C scan) become Python ints,
+    and no runs are made.  The entries are checked as a lookup checks them."""
+    cs = top.cluster_size
+    span_shift = top.cluster_bits + top.l2_bits
+    size, shared = top.virtual_size, min(top.virtual_size, base.virtual_size)
+    scan = scanner()
+    top_l1 = _l1_used(top, size, span_shift, scan)
+    base_l1 = _l1_used(base, shared, span_shift, scan)
+    top_limit, base_limit = (img.data_hf.size() if img.has_data_file else img.file_size
+                             for img in (top, base))
+    commit = stream = 0
+    for index in sorted(top_l1.keys() | base_l1.keys()):
+        start = index << span_shift
+        top_alloc: set[int] = set()
+        if index in top_l1:
+            for i, kind in _span_entries(top, top_limit, top_l1[index], start, size, scan):
+                top_alloc.add(i)
+                if kind:
+                    commit += min(cs, size - start - i * cs)
+        if index in base_l1:
+            for i, kind in _span_entries(base, base_limit, base_l1[index], start, shared,
+                                          scan):
+                if kind and i not in top_alloc:
+                    stream += min(cs, shared - start - i * cs)
+    return commit, stream
+
+
+def _l1_used(img, end: int, span_shift: int, scan) -> dict[int, int]:
+    """L1 index -> L2 table offset, for ``img``'s L1 entries below guest ``end``
+    that point to a table."""
+    nspans = -(-end >> span_shift) if end > 0 else 0
+    l1 = img.l1
+    out = {}
+    for i in scan(memoryview(l1)[:nspans]) if nspans else ():
+        off = l1_l2_offset(l1[i])
+        if off:
+            out[i] = off
+    return out
+
+
+def _span_entries(img, limit: int, l2_offset: int, start: int, end: int, scan):
+    """(index, data?) of the entries of the L2 table at ``l2_offset`` (guest span
+    from ``start``) below guest ``end`` that allocate (read from this layer);
+    ``limit``: where the layer's host data ends (for the lookup's checks)."""
+    cached = img._l2_tables.get(l2_offset)  # (a table the writer holds: as it is now)
+    table = cached if cached is not None else img.l2_table_bytes(l2_offset)
+    count = min(img.l2_entries, -(-(end - start) >> img.cluster_bits))
+    data_file, v2 = img.has_data_file, img.header.version == 2
+    for i in scan(memoryview(table)[: count if cached is not None else 8 * count]):
+        e = cached[i] if cached is not None else int.from_bytes(table[8 * i : 8 * i + 8], "big")
+        t = l2_type(e, data_file)
+        if t in UNALLOCATED_TYPES or (v2 and t == ClusterType.ZERO_PLAIN):
+            continue
+        if t == ClusterType.NORMAL or t == ClusterType.ZERO_ALLOC:
+            img._check_host(l2_host_offset(e), limit, e)
+        yield i, t == ClusterType.NORMAL or t == ClusterType.COMPRESSED
 
 
 def _data_bytes_over(layer, holes: list[tuple[int, int]]) -> int:

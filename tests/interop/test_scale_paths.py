@@ -28,8 +28,10 @@ from pyqcow import scan as scan_mod
 from pyqcow.chain import open_image
 from pyqcow.check_result import CheckFailed
 from pyqcow.entries import l1_l2_offset
+from pyqcow.errors import CorruptImageError
 from pyqcow.image import QcowImage
 from pyqcow.mapping import chain_status
+from pyqcow.ops import plan as plan_mod
 from pyqcow.ops.check import check
 from pyqcow.ops.commit import plan_commit
 from pyqcow.ops.merge import plan_merge
@@ -77,12 +79,23 @@ def _old_costs(top, base) -> tuple[int, int]:
     return data_bytes(plan_commit(top, base)), stream_bytes(top, base.backing)
 
 
+def _walked_costs(top, base) -> tuple[int, int]:
+    """merge_costs by walking runs (its path for layers whose tables do not compare)."""
+    real = plan_mod._tables_comparable
+    plan_mod._tables_comparable = lambda top, base: False
+    try:
+        return merge_costs(top, base)
+    finally:
+        plan_mod._tables_comparable = real
+
+
 def _costs_agree(top_path: str) -> None:
     top = open_image(top_path, "r", force_share=True)
     try:
         img = top
         while img is not None and img.backing is not None and img.format == "qcow2":
-            assert merge_costs(img, img.backing) == _old_costs(img, img.backing)
+            costs = merge_costs(img, img.backing)
+            assert costs == _old_costs(img, img.backing) == _walked_costs(img, img.backing)
             img = img.backing
     finally:
         top.close()
@@ -102,6 +115,37 @@ def test_merge_costs_equal_plans_on_random_chains(ch) -> None:
         _costs_agree(ch.top)
     finally:
         shutil.rmtree(ch.directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("layer", ["top", "base"])
+@pytest.mark.parametrize("entry", [0x10000 | 0x200, 1 << 50, 0x40000000000000 | 0x10000])
+def test_merge_costs_refuse_a_bad_l2_entry_as_a_lookup_does(tmp_path, layer, entry) -> None:
+    """An unaligned host offset, one past the end of the file, reserved bits: the
+    table comparison raises the error the run walk raises, naming the image."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    str(top)], check=True, cwd=tmp_path)
+    for path in (base, top):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 1M 64k", str(path)], check=True,
+                       stdout=subprocess.DEVNULL)
+    bad = base if layer == "base" else top
+    img = QcowImage(str(bad), "r", force_share=True)
+    l2 = l1_l2_offset(img.l1[0])
+    img.close()
+    with open(bad, "r+b") as f:  # guest cluster 17 (1 MiB + 64 KiB): data past 1M's
+        f.seek(l2 + 8 * 17)
+        f.write(entry.to_bytes(8, "big"))
+    img = open_image(str(top), "r", force_share=True)
+    try:
+        with pytest.raises(CorruptImageError) as walked:
+            _walked_costs(img, img.backing)
+        with pytest.raises(CorruptImageError) as compared:
+            merge_costs(img, img.backing)
+    finally:
+        img.close()
+    assert str(compared.value) == str(walked.value)
+    assert str(bad) in str(compared.value)
 
 
 # --------------------------------------------------------------- proportional work

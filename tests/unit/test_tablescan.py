@@ -38,6 +38,11 @@ def _table(count: int, width: int, hits: list[tuple[int, int, int]]) -> bytes:
 def test_nonzero_indices_equal_naive_scan(mode, count, width, hits) -> None:  # noqa: F811
     raw = _table(count, width, hits)
     assert tablescan.nonzero_indices(raw, width) == _naive(raw, width)
+    # the scanner of many tables (one backend choice, one output array) agrees,
+    # used twice (its output array is reused)
+    scan = tablescan.scanner(width)
+    assert scan(raw) == _naive(raw, width)
+    assert scan(raw[: len(raw) // 2]) == _naive(raw[: len(raw) // 2], width)
 
 
 def test_more_than_one_call_of_the_helper(mode) -> None:  # noqa: F811
@@ -45,6 +50,7 @@ def test_more_than_one_call_of_the_helper(mode) -> None:  # noqa: F811
     raw = b"\x01" * (8 * 5000)
     assert tablescan.nonzero_indices(raw, 1) == list(range(5000))
     assert tablescan.nonzero_indices(raw, 2) == list(range(2500))
+    assert tablescan.scanner(1)(raw) == list(range(5000))
 
 
 def test_decoded_array_and_raw_bytes_agree(mode) -> None:  # noqa: F811
