@@ -18,7 +18,6 @@ import sys
 from ..chain import chain_description, open_image
 from ..ops import stream as stream_op
 from ..ops.common import locate_base
-from ..ops.plan import data_bytes
 from ..units import format_size
 from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
@@ -53,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
             chain = [full[0], *full[index:]]
         else:
             chain = full[:1]
-        nbytes = data_bytes(stream_op.plan_stream(top, base_img)) if top.backing else 0
+        # (counted here for --dry-run only: stream plans under its locks)
+        nbytes = stream_op.stream_bytes(top, base_img) if args.dry_run else 0
         base_path = base_img.path if base_img is not None else None
     if update is not None:
         update.require_source(args.top, "the image")

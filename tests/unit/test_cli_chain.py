@@ -241,6 +241,35 @@ def test_stream_all(chain, capsys):
     assert read(top) == want
 
 
+@pytest.mark.parametrize("base", [False, True])
+def test_stream_plans_once(chain, capsys, monkeypatch, base):
+    """The command plans the copy once, under the operation's locks (the first,
+    read-only look at the chain plans only for --dry-run, as commit does)."""
+    from pyqcow.ops import stream as stream_op
+
+    calls = []
+    real = stream_op.plan_stream
+    monkeypatch.setattr(stream_op, "plan_stream", lambda *a: calls.append(a) or real(*a))
+    from pyqcow.chain import open_image
+    from pyqcow.ops.plan import data_bytes
+    from pyqcow.units import format_size
+
+    base_img, top = chain
+    want = read(top)
+    args = ("-b", base_img) if base else ()
+    with open_image(top, "r") as img:
+        nbytes = data_bytes(real(img, img.backing if base else None))
+    assert (nbytes > 0) != base
+    calls.clear()
+    status, out, _err = run(capsys, "stream", "--dry-run", *args, top)
+    assert status == 0 and out.startswith(f"would stream {format_size(nbytes)} ({nbytes} bytes)")
+    assert len(calls) <= 1
+    calls.clear()
+    assert run(capsys, "stream", *args, top) == (0, "", "")
+    assert len(calls) == 1
+    assert read(top) == want
+
+
 def test_stream_keep_base(tmp_path, chain, capsys):
     base, _top = chain
     mid = tmp_path / "mid.qcow2"
