@@ -45,8 +45,8 @@ class _WriterOnFirstUse:
             return self
         from .writer import Writer
 
-        writer = img.__dict__["writer"] = Writer(img)
-        return writer
+        # (setdefault: threads that get here together all use the one kept)
+        return img.__dict__.setdefault("writer", Writer(img))
 
 
 def _to_writer(name: str) -> property:

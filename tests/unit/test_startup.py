@@ -447,3 +447,30 @@ def test_the_writer_is_made_on_first_use_without_a_class_getattr(chain) -> None:
         writer = img.writer
         assert vars(img)["writer"] is writer and img.writer is writer
     assert QcowImage(str(chain / "ov.qcow2")).read(0, 1) == b"x"
+
+
+def test_threads_that_first_use_the_writer_together_get_one_writer(chain, monkeypatch) -> None:
+    """Two threads asking for a new image's writer at once both get the one that
+    stays (the writer holds the allocation state: two would hand out one cluster
+    twice)."""
+    import threading
+
+    from pyqcow import writer as writer_mod
+    from pyqcow.image import QcowImage
+
+    both = threading.Barrier(2)
+    real = writer_mod.Writer.__init__
+
+    def slow_init(self, img):
+        real(self, img)
+        both.wait(5)  # each thread has made its own before either is kept
+
+    monkeypatch.setattr(writer_mod.Writer, "__init__", slow_init)
+    with QcowImage(str(chain / "ov.qcow2"), "r+") as img:
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(img.writer)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(got) == 2 and got[0] is got[1] is img.writer
