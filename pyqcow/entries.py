@@ -91,6 +91,14 @@ def l2_type(entry: int, has_data_file: bool = False) -> ClusterType:
     return ClusterType.UNALLOCATED
 
 
+def l2_read_type(entry: int, has_data_file: bool, version: int) -> ClusterType:
+    """``l2_type`` as an image of qcow2 ``version`` reads the entry: version 2 has
+    no zero clusters, so there a zero flag without a host cluster reads from the
+    backing file (UNALLOCATED), as QEMU reads it."""
+    t = l2_type(entry, has_data_file)
+    return ClusterType.UNALLOCATED if t == ClusterType.ZERO_PLAIN and version < 3 else t
+
+
 def subcluster_type(entry: int, bitmap: int, sc_index: int, has_data_file: bool = False) -> ClusterType:
     """Type of subcluster ``sc_index`` of an extended L2 entry."""
     if entry & spec.QCOW_OFLAG_COMPRESSED:

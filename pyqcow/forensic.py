@@ -175,9 +175,7 @@ def _l2_decoder(img) -> Callable[[int], dict]:
     data_file = img.has_data_file
 
     def decode(e: int) -> dict:
-        t = entries.l2_type(e, data_file)
-        if img.header.version == 2 and t == ClusterType.ZERO_PLAIN:
-            t = ClusterType.UNALLOCATED
+        t = entries.l2_read_type(e, data_file, img.header.version)
         d: dict = {"type": t.name.lower()}
         if t == ClusterType.COMPRESSED:
             host, nbytes = entries.decode_compressed(e, cb)

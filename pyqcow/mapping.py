@@ -163,6 +163,7 @@ def _table_runs(geo, table, check_host, pos: int, l2_span_end: int, out: list[Ru
     l2_mask = geo.l2_entries - 1
     words = 2 if geo.extended_l2 else 1
     data_file = geo.has_data_file
+    version = geo.header.version
     first = (pos >> cb) & l2_mask
     last_index = ((l2_span_end - 1) >> cb) & l2_mask
     # the entries that are not all zero, found in bulk; the rest is unallocated
@@ -186,7 +187,7 @@ def _table_runs(geo, table, check_host, pos: int, l2_span_end: int, out: list[Ru
             pos = cl_end
             continue
         e = table[l2_index]
-        t = entries.l2_type(e, data_file)
+        t = entries.l2_read_type(e, data_file, version)
         if t == ClusterType.COMPRESSED:
             out.append(Run(pos, cl_end - pos, t, None, e))
         elif t in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
@@ -205,8 +206,6 @@ def _table_runs(geo, table, check_host, pos: int, l2_span_end: int, out: list[Ru
                 cl_end = min(l2_span_end, (cluster + j - l2_index) << cb)
             out.append(Run(pos, cl_end - pos, t, host + (pos & (cs - 1))))
         else:
-            if geo.header.version == 2 and t == ClusterType.ZERO_PLAIN:
-                t = ClusterType.UNALLOCATED
             out.append(Run(pos, cl_end - pos, t))
         pos = cl_end
 

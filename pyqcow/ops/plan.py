@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..entries import ClusterType, l1_l2_offset, l2_host_offset, l2_type
+from ..entries import ClusterType, l1_l2_offset, l2_host_offset, l2_read_type
 from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run, chain_status
 from ..tablescan import nonzero_indices, scanner
 from ..walk import prefetch_l2_tables
@@ -153,17 +153,15 @@ def merge_costs(top, base) -> tuple[int, int]:
     lookup in BASE, a run of BASE's is none), so the time follows the allocated
     metadata, not the virtual size.  Commit copies TOP's data; stream copies
     BASE's data where TOP allocates nothing."""
+    for layer in (top, base):
+        prefetch_l2_tables(layer)
     if _tables_comparable(top, base):
-        for layer in (top, base):
-            prefetch_l2_tables(layer)
         return _costs_by_tables(top, base)
     size = top.virtual_size
     span = 1 << (top.cluster_bits + top.l2_bits)
     l1 = top.l1
     nspans = -(-size // span)
     used = nonzero_indices(memoryview(l1)[:nspans]) if nspans else []
-    for layer in (top, base):
-        prefetch_l2_tables(layer)
     commit = stream = 0
     pos = 0  # guest bytes before pos are counted
     for index in used:
@@ -241,14 +239,14 @@ def _span_entries(img, limit: int, l2_offset: int, start: int, end: int, scan):
     """(index, data?) of the entries of the L2 table at ``l2_offset`` (guest span
     from ``start``) below guest ``end`` that allocate (read from this layer);
     ``limit``: where the layer's host data ends (for the lookup's checks)."""
-    cached = img._l2_tables.get(l2_offset)  # (a table the writer holds: as it is now)
+    cached = img.l2_cache.get(l2_offset)  # (a table the writer holds: as it is now)
     table = cached if cached is not None else img.l2_table_bytes(l2_offset)
     count = min(img.l2_entries, -(-(end - start) >> img.cluster_bits))
-    data_file, v2 = img.has_data_file, img.header.version == 2
+    data_file, version = img.has_data_file, img.header.version
     for i in scan(memoryview(table)[: count if cached is not None else 8 * count]):
         e = cached[i] if cached is not None else int.from_bytes(table[8 * i : 8 * i + 8], "big")
-        t = l2_type(e, data_file)
-        if t in UNALLOCATED_TYPES or (v2 and t == ClusterType.ZERO_PLAIN):
+        t = l2_read_type(e, data_file, version)
+        if t in UNALLOCATED_TYPES:
             continue
         if t == ClusterType.NORMAL or t == ClusterType.ZERO_ALLOC:
             img._check_host(l2_host_offset(e), limit, e)
