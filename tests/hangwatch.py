@@ -9,6 +9,11 @@ minute past that limit, is faulthandler's C thread: it writes every thread's
 stack to a file and ends the worker.  xdist then reports "worker crashed while
 running <test>" and goes on with a new worker, and the run's summary prints the
 stacks (the workers' own stderr is not shown).
+
+And one hang it prevents: pytest explains a failed ``==`` of two sequences with
+a difflib diff, quadratic in their length, which never ends for two guest disks
+of a few MiB; ``pytest_assertrepr_compare`` below says instead where two large
+byte buffers differ.
 """
 
 from __future__ import annotations
@@ -88,3 +93,40 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _file.close()
     if _made:
         shutil.rmtree(os.environ.pop(_ENV), ignore_errors=True)
+
+
+def pytest_assertrepr_compare(op, left, right):
+    """``==`` between two large byte buffers (guest disks against their model):
+    where they first differ and how much differs, instead of pytest's own
+    explanation, a difflib diff whose time grows with the square of the length
+    (on a failing property test over a few MiB it never finished: the CI run
+    of stop 22 hung in it)."""
+    buffers = (bytes, bytearray, memoryview)
+    if op != "==" or not isinstance(left, buffers) or not isinstance(right, buffers):
+        return None
+    a, b = memoryview(left).cast("B"), memoryview(right).cast("B")
+    if max(len(a), len(b)) <= 256:
+        return None  # pytest's own explanation is quick and clear
+    return buffer_difference(bytes(a), bytes(b))
+
+
+def buffer_difference(a: bytes, b: bytes, block: int = 4096) -> list[str]:
+    """A few lines on how two byte strings differ (the first difference, and
+    which ``block``-sized blocks differ)."""
+    lines = [f"{len(a)}-byte and {len(b)}-byte buffers differ"]
+    n = min(len(a), len(b))
+    blocks = [i // block for i in range(0, n, block)
+              if a[i : min(i + block, n)] != b[i : min(i + block, n)]]
+    if blocks:
+        start = blocks[0] * block
+        first = start + next(i for i in range(min(block, n - start))
+                             if a[start + i] != b[start + i])
+        lo = first - first % 16
+        lines.append(f"first difference at offset {first} ({first:#x}):")
+        lines.append(f"  left  [{lo:#x}:+32] {a[lo : lo + 32].hex(' ')}")
+        lines.append(f"  right [{lo:#x}:+32] {b[lo : lo + 32].hex(' ')}")
+        shown = ", ".join(map(str, blocks[:20])) + (", ..." if len(blocks) > 20 else "")
+        lines.append(f"{len(blocks)} of {-(-n // block)} {block}-byte blocks differ: {shown}")
+    else:
+        lines.append(f"equal over the first {n} bytes; only the lengths differ")
+    return lines

@@ -1,7 +1,8 @@
 """The suite's guards against a hanging test (pytest-timeout and tests/hangwatch.py):
 a run with a stuck test ends, names the test, and shows where it was stuck.
 
-Each case runs pytest on a generated test file in a subprocess, as CI runs the
+A failed ``==`` of two large byte buffers is explained without pytest's
+quadratic diff.  Each case runs pytest on a generated test file in a subprocess, as CI runs the
 suite (xdist, two workers), with short limits.
 """
 
@@ -27,6 +28,10 @@ STUCK = textwrap.dedent('''
     def test_stuck_in_python():
         time.sleep(120)
 
+    def test_big_buffers_differ():
+        disk = bytes(8 << 20)
+        assert disk == disk[:-4096] + bytes(4095) + b"\x01"
+
     def test_stuck_where_sigalrm_cannot_reach():
         # as a C call that retries on EINTR: the handler never runs
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
@@ -51,7 +56,7 @@ def run(tmp_path_factory) -> subprocess.CompletedProcess:
 
 def test_the_run_ends_and_the_other_tests_pass(run):
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "2 failed, 1 passed" in run.stdout
+    assert "3 failed, 1 passed" in run.stdout
 
 
 def test_a_test_stuck_in_python_fails_with_its_traceback(run):
@@ -66,4 +71,14 @@ def test_a_test_stuck_in_c_ends_its_worker_and_the_summary_shows_where(run):
         in run.stdout
     summary = run.stdout.split("hung test: every thread's stack", 1)[1]
     assert "test_stuck_where_sigalrm_cannot_reach: still running 4 s" in summary
-    assert 'test_gen.py", line 14 in test_stuck_where_sigalrm_cannot_reach' in summary
+    assert 'test_gen.py", line 18 in test_stuck_where_sigalrm_cannot_reach' in summary
+
+
+def test_two_large_buffers_that_differ_are_explained_quickly(run):
+    """(pytest's own difflib explanation of these 8 MiB would not end in the
+    2 s limit: the test would fail with a Timeout instead)"""
+    failure = run.stdout.split("_ test_big_buffers_differ _", 1)[1]
+    assert "Timeout" not in failure.split("\n_", 1)[0]
+    assert "8388608-byte and 8388608-byte buffers differ" in failure
+    assert "first difference at offset 8388607 (0x7fffff)" in failure
+    assert "1 of 2048 4096-byte blocks differ: 2047" in failure
