@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from . import _qemuio
 
-__all__ = ["Op", "apply_ops", "operations"]
+__all__ = ["Op", "apply_ops", "operations", "qemu_io_sessions"]
 
 
 @dataclass(frozen=True)
@@ -173,16 +173,24 @@ def apply_ops(path: str, ops: Sequence[Op], *, writer: str = "pyqcow", fmt: str 
 
 
 def _qemu_io_groups(ops: Sequence[Op]) -> list[list[Op]]:
-    # a compressed write runs in a qemu-io process of its own: qemu 7.2 keeps
-    # appending compressed data to a host cluster it has freed and reused for a
-    # copy-on-write in the same session, overwriting guest data
-    groups: list[list[Op]] = []
-    for op in ops:
-        alone = op.kind == "compressed" or (groups and groups[-1][-1].kind == "compressed")
+    return qemu_io_sessions(ops, lambda op: op.kind == "compressed")
+
+
+def qemu_io_sessions(items: Sequence, is_compressed) -> list[list]:
+    """``items`` (ops, or qemu-io command lines) grouped into qemu-io runs, a
+    compressed write (``is_compressed(item)``) in a run of its own: qemu 7.2
+    keeps appending compressed data to a host cluster it has freed and reused
+    for plain data in the same session, overwriting guest data (on 512-byte
+    clusters, ``write -c 0 512; write 0 512; write 512 512; write -c 1024 512``
+    leaves compressed bytes in guest 520-525, and ``qemu-img check`` reports
+    "OFLAG_COPIED data cluster ... refcount=2")."""
+    groups: list[list] = []
+    for item in items:
+        alone = is_compressed(item) or (groups and is_compressed(groups[-1][-1]))
         if groups and not alone:
-            groups[-1].append(op)
+            groups[-1].append(item)
         else:
-            groups.append([op])
+            groups.append([item])
     return groups
 
 
