@@ -12,13 +12,14 @@ stacks (the workers' own stderr is not shown).
 
 And one hang it prevents: pytest explains a failed ``==`` of two sequences with
 a difflib diff, quadratic in their length, which never ends for two guest disks
-of a few MiB; ``pytest_assertrepr_compare`` below says instead where two large
-byte buffers differ.
+of a few MiB; ``_explain_large_buffers_quickly`` below makes it say instead where
+two large byte buffers differ.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import inspect
 import os
 import shutil
 import tempfile
@@ -41,6 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[_ENV] = tempfile.mkdtemp(prefix="pyqcow-hangs-")
         _made = True
     _file = open(os.path.join(os.environ[_ENV], f"worker-{os.getpid()}.txt"), "w")  # noqa: SIM115
+    _explain_large_buffers_quickly()
 
 
 def _limit(item: pytest.Item) -> float:
@@ -95,12 +97,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(os.environ.pop(_ENV), ignore_errors=True)
 
 
-def pytest_assertrepr_compare(op, left, right):
+def _buffers_explained(op, left, right) -> list[str] | None:
     """``==`` between two large byte buffers (guest disks against their model):
-    where they first differ and how much differs, instead of pytest's own
-    explanation, a difflib diff whose time grows with the square of the length
-    (on a failing property test over a few MiB it never finished: the CI run
-    of stop 22 hung in it)."""
+    where they first differ and how much differs; None for anything else."""
     buffers = (bytes, bytearray, memoryview)
     if op != "==" or not isinstance(left, buffers) or not isinstance(right, buffers):
         return None
@@ -108,6 +107,30 @@ def pytest_assertrepr_compare(op, left, right):
     if max(len(a), len(b)) <= 256:
         return None  # pytest's own explanation is quick and clear
     return buffer_difference(bytes(a), bytes(b))
+
+
+def _explain_large_buffers_quickly() -> None:
+    """pytest explains a failed ``==`` through ``_pytest.assertion.util.
+    assertrepr_compare``, which every run of its hook calls (a plugin's own
+    pytest_assertrepr_compare cannot stop it), and under CI, where it does not
+    truncate, diffs two byte strings with pprint and difflib, in time that
+    grows with the square of their length: a failing property test over a few
+    MiB never finished (the CI run of stop 22 hung in it).  Large byte buffers
+    get _buffers_explained instead."""
+    from _pytest.assertion import util
+
+    real = util.assertrepr_compare
+    if getattr(real, "_pyqcow_buffers", False):
+        return
+    signature = inspect.signature(real)
+
+    def assertrepr_compare(*args, **kwargs):
+        given = signature.bind_partial(*args, **kwargs).arguments
+        lines = _buffers_explained(given.get("op"), given.get("left"), given.get("right"))
+        return lines if lines is not None else real(*args, **kwargs)
+
+    assertrepr_compare._pyqcow_buffers = True
+    util.assertrepr_compare = assertrepr_compare
 
 
 def buffer_difference(a: bytes, b: bytes, block: int = 4096) -> list[str]:

@@ -41,12 +41,13 @@ STUCK = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> subprocess.CompletedProcess:
-    """One run of the three tests (the cases below read its output)."""
+    """One run of the generated tests (the cases below read its output)."""
     tmp_path = tmp_path_factory.mktemp("hangwatch")
     (tmp_path / "test_gen.py").write_text(STUCK)
     (tmp_path / "conftest.py").write_text('pytest_plugins = ["hangwatch"]\n')
     env = {k: v for k, v in os.environ.items() if k != "PYQCOW_HANG_DIR"}
-    env.update(PYTHONPATH=str(TESTS_DIR), PYQCOW_HANG_GRACE="2")
+    # CI set: pytest then explains in full (no truncation), the case that hung
+    env.update(PYTHONPATH=str(TESTS_DIR), PYQCOW_HANG_GRACE="2", CI="true")
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-o", "timeout=2",
          "-o", "timeout_method=signal", "--rootdir", str(tmp_path), "-c", os.devnull,
