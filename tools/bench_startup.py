@@ -134,6 +134,14 @@ def _install_mode(python: str) -> str:
     return proc.stdout.strip() or f"unknown ({proc.stderr.strip()[-200:]})"
 
 
+def _interpreter(python: str) -> str:
+    """Which build a venv's python is (tools/_setup.sh prefers the distribution's)."""
+    proc = subprocess.run([python, "-c", "import os, sys; print(os.path.realpath("
+                           "sys._base_executable), sys.version.split()[0])"],
+                          capture_output=True, text=True, check=False)
+    return f"made from {proc.stdout.strip() or '?'}"
+
+
 #: modules whose import says a command left its fast path (argparse: the command line
 #: was not read by pyqcow.cli.fastargs; enum: something brought the enum module back)
 _SLOW_SIGNS = ("argparse", "enum")
@@ -185,7 +193,7 @@ def main() -> int:
             floors[f"python {flags} -c pass".replace("  ", " ")] = (
                 statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs))
         install = _install_mode(python)
-        print(f"pyqcow: {args.pyqcow}  (python: {python})")
+        print(f"pyqcow: {args.pyqcow}  (python: {python}, {_interpreter(python)})")
         print(f"install: {install}")
         print(f"qemu-img: {args.qemu_img}")
         print(f"runs: {args.runs} per command and tool, alternating; median whole-process times;"

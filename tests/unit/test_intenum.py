@@ -53,18 +53,33 @@ def test_members_as_enums(cls) -> None:
 
 @pytest.mark.parametrize("cls", FLAGS, ids=lambda c: c.__name__)
 def test_flag_arithmetic_as_enums(cls) -> None:
-    ref = real(cls)
+    """Each comparison is with a new enum class: the standard library caches the
+    flag values it has made, and CPython before 3.11.4 (Debian 12's python3 is 3.11.2)
+    can then answer from a wrong entry, e.g. ``~(F(1) | -1) & -1`` as ``<F: 2>``
+    after other operations on F; in a new class it is ``<F: 0>``, as in 3.11.4+
+    (see test_the_standard_librarys_flag_cache_is_kept_out)."""
     members = list(cls)
     values = {0, 1, 2, 3, 0x1F, 0x100, 0x101, 0xFFFF, (1 << 64) - 1, -1, -3}
     values |= {int(a | b) for a in members for b in members}
     for v in values:
-        m, r = cls(v), ref(v)
+        m, r = cls(v), real(cls)(v)
         assert (repr(m), m.name, int(~m), repr(~m)) == (repr(r), r.name, int(~r), repr(~r))
         for x in values:
             for op in (lambda a, b: a & ~b, lambda a, b: a | b, lambda a, b: a & b,
                        lambda a, b: a ^ b, lambda a, b: ~(a | b) & b):
-                assert repr(op(x, m)) == repr(op(x, r)), (x, v)
-                assert repr(op(m, x)) == repr(op(r, x)), (x, v)
+                assert repr(op(x, m)) == repr(op(x, real(cls)(v))), (x, v)
+                assert repr(op(m, x)) == repr(op(real(cls)(v), x)), (x, v)
+
+
+def test_the_standard_librarys_flag_cache_is_kept_out() -> None:
+    """Ours has no such cache to go wrong: the same sequence that misleads
+    CPython 3.11.2's enum leaves pyqcow's answer at the arithmetic's."""
+    for v in (1, 2, 3, 0x1F):
+        for x in (-3, -1, 0, 1, 2, 3):
+            for op in (lambda a, b: a & ~b, lambda a, b: a | b, lambda a, b: ~(a | b) & b):
+                op(spec.Compat(v), x)
+    assert repr(~(spec.Compat(1) | -1) & -1) == "<Compat: 0>"
+    assert repr(~(real(spec.Compat)(1) | -1) & -1) == "<Compat: 0>"
 
 
 def test_header_extension_names_unchanged() -> None:
