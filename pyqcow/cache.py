@@ -137,3 +137,22 @@ class TableCache:
         if len(self.tables) > self.capacity:
             self._evict(keep=None)
         return True
+
+
+class OnFirstUse:
+    """An attribute of an object (a QcowImage's writer and L1 table), made by
+    ``make(obj)`` on first use and then kept as an instance attribute (a
+    ``__getattr__`` on the class would slow every attribute lookup of an image,
+    the read path's too)."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, img, owner=None):
+        if img is None:
+            return self
+        # (setdefault: threads that get here together all use the one kept)
+        return img.__dict__.setdefault(self.name, self.make(img))

@@ -7,10 +7,13 @@ construct declarations in layout.py.
 from __future__ import annotations
 
 import sys
-from array import array
 
 from . import spec
 from .intenum import IntEnum  # (not enum's: start-up time)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from array import array
 
 _LITTLE = sys.byteorder == "little"
 
@@ -28,6 +31,11 @@ class ClusterType(IntEnum):
 
 def decode_u64_table(data: bytes | bytearray | memoryview) -> array:
     """Big-endian u64 table -> array('Q') in native order."""
+    # array is imported where it is used, not with this module: its import brings
+    # collections (array registers with collections.abc), ~2 ms of every start-up,
+    # and info, create and rebase -u on a small image read no table
+    from array import array
+
     a = array("Q")
     a.frombytes(data)
     if _LITTLE:
@@ -37,7 +45,7 @@ def decode_u64_table(data: bytes | bytearray | memoryview) -> array:
 
 def encode_u64_table(table: array) -> bytes:
     if _LITTLE:
-        b = array("Q", table)
+        b = type(table)("Q", table)
         b.byteswap()
         return b.tobytes()
     return table.tobytes()
@@ -135,6 +143,8 @@ class RefcountBlock:
         self.bits = 1 << order
         self.count = len(data) * 8 // self.bits
         code = self._TYPECODES.get(order)
+        from array import array  # (see decode_u64_table)
+
         if code is not None and array(code).itemsize == self.bits // 8:
             t = array(code)
             t.frombytes(data)
@@ -182,7 +192,7 @@ class RefcountBlock:
     def tobytes(self) -> bytes:
         if self._typed is not None:
             if _LITTLE and self.bits > 8:
-                t = array(self._typed.typecode, self._typed)
+                t = type(self._typed)(self._typed.typecode, self._typed)
                 t.byteswap()
                 return t.tobytes()
             return self._typed.tobytes()

@@ -11,10 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import warnings
-from array import array
 
 from . import entries, spec
-from .cache import L2_CACHE_TABLES, MAX_DIRTY_L2, TableCache
+from .cache import L2_CACHE_TABLES, MAX_DIRTY_L2, OnFirstUse, TableCache
 from .entries import ClusterType
 from .errors import CorruptImageError, FormatError, QcowError
 from .header import Header, parse_header
@@ -23,6 +22,8 @@ from .libyal_methods import LibyalMethods
 
 TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
 if TYPE_CHECKING:
+    from array import array
+
     from .mapping import Run  # mapping (and dataclasses) load on first use: start-up time
 
 _L1_TABLE_MASK = entries.L1_TABLE_MASK
@@ -36,17 +37,10 @@ _DATA, _ZEROS_KIND, _BACKING = 1, 2, 3
 _UNALLOCATED = -2  # _single_cluster_host: the range reads from the backing file (or zeros)
 
 
-class _WriterOnFirstUse:
-    """``img.writer``, made on first use, then an instance attribute (a ``__getattr__``
-    on the class would slow every attribute lookup of an image, the read path's too)."""
+def _new_writer(img):
+    from .writer import Writer
 
-    def __get__(self, img, owner=None):
-        if img is None:
-            return self
-        from .writer import Writer
-
-        # (setdefault: threads that get here together all use the one kept)
-        return img.__dict__.setdefault("writer", Writer(img))
+    return Writer(img)
 
 
 def _to_writer(name: str) -> property:
@@ -57,7 +51,10 @@ def _to_writer(name: str) -> property:
 
 class QcowImage(LibyalMethods):
     format = "qcow2"
-    writer = _WriterOnFirstUse()
+    writer = OnFirstUse(_new_writer)
+    # the active L1 table, decoded on first use: info, create -b and rebase -u need
+    # none, and the decoding's array module costs ~2 ms of their start-up
+    l1 = OnFirstUse(lambda img: entries.decode_u64_table(img._l1_raw))
 
     def __init__(
         self,
@@ -95,7 +92,7 @@ class QcowImage(LibyalMethods):
         self._decomp_cache: tuple[int, bytes] | None = None
         self._metadata_prealloc: bool | None = None
         self._gmap = None  # guestmap.GuestMap once made; False: not mappable
-        # self.writer is made on first use (_WriterOnFirstUse): start-up time
+        # self.writer is made on first use (cache.OnFirstUse): start-up time
         if self.writable and self.header.dirty:
             # a lazy-refcounts image left dirty: rebuild refcounts before writing
             from .repair import repair_dirty
@@ -132,8 +129,7 @@ class QcowImage(LibyalMethods):
         # L2 entry bits that make a cluster anything but plain data (read fast path),
         # and the reserved / unaligned-offset bits that make a data entry malformed.
         self._l2_error_mask, self._l2_special_mask = entries.read_masks(h.cluster_size)
-        raw = self.hf.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
-        self.l1 = entries.decode_u64_table(raw)
+        self._l1_raw = self.hf.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
 
     def _open_data_file(self, data_file: str | None, force_share: bool) -> None:
         h = self.header
