@@ -31,9 +31,14 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator, Sequence
-from types import ModuleType
-from typing import Any, Literal
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time: typing, re, enum)
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from types import ModuleType
+    from typing import Any, Literal
+
+    BackendName = Literal["native", "python"]
 
 __all__ = [
     "backend",
@@ -49,8 +54,6 @@ __all__ = [
     "native_import_error",
     "zero_runs",
 ]
-
-BackendName = Literal["native", "python"]
 
 #: Environment variable that forces the pure-Python fallback when set to "1".
 NO_NATIVE_ENV = "PYQCOW_NO_NATIVE"

@@ -14,7 +14,6 @@ warning (committing changes what they read).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..chain import chain_description, open_image
@@ -25,6 +24,10 @@ from ..units import format_size
 from .cache import add_cache_options
 from .progress import add_progress_args, progress_from_args
 from .xml import DomainXmlUpdate, add_domain_xml_args
+
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    import argparse  # (argparse loads only when pyqcow.cli.fastargs cannot read the line)
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -12,16 +12,18 @@ formats are looked up in ``OUTPUT_FORMATS``; a writer for another format registe
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
-
 from ..chain import open_image
 from ..errors import OperationError
 from ..ops.convert import ConvertOptions, convert_to_raw, snapshot_source
 from .cache import add_cache_options
 from .output import Progress
 
-Writer = Callable[[argparse.Namespace, object, Progress], None]
+TYPE_CHECKING = False  # typing loads for type checkers only (start-up time)
+if TYPE_CHECKING:
+    import argparse  # (argparse loads only when pyqcow.cli.fastargs cannot read the line)
+    from collections.abc import Callable
+
+    Writer = Callable[[argparse.Namespace, object, Progress], None]
 
 
 def _write_raw(args: argparse.Namespace, src, progress: Progress) -> None:

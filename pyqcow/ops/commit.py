@@ -8,19 +8,17 @@ data at every instant.  TOP is emptied only after BASE is durable.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
+from ..record import Record
 from . import copier
 from .common import dependents, find_layer, open_chain, reopen_rw
 from .plan import data_bytes, pieces_above
 
 
-@dataclass
-class CommitResult:
-    top: str
-    base: str
-    bytes_copied: int
-    emptied: bool
+class CommitResult(Record):
+    """top, base (paths), bytes_copied, emptied (whether top was emptied)."""
+
+    __slots__ = ("top", "base", "bytes_copied", "emptied")
 
 
 def plan_commit(top, base):

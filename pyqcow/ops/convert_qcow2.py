@@ -215,7 +215,7 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
     image (``fresh=False``) ranges that read as zeros are zeroed unless
     ``opts.target_is_zero``.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from ..writeback import TaskPool
 
     cs = out.cluster_size
     size = src.virtual_size
@@ -244,7 +244,7 @@ def fill_plain(src, out, compress: bool, progress: ProgressFn | None,
         # written part by part, each part that lies in host data file to file
         parts = parts_by_chunk(chunks, split_at_steps(plan, chunks, cs))
     workers = max(1, opts.coroutines)
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    pool = TaskPool(workers, "pyqcow-convert") if workers > 1 else None
     fill = _PlainFill(src, out, _compressor_for(out, compress), opts, zero_target, pool)
     fill.share = share
     fill.reflink = reflink_fds(share, out)

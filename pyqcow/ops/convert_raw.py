@@ -234,14 +234,18 @@ def _run_pieces(piece, work: list[Batch], workers: int, total: int,
     parallel = _groups([w for w in work if w.fd is not None]) if workers > 1 else []
     serial = _groups([w for w in work if w.fd is None] if workers > 1 else work)
     if parallel:
-        from concurrent.futures import ThreadPoolExecutor
+        from ..writeback import TaskPool
 
-        with ThreadPoolExecutor(workers) as pool:
-            for n, group in zip(pool.map(piece, parallel), parallel, strict=True):
-                written += n
+        pool = TaskPool(workers, "pyqcow-convert")
+        try:
+            tasks = [pool.submit(piece, group) for group in parallel]
+            for task, group in zip(tasks, parallel, strict=True):
+                written += task.result()
                 done += sum(item.length for item in group)
                 if progress:
                     progress(done, total)
+        finally:
+            pool.shutdown()
     for group in serial:
         written += piece(group)
         done += sum(item.length for item in group)

@@ -101,9 +101,9 @@ class DirectWriter:
         if not groups:
             return [], rest
         if self.pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+            from ..writeback import TaskPool
 
-            self.pool = ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="pyqcow-direct")
+            self.pool = TaskPool(DIRECT_THREADS, "pyqcow-direct")
         return [self.pool.submit(self._write_group, src_fd, g) for g in groups], rest
 
     def _split(self, runs):

@@ -16,21 +16,27 @@ The one planner of the ops; the copier (``copier.py``) executes its plans.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..entries import ClusterType, l1_l2_offset, l2_host_offset, l2_read_type
 from ..mapping import UNALLOCATED_TYPES, ZERO_TYPES, Run, chain_status
+from ..record import FrozenRecord, Record
 from ..tablescan import nonzero_indices, scanner
 from ..walk import prefetch_l2_tables
 
 
-@dataclass(slots=True)
-class Piece:
-    guest_offset: int
-    length: int
-    kind: str  # "data" | "zero" | "below"
-    layer: object | None = None
-    run: Run | None = None
+class Piece(Record):
+    """guest_offset, length, kind ("data" | "zero" | "below"), layer and run (the
+    layer's Run, for data).  A Record, not a dataclass (start-up time); its own
+    __init__: plans make one per run."""
+
+    __slots__ = ("guest_offset", "length", "kind", "layer", "run")
+
+    def __init__(self, guest_offset: int, length: int, kind: str, layer: object | None = None,
+                 run: Run | None = None) -> None:
+        self.guest_offset = guest_offset
+        self.length = length
+        self.kind = kind
+        self.layer = layer
+        self.run = run
 
     @property
     def end(self) -> int:
@@ -282,18 +288,20 @@ def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
 
 
 # ---------------------------------------------------------------- the whole guest view
-@dataclass(frozen=True)
-class CopyStep:
-    guest_offset: int
-    length: int
-    fd: int | None = None  # copy host bytes from this fd ...
-    host_offset: int | None = None  # ... starting here; None: read through the image
+class CopyStep(FrozenRecord):
+    """guest_offset, length; fd: copy host bytes from this fd, starting at
+    host_offset (both None: read through the image)."""
+
+    __slots__ = ("guest_offset", "length", "fd", "host_offset")
+    _fields = __slots__
+    _defaults = {"fd": None, "host_offset": None}
 
 
-@dataclass
-class RawPlan:
-    virtual_size: int
-    steps: list[CopyStep] = field(default_factory=list)
+class RawPlan(Record):
+    """virtual_size, steps (CopySteps)."""
+
+    __slots__ = ("virtual_size", "steps")
+    _factories = {"steps": list}
 
     @property
     def data_bytes(self) -> int:

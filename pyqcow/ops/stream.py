@@ -7,18 +7,16 @@ the backing pointer is switched last, in one header write.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ..record import Record
 from . import copier
 from .common import backing_name_for, find_layer, open_chain
 from .plan import Piece, data_bytes, pieces_above, unallocated_ranges
 
 
-@dataclass
-class StreamResult:
-    top: str
-    new_backing: str | None
-    bytes_copied: int
+class StreamResult(Record):
+    """top (path), new_backing (None: none), bytes_copied."""
+
+    __slots__ = ("top", "new_backing", "bytes_copied")
 
 
 def plan_stream(top, base) -> list[Piece]:

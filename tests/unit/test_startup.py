@@ -188,6 +188,26 @@ def test_small_commands_load_no_argparse(chain, argv) -> None:
 
 
 @pytest.mark.parametrize("argv", [
+    ("commit", "top.qcow2"),
+    ("stream", "-q", "top.qcow2"),
+    ("rebase", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2"),
+    ("convert", "-O", "raw", "top.qcow2", "out.raw"),
+    ("convert", "-O", "qcow2", "top.qcow2", "out.qcow2"),
+], ids=" ".join)
+def test_chain_commands_load_no_dataclasses_argparse_or_typing(chain, argv) -> None:
+    """tools/bench chain's commands: their whole run is a few tenths of a second on
+    reflink XFS, where dataclasses (inspect, ast...) and argparse were ~15 ms."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.run([sys.executable, "-c", _FAST_PROBE, *argv], cwd=chain, env=env,
+                          capture_output=True, text=True, check=True)
+    status, _stderr, *modules = proc.stdout.split("\n")  # (commit warns: ov.qcow2 shares base)
+    assert status == "0"
+    assert loaded(set(modules), ("argparse", "re", "enum", "logging", "concurrent",
+                                 "pyqcow.cli.parser") + DATACLASSES) == []
+    assert f"pyqcow.cli.{argv[0]}" in modules
+
+
+@pytest.mark.parametrize("argv", [
     # (each line in a form the fast reading leaves to argparse: an abbreviated option,
     # "-xVALUE" with "=", an option with its own argparse action)
     ("info", "--outp=human", "top.qcow2"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
-from pyqcow.writeback import BackgroundWriteback
+from pyqcow.writeback import BackgroundWriteback, TaskPool
 
 
 def test_ranges_reach_start_and_close_waits(tmp_path):
@@ -48,3 +49,51 @@ def test_interrupt_while_the_thread_starts(monkeypatch):
     wb(0, 512)
     wb.close()
     assert calls == [(0, 512)]
+
+
+def test_task_pool_returns_results_and_errors_as_futures_do() -> None:
+    """TaskPool (convert's and the direct writer's threads, instead of
+    concurrent.futures): each task's value or exception, on up to N threads."""
+    pool = TaskPool(3, "t")
+    names = set()
+
+    def work(i):
+        names.add(threading.current_thread().name)
+        if i == 7:
+            raise ValueError("seven")
+        return i * i
+
+    tasks = [pool.submit(work, i) for i in range(20)]
+    assert len(pool.threads) == 3
+    for i, task in enumerate(tasks):
+        if i == 7:
+            with pytest.raises(ValueError, match="seven"):
+                task.result()
+        else:
+            assert task.result() == i * i
+    threads = list(pool.threads)
+    pool.shutdown()
+    assert not any(t.is_alive() for t in threads) and pool.threads == []
+    assert names <= {"t-0", "t-1", "t-2"}
+
+
+def test_task_pool_shutdown_ends_a_thread_it_does_not_list() -> None:
+    """A KeyboardInterrupt in submit() between a thread's start and its listing left
+    a thread the pool did not know of; shutdown's one None per listed thread could
+    then end that one instead, and the join of a listed thread hung (seen: SIGINT
+    during `pyqcow stream`, tests/reliability/test_sigkill.py)."""
+    pool = TaskPool(1, "t")
+    release = threading.Event()
+    busy = pool.submit(release.wait, 10)  # the listed thread, kept busy
+    stray = threading.Thread(target=pool._run, daemon=True)  # started, never listed
+    stray.start()
+    time.sleep(0.05)  # the stray thread waits on the queue: it takes what comes first
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (pool.shutdown(), done.set()), daemon=True)
+    closer.start()
+    time.sleep(0.05)
+    release.set()
+    assert done.wait(10), "shutdown hung"
+    assert busy.result() is True
+    stray.join(10)
+    assert not stray.is_alive()
