@@ -326,3 +326,20 @@ def test_stream_cost_matches_its_plan(case):
                 assert stream_bytes(top, base) == data_bytes(plan_stream(top, base))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_qemu_io_builds_what_a_mixed_compressed_script_says(tmp_path):
+    """The script hypothesis found under CI (reflink XFS, a commit case): in one
+    qemu-io session QEMU 7.2 packed the last compressed write into a host cluster it
+    had freed and reused (on 512-byte clusters it marked the image corrupt: "overlaps
+    with active L2 table").  tests/qemu.qemu_io runs it in two sessions, and the
+    image is clean and reads as the script says."""
+    p = tmp_path / "l1.qcow2"
+    qemu.create(p, 64 * 1024, "cluster_size=512")
+    qemu.qemu_io(p, "write -z 32768 512", "write -c -P 0x1 33280 512", "write -P 0x1 33280 512",
+                 "write -P 0x1 0 512", "write -c -P 0x1 512 512")
+    assert "No errors were found" in qemu.qemu_img("check", p)
+    expected = bytes([1]) * 1024 + bytes(32768 - 1024) + bytes(512) + bytes([1]) * 512
+    expected += bytes(64 * 1024 - len(expected))
+    with pyqcow.open(p) as img:
+        assert img.read(0, 64 * 1024) == expected
