@@ -6,6 +6,7 @@ messages; ``Res`` is QEMU's ``BdrvCheckResult`` the scan and the repair fill.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 
 from .errors import QcowError
@@ -117,3 +118,23 @@ def collector(log: Callable[[str], None] | None) -> tuple[list[str], Callable[[s
             log(line)
 
     return messages, emit
+
+
+# Set while check() opens an image read-write itself: the open must not run the
+# automatic dirty-image repair (QEMU skips it for BDRV_O_CHECK opens).
+_opening_for_check: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pyqcow_opening_for_check", default=False
+)
+
+
+class opening_for_check:  # noqa: N801 (used as a function: ``with opening_for_check():``)
+    """While an image is opened inside this block, a dirty image is not repaired on
+    open (the caller checks it itself).  A class, not a contextlib generator:
+    contextlib (with functools) is ~2 ms of a small command's start-up.
+    Here, not in pyqcow.repair, which ``check`` without ``-r`` does not import."""
+
+    def __enter__(self) -> None:
+        self._token = _opening_for_check.set(True)
+
+    def __exit__(self, *exc) -> None:
+        _opening_for_check.reset(self._token)

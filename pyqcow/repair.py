@@ -30,36 +30,25 @@ skips it for BDRV_O_CHECK opens.
 
 from __future__ import annotations
 
-import contextvars
 from array import array
 from collections.abc import Callable
 
 from . import entries, spec
-from .check_result import CheckFailed, CheckResult, Fatal, Res, collector, result
+from .check_result import (
+    CheckFailed,
+    CheckResult,
+    Fatal,
+    Res,
+    _opening_for_check,
+    collector,
+    opening_for_check,
+    result,
+)
 from .errors import CorruptImageError
 from .header import with_extension
 from .scan import FIX_ERRORS, FIX_LEAKS, REPAIR_MODES, RefcountReadError, Scanner
 
 __all__ = ["Repairer", "opening_for_check", "repair", "repair_dirty"]
-
-# Set while check() opens an image read-write itself: the open must not run the
-# automatic dirty-image repair (QEMU skips it for BDRV_O_CHECK opens).
-_opening_for_check: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "pyqcow_opening_for_check", default=False
-)
-
-
-class opening_for_check:  # noqa: N801 (used as a function: ``with opening_for_check():``)
-    """While an image is opened inside this block, a dirty image is not repaired on
-    open (the caller checks it itself).  A class, not a contextlib generator:
-    contextlib (with functools) is ~2 ms of a small command's start-up."""
-
-    def __enter__(self) -> None:
-        self._token = _opening_for_check.set(True)
-
-    def __exit__(self, *exc) -> None:
-        _opening_for_check.reset(self._token)
-
 
 class Repairer(Scanner):
     """The scan with the writes of a repair."""

@@ -11,10 +11,8 @@ import os
 import warnings
 from collections.abc import Callable
 
-from ..check_result import CheckFailed, CheckResult
+from ..check_result import CheckFailed, CheckResult, opening_for_check
 from ..errors import OperationError
-from ..repair import opening_for_check
-from ..repair import repair as repair_image
 from ..scan import REPAIR_MODES, scan
 
 __all__ = ["CheckFailed", "CheckResult", "check"]
@@ -58,6 +56,8 @@ def check(
 
 def _run(img, filename: str, repair: str | None, log) -> CheckResult:
     if repair:
+        from ..repair import repair as repair_image  # (only to repair: start-up time)
+
         return repair_image(img, repair, filename=filename, log=log)
     return scan(img, filename, log)
 

@@ -113,6 +113,12 @@ def test_info_on_a_plain_image_loads_no_construct_xml_snapshot_bitmap_or_check(c
         assert "pyqcow.cli.info" in mods  # (the probe did run the command)
 
 
+def test_check_loads_the_repair_code_only_to_repair(chain) -> None:
+    """pyqcow.repair is ~1 ms of check's start-up: only -r needs it."""
+    assert "pyqcow.repair" not in modules_after(chain, "check", "top.qcow2")
+    assert "pyqcow.repair" in modules_after(chain, "check", "-r", "leaks", "top.qcow2")
+
+
 def test_info_loads_the_snapshot_and_bitmap_code_for_an_image_that_has_them(chain) -> None:
     snapshot_create(chain / "base.qcow2", "s1")
     bitmap_add(chain / "base.qcow2", "b1")
