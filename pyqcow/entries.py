@@ -32,8 +32,8 @@ class ClusterType(IntEnum):
 def decode_u64_table(data: bytes | bytearray | memoryview) -> array:
     """Big-endian u64 table -> array('Q') in native order."""
     # array is imported where it is used, not with this module: its import brings
-    # collections (array registers with collections.abc), ~2 ms of every start-up,
-    # and info, create and rebase -u on a small image read no table
+    # collections (array registers with collections.abc), ~2 ms of a start-up, and
+    # info reads no table (the modules that only ever handle tables import it at once)
     from array import array
 
     a = array("Q")
@@ -45,7 +45,9 @@ def decode_u64_table(data: bytes | bytearray | memoryview) -> array:
 
 def encode_u64_table(table: array) -> bytes:
     if _LITTLE:
-        b = type(table)("Q", table)
+        from array import array
+
+        b = array("Q", table)
         b.byteswap()
         return b.tobytes()
     return table.tobytes()
@@ -192,7 +194,9 @@ class RefcountBlock:
     def tobytes(self) -> bytes:
         if self._typed is not None:
             if _LITTLE and self.bits > 8:
-                t = type(self._typed)(self._typed.typecode, self._typed)
+                from array import array
+
+                t = array(self._typed.typecode, self._typed)
                 t.byteswap()
                 return t.tobytes()
             return self._typed.tobytes()

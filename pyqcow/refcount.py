@@ -11,6 +11,8 @@ Crash-consistency rules (DESIGN.md section 4, QCOW2-NOTES.md section 4):
 
 from __future__ import annotations
 
+from array import array
+
 from . import entries, spec
 from .cache import TableCache
 from .entries import RefcountBlock
@@ -187,7 +189,7 @@ class Refcounts:
             blk = self._block(bi, create=True)
             typed = blk._typed
             if typed is not None:  # (the common orders: one slice assignment)
-                typed[i : i + k] = type(typed)(typed.typecode, [1]) * k
+                typed[i : i + k] = array(typed.typecode, [1]) * k
             else:
                 for j in range(i, i + k):
                     blk.set(j, 1)
@@ -223,7 +225,7 @@ class Refcounts:
             self.pending_free.extend(
                 ((self.table_offset >> self.cluster_bits) + i, 1) for i in range(self.table_clusters)
             )
-        self.table.extend(type(self.table)("Q", bytes(8 * (new_clusters * per_cluster - len(self.table)))))
+        self.table.extend(array("Q", bytes(8 * (new_clusters * per_cluster - len(self.table)))))
         self.table_clusters = new_clusters
         self.table_offset = self.alloc(new_clusters)
         self.table_dirty = True

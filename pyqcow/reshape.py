@@ -5,6 +5,8 @@ flush (or, for the backing name, a flush and then the header switch)."""
 
 from __future__ import annotations
 
+from array import array
+
 from . import entries, spec
 from .errors import FormatError, OperationError, QcowError
 from .header import size_to_l1
@@ -27,7 +29,7 @@ def resize(w, new_size: int) -> None:
             raise OperationError(img.path, "L1 table would exceed 32 MiB")
         old = (img.header.l1_table_offset, img.header.l1_size)
         clusters = (need * 8 + img.cluster_size - 1) >> img.cluster_bits
-        img.l1.extend(type(img.l1)("Q", bytes(8 * (need - len(img.l1)))))
+        img.l1.extend(array("Q", bytes(8 * (need - len(img.l1)))))
         new_off = w.refcounts.alloc(clusters)
         w.note_alloc()
         if w.l1_moved_from is None:

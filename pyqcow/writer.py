@@ -24,15 +24,13 @@ handed out by ``prepare_write`` is still unfilled.
 
 from __future__ import annotations
 
+from array import array
+
 from . import entries, guestwrite, reshape, spec
 from .cache import L2_CACHE_TABLES, MAX_DIRTY_L2  # noqa: F401 (the L2 cache's sizes)
 from .errors import FormatError, OperationError, UnsupportedFeatureError
 from .header import build_cluster0
 from .hostfile import check_range
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from array import array
 
 # (the refcount block cache's sizes: pyqcow.refcount.CACHE_BLOCKS, MAX_DIRTY_BLOCKS)
 #: Kept for pyqcow.create (metadata preallocation); entries.data_entry says it.
@@ -326,8 +324,6 @@ class Writer:
             l1[l1_index] = entries.data_entry(off)
             self.l1_dirty = True
             return img.l2_table(off), off
-        from array import array  # (here, not at import: start-up time)
-
         if off:
             table = array("Q", img.l2_table(off))
             rc.free_later(off)
