@@ -52,8 +52,8 @@ def _to_writer(name: str) -> property:
 class QcowImage(LibyalMethods):
     format = "qcow2"
     writer = OnFirstUse(_new_writer)
-    # the active L1 table, decoded on first use: info, create -b and rebase -u need
-    # none, and the decoding's array module costs ~2 ms of their start-up
+    # the active L1 table, decoded on first use: info needs none, and the decoding's
+    # array module (with collections) is ~2 ms of its start-up
     l1 = OnFirstUse(lambda img: entries.decode_u64_table(img._l1_raw))
 
     def __init__(
